@@ -1,0 +1,1 @@
+"""megatron-tsp: folded tensor and sequence parallelism (TSP) as a Megatron-LM plugin."""

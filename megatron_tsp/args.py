@@ -1,0 +1,148 @@
+"""TSP command-line flags, ``--config`` files, and validation of a Megatron argument namespace for TSP.
+
+Validation runs on every rank right after argument parsing, before ``torch.distributed`` is initialised, so
+a bad configuration fails each rank with the same message instead of hanging a collective. Each message
+names the offending flag and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from megatron_tsp.mesh import DEFAULT_ORDER, megatron_order
+
+
+class TSPConfigError(ValueError):
+    """A configuration TSP cannot run; the message names the flag and the fix."""
+
+
+def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron ``extra_args_provider``: adds the TSP flags to Megatron's parser."""
+    group = parser.add_argument_group("tsp", "folded tensor and sequence parallelism (megatron-tsp)")
+    group.add_argument("--tsp-size", type=int, default=1,
+                       help="Degree D of the TSP axis: each rank holds 1/D of the tokens of a sample and 1/D "
+                            "of every large weight. Takes the place of --tensor-model-parallel-size.")
+    group.add_argument("--tsp-order", type=str, default=DEFAULT_ORDER,
+                       help="Rank-mesh order, first name varies fastest (keep tsp first: NVLink-local).")
+    return parser
+
+
+def config_to_argv(path: str | os.PathLike) -> list[str]:
+    """Turn a flat YAML map of Megatron flags (plus ``tsp-size``) into argv.
+
+    Keys are flag names with or without the leading ``--``; ``true`` writes the bare flag, ``false`` and
+    ``null`` omit it, a list writes several values.
+    """
+    text = Path(path).read_text()
+    mapping = yaml.safe_load(text) or {}
+    if not isinstance(mapping, dict):
+        raise TSPConfigError(f"--config {path}: expected a flat map of flag: value, got {type(mapping).__name__}")
+    argv: list[str] = []
+    for key, value in mapping.items():
+        flag = "--" + str(key).lstrip("-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *(str(item) for item in value)]
+        elif isinstance(value, dict):
+            raise TSPConfigError(f"--config {path}: flag {flag} has a nested map; configs are flat")
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def expand_config(argv: Sequence[str]) -> list[str]:
+    """Replace ``--config FILE`` in argv by the file's flags, placed first so that command-line flags win."""
+    argv = list(argv)
+    if "--config" not in argv:
+        return argv
+    at = argv.index("--config")
+    if at + 1 >= len(argv):
+        raise TSPConfigError("--config needs a YAML file: --config configs/<model>.yaml")
+    path = argv[at + 1]
+    return config_to_argv(path) + argv[:at] + argv[at + 2:]
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise TSPConfigError(message)
+
+
+def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
+    """Reject every configuration TSP cannot run, naming the flag and the fix. Runs before any collective.
+
+    ``args`` is Megatron's freshly parsed namespace (before Megatron's own validation).
+    """
+    d = args.tsp_size
+    _check(d >= 1, f"--tsp-size {d}: must be a positive integer")
+    megatron_order(args.tsp_order)  # raises on a malformed order string
+    pp = args.pipeline_model_parallel_size
+    cp = args.context_parallel_size
+    _check(world_size % (d * pp * cp) == 0,
+           f"world size {world_size} is not divisible by --tsp-size {d} x --pipeline-model-parallel-size {pp}"
+           f" x --context-parallel-size {cp} = {d * pp * cp}; launch a multiple of {d * pp * cp} ranks or "
+           f"change those sizes (data parallelism takes the remaining factor)")
+    ep = args.expert_model_parallel_size
+    if ep > 1:
+        _check(world_size % (ep * pp) == 0,
+               f"world size {world_size} is not divisible by --expert-model-parallel-size {ep} x "
+               f"--pipeline-model-parallel-size {pp}; change --expert-model-parallel-size")
+    if d == 1:
+        return
+    _check(args.tensor_model_parallel_size == 1,
+           f"--tsp-size {d} with --tensor-model-parallel-size {args.tensor_model_parallel_size}: TSP takes "
+           f"the tensor-parallel slot of the mesh; drop --tensor-model-parallel-size (or set it to 1)")
+    _check(cp == 1, f"--context-parallel-size {cp} with --tsp-size {d}: TSP already shards the sequence "
+                    f"along its axis; drop --context-parallel-size (or raise --tsp-size instead)")
+    heads = args.num_attention_heads
+    _check(heads % d == 0, f"--num-attention-heads {heads} is not divisible by --tsp-size {d}: "
+                           f"choose a --tsp-size that divides the head count")
+    if args.group_query_attention:
+        groups = args.num_query_groups
+        _check(groups is not None and groups % d == 0,
+               f"--num-query-groups {groups} is not divisible by --tsp-size {d}: each TSP rank owns whole "
+               f"KV groups; choose a --tsp-size that divides --num-query-groups")
+    ffn = args.ffn_hidden_size if args.ffn_hidden_size is not None else 4 * args.hidden_size
+    _check(ffn % d == 0, f"--ffn-hidden-size {ffn} is not divisible by --tsp-size {d}: "
+                         f"choose an ffn size that is a multiple of {d}")
+    # The vocabulary needs no check: Megatron pads it to a multiple of --make-vocab-size-divisible-by x
+    # the tensor-parallel size (here D), so the vocab-parallel embedding always splits evenly.
+    seq = args.seq_length
+    _check(seq is not None and seq % (2 * d) == 0,
+           f"--seq-length {seq} is not divisible by 2 x --tsp-size = {2 * d}: zigzag load balancing cuts "
+           f"each sample into {2 * d} chunks; use a multiple of {2 * d}")
+    unsupported = {
+        "use_megatron_fsdp": "--use-megatron-fsdp",
+        "use_torch_fsdp2": "--use-torch-fsdp2",
+        "tp_comm_overlap": "--tp-comm-overlap",
+        "reset_attention_mask": "--reset-attention-mask (packed sequences)",
+        "multi_latent_attention": "--multi-latent-attention",
+        "hybrid_context_parallel": "--hybrid-context-parallel",
+    }
+    for attribute, flag in unsupported.items():
+        _check(not getattr(args, attribute, False),
+               f"{flag} is not supported with --tsp-size {d}; remove it or run with --tsp-size 1")
+    _check(getattr(args, "window_size", None) is None,
+           f"--window-size (sliding-window attention) is not supported with --tsp-size {d}; remove it")
+
+
+def apply_tsp_layout(args: argparse.Namespace) -> None:
+    """Map TSP onto Megatron's namespace: the tsp axis is the tensor-parallel slot with sequence parallelism.
+
+    Sequence parallelism is implied (without it the slot's inputs would be replicated and weight-gathering
+    layers would double-count their gradients); experts default to expert-tensor-parallel size 1.
+    """
+    if args.tsp_size == 1:
+        return
+    args.tensor_model_parallel_size = args.tsp_size
+    args.sequence_parallel = True
+    if args.expert_tensor_parallel_size is None:
+        args.expert_tensor_parallel_size = 1
+

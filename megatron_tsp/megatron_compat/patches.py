@@ -1,0 +1,107 @@
+"""Every patch megatron-tsp applies to Megatron, in one place.
+
+Written against megatron-core 0.19.2 (``MEGATRON_VERSION``). A Megatron upgrade should only need this
+package (and ``cpu.py`` beside it) to be re-checked. Each entry of :data:`PATCHES` names the patched
+attribute, when it applies and why; :func:`install` applies the entries for a run, idempotently.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+MEGATRON_VERSION = "0.19.2"
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One replaced Megatron attribute: ``module.attribute`` becomes ``make(original)``."""
+
+    module: str
+    attribute: str
+    cpu_only: bool
+    reason: str
+    make: Callable[[Any], Any]
+
+
+def _with_tsp_group(original: classmethod) -> classmethod:
+    @functools.wraps(original.__func__)
+    def use_mpu_process_groups(cls, required_pgs=None):
+        collection = original.__func__(cls, required_pgs)
+        # The tsp axis occupies Megatron's tensor-parallel slot (see megatron_tsp.mesh).
+        if "tp" in vars(collection):
+            collection.tsp = collection.tp
+        return collection
+
+    return classmethod(use_mpu_process_groups)
+
+
+def _allow_no_cuda(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return original(*args, **kwargs)
+
+    return initialize_megatron
+
+
+def _skip(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def skipped(*args, **kwargs):
+        return None
+
+    return skipped
+
+
+def _get_cpu_rng_state(original: Callable) -> Callable:
+    def get_rng_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    return get_rng_state
+
+
+def _set_cpu_rng_state(original: Callable) -> Callable:
+    def set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state.cpu())
+
+    return set_rng_state
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch("megatron.core.process_groups_config", "ProcessGroupCollection.use_mpu_process_groups", False,
+          "expose the tsp axis as `pg_collection.tsp` on every collection Megatron builds from its "
+          "global groups (ProcessGroupCollection rejects unknown constructor keys)", _with_tsp_group),
+    Patch("megatron.training.training", "initialize_megatron", True,
+          "pretrain() calls initialize_megatron() without allow_no_cuda, which asserts CUDA", _allow_no_cuda),
+    Patch("megatron.training.training", "set_jit_fusion_options", True,
+          "its JIT warm-up allocates on CUDA and draws random numbers whose count depends on the "
+          "tensor-parallel size, which would make initial weights depend on the layout", _skip),
+    Patch("megatron.core.datasets.utils", "compile_helpers", True,
+          "the wheel ships the compiled dataset helper but no Makefile; running `make` exits rank 0", _skip),
+    Patch("megatron.core.tensor_parallel.random", "_get_cuda_rng_state", True,
+          "the tensor-parallel RNG tracker must fork the CPU generator when there is no GPU",
+          _get_cpu_rng_state),
+    Patch("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", True,
+          "Megatron defers the set through torch.cuda._lazy_call, which never runs without a GPU",
+          _set_cpu_rng_state),
+)
+
+_APPLIED: set[tuple[str, str]] = set()
+
+
+def install(cpu: bool) -> None:
+    """Apply every patch that applies to this run (``cpu``: no GPU); safe to call more than once."""
+    for patch in PATCHES:
+        if (patch.cpu_only and not cpu) or (patch.module, patch.attribute) in _APPLIED:
+            continue
+        owner: Any = importlib.import_module(patch.module)
+        *path, name = patch.attribute.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = vars(owner)[name] if isinstance(owner, type) else getattr(owner, name)
+        setattr(owner, name, patch.make(original))
+        _APPLIED.add((patch.module, patch.attribute))
