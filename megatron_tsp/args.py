@@ -82,7 +82,10 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
     """
     d = args.tsp_size
     _check(d >= 1, f"--tsp-size {d}: must be a positive integer")
-    megatron_order(args.tsp_order)  # raises on a malformed order string
+    try:
+        megatron_order(args.tsp_order)
+    except ValueError as error:
+        raise TSPConfigError(str(error)) from None
     pp = args.pipeline_model_parallel_size
     cp = args.context_parallel_size
     _check(world_size % (d * pp * cp) == 0,

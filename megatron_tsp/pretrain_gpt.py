@@ -41,7 +41,7 @@ from megatron.training.arguments import parse_args, validate_args  # noqa: E402
 from megatron.training.global_vars import set_global_variables  # noqa: E402
 from megatron.training.utils import get_blend_and_blend_per_split  # noqa: E402
 
-from megatron_tsp.args import add_tsp_args, apply_tsp_layout, expand_config, validate_tsp_args  # noqa: E402
+from megatron_tsp.args import TSPConfigError, add_tsp_args, apply_tsp_layout, expand_config, validate_tsp_args  # noqa: E402
 from megatron_tsp.mesh import initialize_model_parallel  # noqa: E402
 
 try:  # Transformer Engine is optional: used automatically when importable
@@ -198,7 +198,11 @@ def initialize_distributed(args: Any) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parse and validate, build the TSP mesh, then run ``megatron.training.pretrain``."""
-    args = parse_tsp_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_tsp_args(sys.argv[1:] if argv is None else argv)
+    except TSPConfigError as error:
+        # Every rank reaches this before any process group exists, so all of them exit instead of hanging.
+        sys.exit(f"[rank {os.environ.get('RANK', '0')}] megatron-tsp configuration error: {error}")
     set_global_variables(args)
     if running_on_cpu():
         print_rank_0(f"> megatron-tsp: no GPU found, running on {args.world_size} CPU rank(s) over gloo")

@@ -15,6 +15,7 @@ list of every patch this plugin applies to Megatron.
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import torch
@@ -120,6 +121,11 @@ _STAND_INS: dict[str, Any] = {
     "max_memory_reserved": _returning(0),
     "reset_peak_memory_stats": _returning(None),
     "is_current_stream_capturing": _returning(False),
+    # Megatron's argument validation reads the architecture to decide whether it needs
+    # CUDA_DEVICE_MAX_CONNECTIONS=1 (pre-Blackwell); answer like a Hopper part.
+    "get_device_properties": _returning(SimpleNamespace(name="cpu", major=9, minor=0, total_memory=0,
+                                                        multi_processor_count=1)),
+    "get_device_capability": _returning((9, 0)),
 }
 _INSTALLED = False
 

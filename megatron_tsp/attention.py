@@ -1,0 +1,282 @@
+"""TSP self-attention: weights move by broadcast, each rank computes its own tokens for every head bucket.
+
+Rank p of a TSP group of size D holds its tokens ``x [S/D, B, h]`` (zigzag order, see ``zigzag.py``) and
+the tensor-parallel shard p of the attention weights, in Megatron's layout (degree D):
+
+- ``linear_qkv.weight`` ``[(nq/D + 2*nkv/D)*hd, h]``, grouped-interleaved: for each local kv group, the
+  group's nq/nkv query heads' rows, then its k rows (hd), then its v rows (hd); ``linear_qkv.bias`` has the
+  same rows;
+- ``linear_proj.weight`` ``[h, nq/D*hd]`` (its bias is replicated and added by the caller).
+
+Head bucket r is the shard TP rank r owns; :class:`TSPAttentionFunction` walks the buckets (TSP.md).
+
+Communication per rank per layer, bytes, for element size e (activations and weights), e_acc (the grad
+accumulation dtype: fp32 for bf16/fp16 params, else the param dtype), W = (2 + 2/g)*h^2 weight elements
+(plus (1 + 2/g)*h for the qkv bias), g = nq/nkv, and K/V = 2*B*S*h/g elements (h = nq*hd):
+
+- forward:  broadcast W*e*(D-1)/D;  all_gather K/V*e*(D-1)/D.
+- backward: broadcast W*e*(D-1)/D (weights re-fetched, never kept);  all_gather K/V*e*(D-1)/D (K/V of a
+  bucket recomputed, never kept);  reduce_scatter K/V*e*(D-1)/D (dK/dV back to the token owners);
+  reduce W*e_acc*(D-1)/D (each bucket's weight grad summed into its owner).
+
+Memory: forward saves only the local input ``x`` (plus the replicated q/k-norm params, the local rotary
+angles and the positions). Backward recomputes each bucket's local q/k/v (one qkv GEMM per bucket, on
+weights it re-fetches anyway) and re-gathers its K/V, so at most one bucket's full-sequence K/V and two
+weight shards (a two-slot buffer) are alive at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_tsp.comm import (ShardLayout, all_gather_seq, broadcast, reduce, reduce_scatter_seq,
+                               shard_buffer, Pending)
+from megatron_tsp.kernels import CausalAttention, causal_attention
+
+__all__ = ["apply_rotary", "head_layer_norm", "head_rms_norm", "QKNorm", "TSPAttentionFunction",
+           "tsp_attention"]
+
+RotaryFn = Callable[[Tensor, Tensor], Tensor]
+HeadNormFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
+    """Megatron's non-interleaved RoPE: t ``[s, b, n, hd]``, freqs ``[s, 1, 1, rot_dim]`` -> ``[s, b, n, hd]``.
+
+    ``freqs`` are angles laid out as cat(f, f); rotate-half acts on the first rot_dim channels of each head
+    and the rest pass through (``--rotary-percent`` < 1).
+    """
+    rot_dim = freqs.shape[-1]
+    t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
+    first, second = t_rot.chunk(2, dim=-1)
+    rotated_half = torch.cat((-second, first), dim=-1)
+    cos, sin = freqs.cos().to(t.dtype), freqs.sin().to(t.dtype)
+    return torch.cat((t_rot * cos + rotated_half * sin, t_pass), dim=-1)
+
+
+def head_layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dim (a head's hd channels): x ``[..., hd]``, weight/bias ``[hd]``."""
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def head_rms_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
+    """RMSNorm over the last dim (a head's hd channels): x ``[..., hd]``, weight (and optional bias) ``[hd]``."""
+    normed = F.rms_norm(x, x.shape[-1:], weight, eps)
+    return normed if bias is None else normed + bias
+
+
+@dataclass(frozen=True)
+class QKNorm:
+    """Megatron's ``--qk-layernorm``: a per-head norm over hd on q and on k, with replicated params.
+
+    ``fn(x [..., hd], weight [hd], bias [hd] | None)`` is any such norm (:func:`head_layer_norm`,
+    :func:`head_rms_norm`, or a functional wrapper of Megatron's norm module).
+    """
+
+    fn: HeadNormFn
+    q_weight: Tensor
+    k_weight: Tensor
+    q_bias: Tensor | None = None
+    k_bias: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _BucketSpec:
+    """Everything about one head bucket's math that is not a tensor."""
+
+    tsp_group: dist.ProcessGroup
+    heads: int  # query heads per bucket, nq/D
+    kv_heads: int  # kv heads per bucket, nkv/D
+    head_dim: int
+    softmax_scale: float
+    has_qkv_bias: bool
+    norm_fn: HeadNormFn | None
+    rotary_fn: RotaryFn
+    core_attention: CausalAttention
+
+
+def _project_qkv(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, norm_params: list[Tensor | None],
+                 rotary_freqs: Tensor | None, spec: _BucketSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Local tokens' q ``[sq, b, nq/D, hd]`` and k, v ``[sq, b, nkv/D, hd]`` for one head bucket."""
+    sq, batch, _ = x.shape
+    group_size = spec.heads // spec.kv_heads
+    mixed = F.linear(x, qkv_weight, qkv_bias).view(sq, batch, spec.kv_heads, (group_size + 2) * spec.head_dim)
+    q, k, v = mixed.split([group_size * spec.head_dim, spec.head_dim, spec.head_dim], dim=-1)
+    q = q.reshape(sq, batch, spec.heads, spec.head_dim)
+    if spec.norm_fn is not None:
+        q_weight, q_bias, k_weight, k_bias = norm_params
+        q, k = spec.norm_fn(q, q_weight, q_bias), spec.norm_fn(k, k_weight, k_bias)
+    if rotary_freqs is not None:  # at the tokens' global positions: rotary_freqs are the local tokens' angles
+        q, k = spec.rotary_fn(q, rotary_freqs), spec.rotary_fn(k, rotary_freqs)
+    return q, k, v
+
+
+def _fetch_bucket(bucket: int, own_shard: list[Tensor], layout: ShardLayout, slot: Tensor,
+                  spec: _BucketSpec) -> Pending:
+    """Start broadcasting head bucket ``bucket``'s packed [Wqkv, bqkv, Wo] from its owner into ``slot``."""
+    if dist.get_rank(spec.tsp_group) == bucket:
+        layout.pack(own_shard, slot)
+    return broadcast(slot, owner=bucket, group=spec.tsp_group)
+
+
+def _unpack_bucket(flat: Tensor, layout: ShardLayout, spec: _BucketSpec) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(qkv weight, qkv bias or None, proj weight) views of a packed bucket."""
+    parts = layout.unpack(flat)
+    return (parts[0], parts[1], parts[2]) if spec.has_qkv_bias else (parts[0], None, parts[1])
+
+
+class TSPAttentionFunction(torch.autograd.Function):
+    """The TSP attention schedule, forward and backward; see the module docstring for bytes and memory.
+
+    Inputs: x ``[S/D, B, h]``, qkv_weight, qkv_bias (or None), proj_weight (Megatron TP shards), the four
+    q/k-norm params (or None), rotary_freqs ``[S/D, 1, 1, rot_dim]`` (or None), q_positions ``[S/D]``,
+    k_positions ``[S]`` (global positions of the local and of the rank-order gathered tokens), spec.
+    Output ``[S/D, B, h]`` without the proj bias. Every tensor input that needs a grad gets it exactly once.
+    q/k-norm param grads are this rank's partial sums (its tokens): like every replicated token-local param
+    they must be summed over the TSP group (Megatron: tag them ``sequence_parallel``).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
+                q_norm_weight: Tensor | None, q_norm_bias: Tensor | None, k_norm_weight: Tensor | None,
+                k_norm_bias: Tensor | None, rotary_freqs: Tensor | None, q_positions: Tensor,
+                k_positions: Tensor, spec: _BucketSpec) -> Tensor:
+        own_shard = [t for t in (qkv_weight, qkv_bias, proj_weight) if t is not None]
+        layout = ShardLayout([t.shape for t in own_shard])
+        norm_params = [q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias]
+        tsp_size = dist.get_world_size(spec.tsp_group)
+        slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(min(tsp_size, 2))]
+
+        out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        fetch = _fetch_bucket(0, own_shard, layout, slots[0], spec)
+        for head_bucket in range(tsp_size):
+            bucket_qkv_weight, bucket_qkv_bias, bucket_proj_weight = _unpack_bucket(fetch.wait(), layout, spec)
+            if head_bucket + 1 < tsp_size:  # next bucket's weights travel while this one computes
+                fetch = _fetch_bucket(head_bucket + 1, own_shard, layout, slots[(head_bucket + 1) % 2], spec)
+            q, k, v = _project_qkv(x, bucket_qkv_weight, bucket_qkv_bias, norm_params, rotary_freqs, spec)
+            full_kv = all_gather_seq(torch.cat((k, v), dim=2), spec.tsp_group).wait()  # [S, B, 2*nkv/D, hd]
+            full_k, full_v = full_kv.chunk(2, dim=2)
+            attn = spec.core_attention(q, full_k, full_v, q_positions, k_positions, spec.softmax_scale)
+            out += F.linear(attn, bucket_proj_weight)
+
+        ctx.spec = spec
+        ctx.save_for_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs, q_positions,
+                              k_positions)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        spec: _BucketSpec = ctx.spec
+        (x, qkv_weight, qkv_bias, proj_weight, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
+         rotary_freqs, q_positions, k_positions) = ctx.saved_tensors
+        own_shard = [t for t in (qkv_weight, qkv_bias, proj_weight) if t is not None]
+        layout = ShardLayout([t.shape for t in own_shard])
+        norm_params = [q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias]
+        tsp_size, tsp_rank = dist.get_world_size(spec.tsp_group), dist.get_rank(spec.tsp_group)
+        acc_dtype = torch.promote_types(qkv_weight.dtype, torch.float32)
+        slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(min(tsp_size, 2))]
+
+        grad_x = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        grad_norm = [None if p is None else torch.zeros_like(p, dtype=acc_dtype) for p in norm_params]
+        own_grads: list[Tensor] = []
+        weight_grad_reduce: tuple[int, Pending] | None = None  # (bucket, in-flight reduce to its owner)
+        fetch = _fetch_bucket(0, own_shard, layout, slots[0], spec)
+        for head_bucket in range(tsp_size):
+            bucket_weights = _unpack_bucket(fetch.wait(), layout, spec)
+            if head_bucket + 1 < tsp_size:
+                fetch = _fetch_bucket(head_bucket + 1, own_shard, layout, slots[(head_bucket + 1) % 2], spec)
+            # Recompute this bucket's local graph on detached leaves, so that grads land here, not on the
+            # Function's inputs (they must get exactly one grad each, returned below).
+            with torch.enable_grad():
+                leaf_x = x.detach().requires_grad_()
+                leaf_weights = [None if w is None else w.detach().requires_grad_() for w in bucket_weights]
+                leaf_norm = [None if p is None else p.detach().requires_grad_() for p in norm_params]
+                leaf_qkv_weight, leaf_qkv_bias, leaf_proj_weight = leaf_weights
+                q, k, v = _project_qkv(leaf_x, leaf_qkv_weight, leaf_qkv_bias, leaf_norm, rotary_freqs, spec)
+                full_kv = all_gather_seq(torch.cat((k, v), dim=2).detach(), spec.tsp_group).wait()
+                full_kv.requires_grad_()
+                full_k, full_v = full_kv.chunk(2, dim=2)
+                attn = spec.core_attention(q, full_k, full_v, q_positions, k_positions, spec.softmax_scale)
+                out = F.linear(attn, leaf_proj_weight)
+                grad_q, grad_full_kv, grad_proj_weight = torch.autograd.grad(
+                    out, [q, full_kv, leaf_proj_weight], grad_out)
+                # dK/dV from every rank's queries go back to the tokens' owners (transpose of the gather)
+                grad_k, grad_v = reduce_scatter_seq(grad_full_kv, spec.tsp_group).wait().chunk(2, dim=2)
+                local_leaves = [leaf_x, leaf_qkv_weight, leaf_qkv_bias] + leaf_norm
+                local_grads = torch.autograd.grad(
+                    [q, k, v], [t for t in local_leaves if t is not None], [grad_q, grad_k, grad_v])
+            grads_by_leaf = iter(local_grads)
+            grad_x_bucket, grad_qkv_weight, grad_qkv_bias, *grad_norm_bucket = [
+                None if t is None else next(grads_by_leaf) for t in local_leaves]
+            grad_x += grad_x_bucket
+            for total, part in zip(grad_norm, grad_norm_bucket):
+                if total is not None:
+                    total += part
+
+            # This bucket's partial weight grads (local tokens) are summed into owner r, in acc_dtype.
+            bucket_grads = [g for g in (grad_qkv_weight, grad_qkv_bias, grad_proj_weight) if g is not None]
+            grad_buffer = layout.pack(bucket_grads, shard_buffer(layout.numel, acc_dtype, x.device, "grad"))
+            if weight_grad_reduce is not None:  # the previous bucket's reduce overlapped this bucket
+                own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout, qkv_weight.dtype)
+            weight_grad_reduce = (head_bucket, reduce(grad_buffer, owner=head_bucket, group=spec.tsp_group))
+            del grad_buffer  # only the in-flight reduce holds it now
+        own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout, qkv_weight.dtype)
+
+        grad_qkv_weight, *rest = own_grads
+        grad_qkv_bias = rest.pop(0) if spec.has_qkv_bias else None
+        grad_proj_weight = rest.pop(0)
+        grad_norm = [None if g is None else g.to(p.dtype) for g, p in zip(grad_norm, norm_params)]
+        return (grad_x.to(x.dtype), grad_qkv_weight, grad_qkv_bias, grad_proj_weight, *grad_norm,
+                None, None, None, None)
+
+
+def _finish_reduce(bucket: int, pending: Pending, tsp_rank: int, layout: ShardLayout,
+                   dtype: torch.dtype) -> list[Tensor]:
+    """Wait for bucket ``bucket``'s weight-grad reduce; its owner gets the summed grads (copies, in ``dtype``)."""
+    summed = pending.wait()
+    if bucket != tsp_rank:
+        return []
+    return [g.to(dtype, copy=True) for g in layout.unpack(summed)]
+
+
+def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
+                  q_positions: Tensor, k_positions: Tensor, tsp_group: dist.ProcessGroup, num_heads: int,
+                  num_kv_heads: int, *, softmax_scale: float | None = None, rotary_freqs: Tensor | None = None,
+                  rotary_fn: RotaryFn = apply_rotary, qk_norm: QKNorm | None = None,
+                  core_attention: CausalAttention = causal_attention) -> Tensor:
+    """TSP self-attention of rank p's tokens: x ``[S/D, B, h]`` -> ``[S/D, B, h]`` (proj bias not added).
+
+    ``qkv_weight``, ``qkv_bias``, ``proj_weight``: this rank's Megatron TP shards (module docstring);
+    ``num_heads``/``num_kv_heads``: global nq/nkv, both divisible by D; ``q_positions [S/D]`` and
+    ``k_positions [S]``: global positions of the local tokens and of the rank-order gathered sequence
+    (``zigzag.local_positions`` / ``zigzag.gathered_positions``); ``rotary_freqs [S/D, 1, 1, rot_dim]``: the
+    local tokens' RoPE angles, applied with ``rotary_fn(t, freqs)``; ``softmax_scale`` defaults to
+    1/sqrt(hd).
+    """
+    tsp_size = dist.get_world_size(tsp_group)
+    if num_heads % tsp_size or num_kv_heads % tsp_size:
+        raise ValueError(f"TSP attention needs query heads ({num_heads}) and kv heads ({num_kv_heads}) "
+                         f"divisible by the TSP size {tsp_size}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    heads, kv_heads = num_heads // tsp_size, num_kv_heads // tsp_size
+    head_dim = proj_weight.shape[1] // heads
+    expected_rows = (heads + 2 * kv_heads) * head_dim
+    if qkv_weight.shape != (expected_rows, x.shape[-1]) or proj_weight.shape != (x.shape[-1], heads * head_dim):
+        raise ValueError(f"weight shards {tuple(qkv_weight.shape)}, {tuple(proj_weight.shape)} do not match "
+                         f"Megatron's TP layout [{expected_rows}, {x.shape[-1]}], [{x.shape[-1]}, {heads * head_dim}]")
+    spec = _BucketSpec(tsp_group=tsp_group, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                       softmax_scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim),
+                       has_qkv_bias=qkv_bias is not None, norm_fn=None if qk_norm is None else qk_norm.fn,
+                       rotary_fn=rotary_fn, core_attention=core_attention)
+    norm_params = [None] * 4 if qk_norm is None else [qk_norm.q_weight, qk_norm.q_bias, qk_norm.k_weight,
+                                                      qk_norm.k_bias]
+    return TSPAttentionFunction.apply(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs,
+                                      q_positions, k_positions, spec)

@@ -1,0 +1,42 @@
+"""Launch ``megatron_tsp.pretrain_gpt`` (or a script) under torchrun and read Megatron's iteration lines."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny_gpt_cpu.yaml"
+_ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?lm loss: ([0-9.E+-]+) .*?grad norm: ([0-9.]+)")
+
+
+@dataclass
+class PretrainRun:
+    returncode: int
+    output: str
+    losses: list[float]
+    grad_norms: list[float]
+
+
+def _parse(returncode: int, output: str) -> PretrainRun:
+    found = _ITERATION.findall(output)
+    return PretrainRun(returncode, output, [float(loss) for _, loss, _ in found],
+                       [float(norm) for _, _, norm in found])
+
+
+def run_command(command: list[str], timeout_s: float = 300.0) -> PretrainRun:
+    """Run ``command`` from the repo root; return its exit code, combined output and parsed iterations."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
+    return _parse(done.returncode, done.stdout + done.stderr)
+
+
+def pretrain(nproc: int, *flags: str, config: Path = TINY_CONFIG, timeout_s: float = 300.0) -> PretrainRun:
+    """``torchrun --nproc-per-node nproc -m megatron_tsp.pretrain_gpt --config config flags...``."""
+    return run_command([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node", str(nproc), "-m", "megatron_tsp.pretrain_gpt",
+                        "--config", str(config), *flags], timeout_s)

@@ -1,0 +1,40 @@
+"""End to end through torchrun and Megatron's real ``pretrain()`` on CPU ranks (slowest tests of the suite)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.pretrain_runs import pretrain, run_command
+
+pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
+
+
+def test_quickstart_trains() -> None:
+    """The README's first command: falling loss over 10 iterations of Megatron's loop on 4 CPU ranks."""
+    run = run_command(["bash", "scripts/quickstart.sh"], timeout_s=600)
+    assert run.returncode == 0, run.output[-4000:]
+    assert len(run.losses) == 10, run.output[-4000:]
+    assert all(math.isfinite(loss) for loss in run.losses)
+    assert run.losses[-1] < run.losses[0] - 0.5, run.losses
+    assert "running on 4 CPU rank(s) over gloo" in run.output
+
+
+def test_cpu_data_parallel_matches_one_rank() -> None:
+    """Megatron's 2-rank data-parallel losses equal its 1-rank losses on CPU: the CPU mode is faithful."""
+    one = pretrain(1, "--train-iters", "5")
+    two = pretrain(2, "--train-iters", "5")
+    assert one.returncode == 0 and two.returncode == 0, (one.output[-3000:], two.output[-3000:])
+    assert len(one.losses) == len(two.losses) == 5
+    assert one.losses == pytest.approx(two.losses, rel=1e-5)
+    assert one.grad_norms == pytest.approx(two.grad_norms, rel=1e-3)
+
+
+def test_bad_configuration_fails_on_every_rank_before_any_collective() -> None:
+    run = pretrain(2, "--tsp-size", "2", "--seq-length", "102", "--max-position-embeddings", "102",
+                   timeout_s=120)
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert (f"[rank {rank}] megatron-tsp configuration error: --seq-length 102 is not divisible"
+                in run.output), run.output[-3000:]
