@@ -121,6 +121,14 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
     _check(seq is not None and seq % (2 * d) == 0,
            f"--seq-length {seq} is not divisible by 2 x --tsp-size = {2 * d}: zigzag load balancing cuts "
            f"each sample into {2 * d} chunks; use a multiple of {2 * d}")
+    _check(args.attention_dropout == 0,
+           f"--attention-dropout {args.attention_dropout} is not supported with --tsp-size {d}: the TSP "
+           f"attention kernels have no dropout; pass --attention-dropout 0")
+    _check(args.position_embedding_type in ("rope", "learned_absolute", "none"),
+           f"--position-embedding-type {args.position_embedding_type} is not supported with --tsp-size {d}; "
+           f"use rope, learned_absolute or none")
+    _check(args.num_experts is None,
+           f"--num-experts with --tsp-size {d}: MoE layers under TSP are not supported yet; use --tsp-size 1")
     unsupported = {
         "use_megatron_fsdp": "--use-megatron-fsdp",
         "use_torch_fsdp2": "--use-torch-fsdp2",

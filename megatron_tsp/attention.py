@@ -28,20 +28,33 @@ weight shards (a two-slot buffer) are alive at a time.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_tsp.comm import (ShardLayout, all_gather_seq, broadcast, reduce, reduce_scatter_seq,
-                               shard_buffer, Pending)
+from megatron_tsp.comm import (
+    Pending,
+    ShardLayout,
+    all_gather_seq,
+    broadcast,
+    reduce,
+    reduce_scatter_seq,
+    shard_buffer,
+)
 from megatron_tsp.kernels import CausalAttention, causal_attention
 
-__all__ = ["apply_rotary", "head_layer_norm", "head_rms_norm", "QKNorm", "TSPAttentionFunction",
-           "tsp_attention"]
+__all__ = [
+    "QKNorm",
+    "TSPAttentionFunction",
+    "apply_rotary",
+    "head_layer_norm",
+    "head_rms_norm",
+    "tsp_attention",
+]
 
 RotaryFn = Callable[[Tensor, Tensor], Tensor]
 HeadNormFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -126,10 +139,18 @@ def _fetch_bucket(bucket: int, own_shard: list[Tensor], layout: ShardLayout, slo
     return broadcast(slot, owner=bucket, group=spec.tsp_group)
 
 
-def _unpack_bucket(flat: Tensor, layout: ShardLayout, spec: _BucketSpec) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(qkv weight, qkv bias or None, proj weight) views of a packed bucket."""
-    parts = layout.unpack(flat)
+def _qkv_bias_proj(parts: list[Tensor], spec: _BucketSpec) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(qkv weight, qkv bias or None, proj weight) from a shard's tensors (or their grads), in pack order."""
     return (parts[0], parts[1], parts[2]) if spec.has_qkv_bias else (parts[0], None, parts[1])
+
+
+def _finish_reduce(bucket: int, pending: Pending, tsp_rank: int, layout: ShardLayout,
+                   dtype: torch.dtype) -> list[Tensor]:
+    """Wait for bucket ``bucket``'s weight-grad reduce; its owner gets the summed grads (copies, in ``dtype``)."""
+    summed = pending.wait()
+    if bucket != tsp_rank:
+        return []
+    return [g.to(dtype, copy=True) for g in layout.unpack(summed)]
 
 
 class TSPAttentionFunction(torch.autograd.Function):
@@ -157,7 +178,8 @@ class TSPAttentionFunction(torch.autograd.Function):
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         fetch = _fetch_bucket(0, own_shard, layout, slots[0], spec)
         for head_bucket in range(tsp_size):
-            bucket_qkv_weight, bucket_qkv_bias, bucket_proj_weight = _unpack_bucket(fetch.wait(), layout, spec)
+            bucket_weights = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
+            bucket_qkv_weight, bucket_qkv_bias, bucket_proj_weight = bucket_weights
             if head_bucket + 1 < tsp_size:  # next bucket's weights travel while this one computes
                 fetch = _fetch_bucket(head_bucket + 1, own_shard, layout, slots[(head_bucket + 1) % 2], spec)
             q, k, v = _project_qkv(x, bucket_qkv_weight, bucket_qkv_bias, norm_params, rotary_freqs, spec)
@@ -189,7 +211,7 @@ class TSPAttentionFunction(torch.autograd.Function):
         weight_grad_reduce: tuple[int, Pending] | None = None  # (bucket, in-flight reduce to its owner)
         fetch = _fetch_bucket(0, own_shard, layout, slots[0], spec)
         for head_bucket in range(tsp_size):
-            bucket_weights = _unpack_bucket(fetch.wait(), layout, spec)
+            bucket_weights = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
             if head_bucket + 1 < tsp_size:
                 fetch = _fetch_bucket(head_bucket + 1, own_shard, layout, slots[(head_bucket + 1) % 2], spec)
             # Recompute this bucket's local graph on detached leaves, so that grads land here, not on the
@@ -229,21 +251,10 @@ class TSPAttentionFunction(torch.autograd.Function):
             del grad_buffer  # only the in-flight reduce holds it now
         own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout, qkv_weight.dtype)
 
-        grad_qkv_weight, *rest = own_grads
-        grad_qkv_bias = rest.pop(0) if spec.has_qkv_bias else None
-        grad_proj_weight = rest.pop(0)
+        grad_qkv_weight, grad_qkv_bias, grad_proj_weight = _qkv_bias_proj(own_grads, spec)
         grad_norm = [None if g is None else g.to(p.dtype) for g, p in zip(grad_norm, norm_params)]
         return (grad_x.to(x.dtype), grad_qkv_weight, grad_qkv_bias, grad_proj_weight, *grad_norm,
                 None, None, None, None)
-
-
-def _finish_reduce(bucket: int, pending: Pending, tsp_rank: int, layout: ShardLayout,
-                   dtype: torch.dtype) -> list[Tensor]:
-    """Wait for bucket ``bucket``'s weight-grad reduce; its owner gets the summed grads (copies, in ``dtype``)."""
-    summed = pending.wait()
-    if bucket != tsp_rank:
-        return []
-    return [g.to(dtype, copy=True) for g in layout.unpack(summed)]
 
 
 def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,

@@ -28,8 +28,8 @@ GEMM per shard) rather than keeping ``[S/D, B, ffn]`` activations from all D sha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist

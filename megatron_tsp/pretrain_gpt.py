@@ -42,7 +42,9 @@ from megatron.training.global_vars import set_global_variables  # noqa: E402
 from megatron.training.utils import get_blend_and_blend_per_split  # noqa: E402
 
 from megatron_tsp.args import TSPConfigError, add_tsp_args, apply_tsp_layout, expand_config, validate_tsp_args  # noqa: E402
-from megatron_tsp.mesh import initialize_model_parallel  # noqa: E402
+from megatron_tsp.mesh import get_tsp_world_size, initialize_model_parallel  # noqa: E402
+from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec  # noqa: E402
+from megatron_tsp.zigzag import zigzag_permutation  # noqa: E402
 
 try:  # Transformer Engine is optional: used automatically when importable
     import transformer_engine  # noqa: F401
@@ -52,12 +54,11 @@ except ImportError:
     HAVE_TE = False
 
 
-def layer_spec(args: Any):
-    """The transformer-layer spec: TSP layers when --tsp-size > 1, else Megatron's TE or local spec."""
+def layer_spec(args: Any, config: Any, vp_stage: Optional[int]):
+    """The decoder spec: TSP layers when --tsp-size > 1, else Megatron's TE or local layer spec."""
     if args.tsp_size > 1:
-        raise NotImplementedError(
-            f"--tsp-size {args.tsp_size}: TSP layers not available yet; the mesh is built, but the TSP "
-            f"attention/MLP schedules are not wired into the model. Run with --tsp-size 1.")
+        return get_gpt_decoder_block_tsp_spec(config, vp_stage=vp_stage, qk_layernorm=args.qk_layernorm,
+                                              num_experts=args.num_experts)
     if HAVE_TE and not running_on_cpu():
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
@@ -74,7 +75,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     config = config or core_transformer_config_from_args(args)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(args),
+        transformer_layer_spec=layer_spec(args, config, vp_stage),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
@@ -104,8 +105,17 @@ def get_batch(data_iterator: Iterator[dict]) -> tuple[torch.Tensor, ...]:
     batch = next(data_iterator)
     device = _batch_device()
     fields = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
-    return tuple(batch[name].to(device, non_blocking=True) if batch.get(name) is not None else None
-                 for name in fields)
+    tokens, labels, loss_mask, attention_mask, position_ids = (
+        batch[name].to(device, non_blocking=True) if batch.get(name) is not None else None for name in fields)
+    tsp_size = get_tsp_world_size()
+    if tsp_size > 1:
+        # Zigzag: put each sample in chunk order [0, 2D-1, 1, 2D-2, ...] so that the contiguous sequence split
+        # after the embedding gives TSP rank p chunks p and 2D-1-p (balanced causal work). Token-local ops and
+        # the summed loss are unchanged by the permutation; attention uses the tokens' global positions.
+        order = zigzag_permutation(tokens.shape[1], tsp_size, device)
+        tokens, labels, loss_mask, position_ids = (t[:, order] for t in (tokens, labels, loss_mask, position_ids))
+        attention_mask = None  # TSP attention is causal by construction
+    return tokens, labels, loss_mask, attention_mask, position_ids
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

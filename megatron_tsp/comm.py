@@ -1,0 +1,229 @@
+"""The collectives TSP uses, in one place: async handles, byte accounting and shard-buffer residency.
+
+The same code runs on gloo (CPU) and NCCL (GPU). Every op takes a TSP ``group`` and group-local ranks
+(``owner``); group-local ranks map to global ranks with ``dist.get_global_rank``. Every op is issued
+asynchronously and returns a :class:`Pending`; ``wait()`` gives the result tensor.
+
+Byte accounting (:func:`comm_bytes`) records the algorithmic bytes each rank moves, per op name, with the
+convention: ``broadcast``, ``reduce``, ``all_gather`` and ``reduce_scatter`` move (D-1)/D of the full
+tensor's bytes (the full tensor being the broadcast/reduced tensor or the gathered/scattered
+``[D*n, ...]`` one); ``ring_send`` moves the bytes sent. Counts are exact fractions.
+
+Residency tracking (:func:`track_shard_residency`) counts how many transient shard buffers made by
+:func:`shard_buffer` are alive at once, so that tests can check the two-slot promise of the schedules.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "CommCounter",
+    "Pending",
+    "ShardLayout",
+    "ShardResidency",
+    "all_gather_seq",
+    "broadcast",
+    "comm_bytes",
+    "reduce",
+    "reduce_scatter_seq",
+    "ring_exchange",
+    "shard_buffer",
+    "track_shard_residency",
+]
+
+
+class Pending:
+    """An issued collective; ``wait()`` blocks until it has finished and returns its result tensor."""
+
+    def __init__(self, result: Tensor, works: list) -> None:
+        self._result = result
+        self._works = works
+
+    def wait(self) -> Tensor:
+        for work in self._works:
+            work.wait()
+        self._works = []
+        return self._result
+
+
+@dataclass
+class CommCounter:
+    """Algorithmic bytes this rank moved, per op name (see the module docstring for the convention)."""
+
+    bytes_by_op: dict[str, Fraction] = field(default_factory=lambda: defaultdict(Fraction))
+
+    def total(self) -> Fraction:
+        return sum(self.bytes_by_op.values(), Fraction(0))
+
+
+_active_counters: list[CommCounter] = []
+
+
+@contextmanager
+def comm_bytes() -> Iterator[CommCounter]:
+    """Count the bytes of every TSP op issued by this process inside the block (nesting allowed)."""
+    counter = CommCounter()
+    _active_counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _active_counters.remove(counter)
+
+
+def _record(op: str, nbytes: Fraction) -> None:
+    for counter in _active_counters:
+        counter.bytes_by_op[op] += nbytes
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _collective_share(group: dist.ProcessGroup) -> Fraction:
+    size = dist.get_world_size(group)
+    return Fraction(size - 1, size)
+
+
+def broadcast(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
+    """In-place broadcast of ``tensor`` (any shape, contiguous) from group-local rank ``owner``."""
+    _record("broadcast", _collective_share(group) * _nbytes(tensor))
+    if dist.get_world_size(group) == 1:
+        return Pending(tensor, [])
+    work = dist.broadcast(tensor, src=dist.get_global_rank(group, owner), group=group, async_op=True)
+    return Pending(tensor, [work])
+
+
+def all_gather_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
+    """Gather ``[n, ...]`` from every rank into ``[D*n, ...]`` in group-rank order (dim 0 = sequence).
+
+    The output is the flat ``[D*n, ...]`` form because gloo rejects a stacked ``[D, n, ...]`` output.
+    """
+    size = dist.get_world_size(group)
+    tensor = tensor.contiguous()
+    _record("all_gather", _collective_share(group) * size * _nbytes(tensor))
+    if size == 1:
+        return Pending(tensor, [])
+    gathered = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
+    work = dist.all_gather_into_tensor(gathered, tensor, group=group, async_op=True)
+    return Pending(gathered, [work])
+
+
+def reduce_scatter_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
+    """Sum ``[D*n, ...]`` over the group and give rank p rows ``[p*n, (p+1)*n)``: ``[n, ...]``.
+
+    The transpose of :func:`all_gather_seq`.
+    """
+    size = dist.get_world_size(group)
+    tensor = tensor.contiguous()
+    if tensor.shape[0] % size != 0:
+        raise ValueError(f"reduce_scatter_seq: dim 0 ({tensor.shape[0]}) is not divisible by the group size {size}")
+    _record("reduce_scatter", _collective_share(group) * _nbytes(tensor))
+    if size == 1:
+        return Pending(tensor, [])
+    scattered = tensor.new_empty((tensor.shape[0] // size, *tensor.shape[1:]))
+    work = dist.reduce_scatter_tensor(scattered, tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return Pending(scattered, [work])
+
+
+def reduce(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
+    """Sum ``tensor`` over the group into group-local rank ``owner`` (in place there).
+
+    On the other ranks the tensor's content afterwards is unspecified.
+    """
+    _record("reduce", _collective_share(group) * _nbytes(tensor))
+    if dist.get_world_size(group) == 1:
+        return Pending(tensor, [])
+    work = dist.reduce(tensor, dst=dist.get_global_rank(group, owner), op=dist.ReduceOp.SUM, group=group,
+                       async_op=True)
+    return Pending(tensor, [work])
+
+
+def ring_exchange(send: Tensor, recv: Tensor, group: dist.ProcessGroup) -> Pending:
+    """One ring step: send ``send`` to the next group rank, receive ``recv`` from the previous one.
+
+    Both are contiguous buffers of equal size; ``send`` must stay untouched until ``wait()``, whose result
+    is ``recv``.
+    """
+    size = dist.get_world_size(group)
+    if size == 1:
+        raise ValueError("ring_exchange needs a group of at least 2 ranks")
+    _record("ring_send", Fraction(_nbytes(send)))
+    rank = dist.get_rank(group)
+    ops = [dist.P2POp(dist.isend, send, dist.get_global_rank(group, (rank + 1) % size), group),
+           dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, (rank - 1) % size), group)]
+    return Pending(recv, dist.batch_isend_irecv(ops))
+
+
+class ShardLayout:
+    """Where several tensors (one shard's weights, or their grads) sit in one flat buffer, in order.
+
+    Packing lets one message carry a whole shard; the layout holds shapes only, so the same layout serves a
+    weight buffer and an fp32 grad buffer.
+    """
+
+    def __init__(self, shapes: Sequence[torch.Size]) -> None:
+        self.shapes = [torch.Size(shape) for shape in shapes]
+        self.numels = [shape.numel() for shape in self.shapes]
+        self.numel = sum(self.numels)
+
+    def unpack(self, flat: Tensor) -> list[Tensor]:
+        """Views of ``flat [numel]`` with the layout's shapes."""
+        return [part.view(shape) for part, shape in zip(flat.split(self.numels), self.shapes)]
+
+    def pack(self, tensors: Sequence[Tensor], flat: Tensor) -> Tensor:
+        """Copy ``tensors`` (cast to ``flat``'s dtype) into ``flat [numel]``; returns ``flat``."""
+        for view, tensor in zip(self.unpack(flat), tensors, strict=True):
+            view.copy_(tensor)
+        return flat
+
+
+@dataclass
+class ShardResidency:
+    """Live and peak counts of transient shard buffers, per kind (``"weight"``, ``"grad"``)."""
+
+    live: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    peak: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def _alloc(self, kind: str) -> None:
+        self.live[kind] += 1
+        self.peak[kind] = max(self.peak[kind], self.live[kind])
+
+    def _free(self, kind: str) -> None:
+        self.live[kind] -= 1
+
+
+_active_residency: list[ShardResidency] = []
+
+
+@contextmanager
+def track_shard_residency() -> Iterator[ShardResidency]:
+    """Track the shard buffers :func:`shard_buffer` makes inside the block until each is freed."""
+    residency = ShardResidency()
+    _active_residency.append(residency)
+    try:
+        yield residency
+    finally:
+        _active_residency.remove(residency)
+
+
+def shard_buffer(numel: int, dtype: torch.dtype, device: torch.device, kind: str) -> Tensor:
+    """A flat ``[numel]`` buffer for one transient shard (weights in flight, or a travelling grad).
+
+    The schedules make every transient shard through here, so residency tracking sees all of them; a
+    finaliser (fired when the buffer and every view of it are gone) marks it freed.
+    """
+    buffer = torch.empty(numel, dtype=dtype, device=device)
+    for residency in _active_residency:
+        residency._alloc(kind)
+        weakref.finalize(buffer, residency._free, kind)
+    return buffer

@@ -1,0 +1,168 @@
+"""Megatron layer specs and modules that run the TSP schedules.
+
+:class:`TSPSelfAttention` and :class:`TSPMLP` subclass Megatron's ``SelfAttention`` and ``MLP`` and keep
+their ``ColumnParallelLinear`` / ``RowParallelLinear`` submodules as parameter holders: each TSP rank's
+parameters are exactly a tensor-parallel rank's shards, created, initialised, tagged and checkpointed by
+Megatron (``--use-cpu-initialization`` gives the same full weights at every degree; a TSP=D checkpoint is a
+TP=D checkpoint). Only ``forward`` changes: it runs the schedules of ``attention.py`` / ``mlp.py`` on the
+rank's sequence shard instead of Megatron's gather/all-reduce linears.
+
+Users of a Megatron-LM checkout select the layer with ``--spec megatron_tsp.specs get_gpt_layer_tsp_spec``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from megatron_tsp.attention import QKNorm, tsp_attention
+from megatron_tsp.kernels import select_core_attention
+from megatron_tsp.mlp import tsp_mlp
+from megatron_tsp.norm import SequenceShardedNorm
+from megatron_tsp.zigzag import gathered_positions, local_positions
+
+
+def _tsp_group(module: Any) -> dist.ProcessGroup:
+    # The tsp axis occupies the tensor-parallel slot (mesh.py), so Megatron's tp group is the TSP group.
+    return module.tp_group
+
+
+class TSPSelfAttention(SelfAttention):
+    """Causal self-attention by the TSP head-bucket schedule: ``[S/D, b, h]`` in, ``([S/D, b, h], bias)`` out.
+
+    The rank's tokens are zigzag chunks p and 2D-1-p of the sample (the batch is permuted before the
+    sequence split, see ``pretrain_gpt.get_batch``): RoPE angles and the causal mask use their global
+    positions. The ``attention_mask`` argument is ignored: TSP attention is causal by construction.
+    """
+
+    def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
+                 attn_mask_type: AttnMaskType = AttnMaskType.causal, **kwargs: Any) -> None:
+        unsupported = {
+            "attention dropout (--attention-dropout > 0)": config.attention_dropout > 0,
+            "--attention-output-gate": config.attention_output_gate,
+            "--qk-l2-norm": config.qk_l2_norm,
+            "--window-size (sliding window)": config.window_size is not None,
+            "--multi-latent-attention": config.multi_latent_attention,
+            "a non-causal attention mask": attn_mask_type != AttnMaskType.causal,
+        }
+        for feature, used in unsupported.items():
+            if used:
+                raise ValueError(f"TSP attention does not support {feature}; remove it or use --tsp-size 1")
+        super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                key_value_states: Optional[torch.Tensor] = None, inference_context: Any = None,
+                rotary_pos_emb: Optional[torch.Tensor] = None, rotary_pos_cos: Any = None,
+                rotary_pos_sin: Any = None, rotary_pos_cos_sin: Any = None, attention_bias: Any = None,
+                packed_seq_params: Any = None, sequence_len_offset: Any = None, *,
+                inference_params: Any = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if key_value_states is not None or inference_context is not None or inference_params is not None:
+            raise ValueError("TSP attention is self-attention for training: no cross-attention or inference")
+        if packed_seq_params is not None or attention_bias is not None or rotary_pos_cos is not None:
+            raise ValueError("TSP attention does not support packed sequences, attention bias or fused "
+                             "cos/sin RoPE")
+        group = _tsp_group(self)
+        tsp_size, tsp_rank = dist.get_world_size(group), dist.get_rank(group)
+        seq_len, device = hidden_states.shape[0] * tsp_size, hidden_states.device
+        q_positions = local_positions(seq_len, tsp_size, tsp_rank, device)
+        rotary_freqs = None
+        if rotary_pos_emb is not None:
+            if isinstance(rotary_pos_emb, tuple):  # Megatron passes (q, k) angles; for self-attention equal
+                rotary_pos_emb = rotary_pos_emb[0]
+            rotary_freqs = rotary_pos_emb[q_positions]  # [S/D, 1, 1, rot_dim] at the tokens' global positions
+        qk_norm = None
+        if self.q_layernorm is not None:
+            qk_norm = QKNorm(fn=self.q_layernorm.normalize, q_weight=self.q_layernorm.weight,
+                             k_weight=self.k_layernorm.weight, q_bias=self.q_layernorm.bias,
+                             k_bias=self.k_layernorm.bias)
+        output = tsp_attention(
+            hidden_states, self.linear_qkv.weight, self.linear_qkv.bias, self.linear_proj.weight,
+            q_positions, gathered_positions(seq_len, tsp_size, device), group,
+            self.config.num_attention_heads, self.config.num_query_groups,
+            softmax_scale=self.config.softmax_scale, rotary_freqs=rotary_freqs,
+            rotary_fn=partial(apply_rotary_pos_emb, config=self.config, cp_group=self.pg_collection.cp),
+            qk_norm=qk_norm, core_attention=self.core_attention)
+        return output, self.linear_proj.bias
+
+
+class TSPMLP(MLP):
+    """Dense (gated or not) MLP by the TSP weight ring: ``[S/D, b, h]`` in, ``([S/D, b, h], fc2 bias)`` out."""
+
+    def __init__(self, config, submodules: MLPSubmodules, is_expert: bool = False, **kwargs: Any) -> None:
+        if is_expert:
+            raise ValueError("TSP MLP is the dense MLP; experts use Megatron's expert-parallel MoE layer")
+        if config.glu_linear_offset != 0 or config.activation_func_clamp_value is not None:
+            raise ValueError("TSP MLP does not support --glu-linear-offset or --activation-func-clamp-value")
+        super().__init__(config, submodules, is_expert=is_expert, **kwargs)
+
+    def forward(self, hidden_states: torch.Tensor, per_token_scale: Optional[torch.Tensor] = None,
+                **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if per_token_scale is not None:
+            raise ValueError("TSP MLP does not support per-token scaling (a MoE expert feature)")
+        output = tsp_mlp(hidden_states, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
+                         _tsp_group(self), activation=self.config.activation_func,
+                         gated=self.config.gated_linear_unit)
+        return output, self.linear_fc2.bias
+
+
+def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int] = None,
+                           **unused: Any) -> ModuleSpec:
+    """Transformer layer with TSP attention and MLP and sequence-sharded norms (local backend).
+
+    Extra keyword arguments (Megatron's spec helpers pass backend flags) are accepted and ignored.
+    """
+    if num_experts is not None:
+        raise ValueError("MoE layers with --tsp-size > 1 are not supported yet; use --tsp-size 1")
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=SequenceShardedNorm,
+            self_attention=ModuleSpec(
+                module=TSPSelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=select_core_attention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=SequenceShardedNorm if qk_layernorm else IdentityOp,
+                    k_layernorm=SequenceShardedNorm if qk_layernorm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=SequenceShardedNorm,
+            mlp=partial(TSPMLP.as_mlp_submodule,
+                        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+            # Same checkpoint keys as Megatron's local and TE specs, so checkpoints interchange with them.
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )
+
+
+def get_gpt_decoder_block_tsp_spec(config: TransformerConfig, vp_stage: Optional[int] = None,
+                                   pp_rank: Optional[int] = None, **layer_kwargs: Any) -> TransformerBlockSubmodules:
+    """The decoder block of this pipeline (and virtual pipeline) stage: TSP layers and a sequence-sharded
+    final norm (Megatron's default final norm refuses sequence parallelism without Apex/TE).
+
+    ``layer_kwargs`` go to :func:`get_gpt_layer_tsp_spec`.
+    """
+    layer = get_gpt_layer_tsp_spec(**layer_kwargs)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceShardedNorm)

@@ -1,0 +1,63 @@
+"""Zigzag causal load balance for a sequence sharded over a TSP group of D ranks.
+
+The sequence of length S is cut into 2D chunks of S/(2D) tokens; rank p holds chunks p and 2D-1-p, so every
+rank gets the same amount of causal-attention work. Putting a sample into chunk order
+``[0, 2D-1, 1, 2D-2, ..., D-1, D]`` makes a contiguous split along the sequence hand each rank its two
+chunks, and an all-gather along the sequence returns the same chunk order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_zigzag",
+    "gathered_positions",
+    "inverse_zigzag_permutation",
+    "local_positions",
+    "zigzag_permutation",
+]
+
+
+def check_zigzag(seq_len: int, tsp_size: int) -> None:
+    """Raise ``ValueError`` unless the sequence splits into 2*tsp_size equal chunks."""
+    if tsp_size < 1:
+        raise ValueError(f"TSP size must be >= 1, got {tsp_size}")
+    if seq_len % (2 * tsp_size) != 0:
+        raise ValueError(f"sequence length {seq_len} is not divisible by 2 x TSP size = {2 * tsp_size}: the "
+                         f"zigzag load balance cuts the sequence into 2D equal chunks; pad or change "
+                         f"--seq-length to a multiple of {2 * tsp_size}")
+
+
+def zigzag_permutation(seq_len: int, tsp_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """``perm [S]`` (int64) with ``x[perm]`` in zigzag chunk order; ``perm[i]`` is the natural position of slot i."""
+    check_zigzag(seq_len, tsp_size)
+    chunks = torch.arange(seq_len, device=device).view(2 * tsp_size, -1)
+    first = torch.arange(tsp_size, device=device)
+    order = torch.stack([first, 2 * tsp_size - 1 - first], dim=1).flatten()  # [0, 2D-1, 1, 2D-2, ...]
+    return chunks[order].flatten()
+
+
+def inverse_zigzag_permutation(seq_len: int, tsp_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """``inv [S]`` with ``x_zigzag[inv] == x``: the zigzag slot of each natural position."""
+    perm = zigzag_permutation(seq_len, tsp_size, device)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(seq_len, device=device)
+    return inverse
+
+
+def local_positions(seq_len: int, tsp_size: int, rank: int, device: torch.device | str = "cpu") -> Tensor:
+    """Global (natural) positions ``[S/D]`` of rank ``rank``'s local tokens, in local order."""
+    if not 0 <= rank < tsp_size:
+        raise ValueError(f"rank {rank} is outside a TSP group of size {tsp_size}")
+    local_len = seq_len // tsp_size
+    return zigzag_permutation(seq_len, tsp_size, device)[rank * local_len:(rank + 1) * local_len]
+
+
+def gathered_positions(seq_len: int, tsp_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """Global positions ``[S]`` of a sequence all-gathered in rank order.
+
+    Rank p's slice is slots [p*S/D, (p+1)*S/D) of the zigzag order, so this is the permutation itself.
+    """
+    return zigzag_permutation(seq_len, tsp_size, device)

@@ -1,0 +1,93 @@
+"""The comm module on gloo: results of every op, group-local owners in subgroups, byte counts, residency."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_tsp.comm import (
+    ShardLayout,
+    all_gather_seq,
+    broadcast,
+    comm_bytes,
+    reduce,
+    reduce_scatter_seq,
+    ring_exchange,
+    shard_buffer,
+    track_shard_residency,
+)
+from tests.multiprocess import run_on_ranks
+
+
+def _check_ops(group: dist.ProcessGroup) -> None:
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    global_rank = dist.get_rank()
+    share = Fraction(size - 1, size)
+    with comm_bytes() as counter:
+        for owner in range(size):  # group-local owner: in a subgroup it differs from the global rank
+            value = torch.full((3, 2), float(global_rank)) if rank == owner else torch.zeros(3, 2)
+            assert torch.equal(broadcast(value, owner, group).wait(),
+                               torch.full((3, 2), float(dist.get_global_rank(group, owner))))
+
+        local = torch.arange(4.0).view(2, 2) + 10 * rank  # [n=2, 2]
+        gathered = all_gather_seq(local, group).wait()
+        assert torch.equal(gathered, torch.cat([torch.arange(4.0).view(2, 2) + 10 * r for r in range(size)]))
+
+        full = torch.arange(2.0 * size * 3).view(2 * size, 3) * (rank + 1)  # [D*n, 3]
+        scattered = reduce_scatter_seq(full, group).wait()
+        total = sum(r + 1 for r in range(size))
+        assert torch.equal(scattered, torch.arange(2.0 * size * 3).view(2 * size, 3)[2 * rank:2 * rank + 2] * total)
+
+        for owner in range(size):
+            summed = reduce(torch.full((5,), float(rank + 1)), owner, group).wait()
+            if rank == owner:
+                assert torch.equal(summed, torch.full((5,), float(total)))
+
+        received = ring_exchange(torch.full((7,), float(rank)), torch.empty(7), group).wait()
+        assert torch.equal(received, torch.full((7,), float((rank - 1) % size)))
+
+    f32 = 4
+    assert dict(counter.bytes_by_op) == {
+        "broadcast": size * share * 6 * f32,
+        "all_gather": share * 2 * size * 2 * f32,
+        "reduce_scatter": share * 2 * size * 3 * f32,
+        "reduce": size * share * 5 * f32,
+        "ring_send": Fraction(7 * f32),
+    }
+
+
+def _ops_on_world_and_subgroups(rank: int, world_size: int) -> None:
+    _check_ops(dist.group.WORLD)
+    # strided subgroups {0, 2} and {1, 3}: group-local rank 1 is global rank 2 or 3
+    subgroups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    _check_ops(subgroups[rank % 2])
+
+
+@pytest.mark.multiprocess
+def test_ops_world_and_subgroups() -> None:
+    run_on_ranks(_ops_on_world_and_subgroups, 4)
+
+
+def test_shard_layout_round_trip_and_cast() -> None:
+    tensors = [torch.randn(3, 4, dtype=torch.bfloat16), torch.randn(3, dtype=torch.bfloat16), torch.randn(4, 3)]
+    layout = ShardLayout([t.shape for t in tensors])
+    flat = layout.pack(tensors, torch.empty(layout.numel, dtype=torch.float32))
+    assert layout.numel == 12 + 3 + 12
+    for part, tensor in zip(layout.unpack(flat), tensors):
+        assert part.shape == tensor.shape and torch.equal(part, tensor.float())
+
+
+def test_residency_counts_live_buffers_and_views() -> None:
+    with track_shard_residency() as residency:
+        first = shard_buffer(8, torch.float32, torch.device("cpu"), "weight")
+        view = first[:4].view(2, 2)  # a view keeps its buffer alive
+        del first
+        second = shard_buffer(8, torch.float32, torch.device("cpu"), "weight")
+        assert residency.live["weight"] == 2
+        del view, second
+        assert residency.live["weight"] == 0
+        shard_buffer(8, torch.float32, torch.device("cpu"), "grad")
+    assert residency.peak == {"weight": 2, "grad": 1}

@@ -1,0 +1,50 @@
+"""Zigzag load balance: chunk ownership, permutation/inverse, and positions against direct construction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_tsp.zigzag import (
+    gathered_positions,
+    inverse_zigzag_permutation,
+    local_positions,
+    zigzag_permutation,
+)
+
+
+@pytest.mark.parametrize("tsp_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_each_rank_holds_chunks_p_and_mirror(tsp_size: int, chunk: int) -> None:
+    seq_len = 2 * tsp_size * chunk
+    for rank in range(tsp_size):
+        mirror = 2 * tsp_size - 1 - rank
+        expected = list(range(rank * chunk, (rank + 1) * chunk)) + list(range(mirror * chunk, (mirror + 1) * chunk))
+        assert local_positions(seq_len, tsp_size, rank).tolist() == expected
+
+
+def test_permutation_is_chunk_order_and_inverse_undoes_it() -> None:
+    seq_len, tsp_size = 16, 4  # chunks of 2 in order 0, 7, 1, 6, 2, 5, 3, 4
+    perm = zigzag_permutation(seq_len, tsp_size)
+    assert perm.tolist() == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9]
+    x = torch.randn(seq_len, 3)
+    x_zigzag = x[perm]
+    assert torch.equal(x_zigzag[inverse_zigzag_permutation(seq_len, tsp_size)], x)
+    # the rank-order concatenation of every rank's tokens is the gathered sequence
+    gathered = torch.cat([local_positions(seq_len, tsp_size, rank) for rank in range(tsp_size)])
+    assert torch.equal(gathered, gathered_positions(seq_len, tsp_size))
+    assert sorted(gathered.tolist()) == list(range(seq_len))
+
+
+def test_causal_work_is_balanced() -> None:
+    seq_len, tsp_size = 64, 4
+    # keys a query at position t attends to: t + 1; every rank must get the same total
+    work = [int((local_positions(seq_len, tsp_size, rank) + 1).sum()) for rank in range(tsp_size)]
+    assert len(set(work)) == 1
+
+
+def test_rejects_sequence_not_divisible_by_2d() -> None:
+    with pytest.raises(ValueError, match=r"not divisible by 2 x TSP size = 8"):
+        zigzag_permutation(12, 4)
+    with pytest.raises(ValueError, match="outside a TSP group"):
+        local_positions(16, 4, 4)
