@@ -127,8 +127,10 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
     _check(args.position_embedding_type in ("rope", "learned_absolute", "none"),
            f"--position-embedding-type {args.position_embedding_type} is not supported with --tsp-size {d}; "
            f"use rope, learned_absolute or none")
-    _check(args.num_experts is None,
-           f"--num-experts with --tsp-size {d}: MoE layers under TSP are not supported yet; use --tsp-size 1")
+    etp = args.expert_tensor_parallel_size
+    _check(args.num_experts is None or etp in (None, 1),
+           f"--expert-tensor-parallel-size {etp} with --tsp-size {d}: experts live on their own expert-parallel "
+           f"view of the ranks, unsharded along the TSP axis; use --expert-tensor-parallel-size 1")
     unsupported = {
         "use_megatron_fsdp": "--use-megatron-fsdp",
         "use_torch_fsdp2": "--use-torch-fsdp2",

@@ -16,7 +16,7 @@ import sys
 from functools import partial
 from typing import Any, Iterator, Optional, Sequence
 
-from megatron_tsp.megatron_compat import cuda_to_cpu, prepare_megatron, running_on_cpu
+from megatron_tsp.megatron_compat import cuda_to_cpu, patches, prepare_megatron, running_on_cpu
 
 prepare_megatron()  # before Megatron's model modules are imported: see megatron_compat.patches
 
@@ -27,10 +27,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset  # noqa: E402
 from megatron.core.enums import ModelType  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0  # noqa: E402
 from megatron.training.argument_utils import (  # noqa: E402
@@ -55,17 +52,12 @@ except ImportError:
 
 
 def layer_spec(args: Any, config: Any, vp_stage: Optional[int]):
-    """The decoder spec: TSP layers when --tsp-size > 1, else Megatron's TE or local layer spec."""
+    """The decoder spec: TSP layers when --tsp-size > 1, else Megatron's own TE or local decoder-block spec
+    (the block spec, so that --moe-layer-freq mixes dense and MoE layers as in Megatron's pretrain_gpt)."""
     if args.tsp_size > 1:
-        return get_gpt_decoder_block_tsp_spec(config, vp_stage=vp_stage, qk_layernorm=args.qk_layernorm,
-                                              num_experts=args.num_experts)
-    if HAVE_TE and not running_on_cpu():
-        return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
-            qk_layernorm=args.qk_layernorm)
-    return get_gpt_layer_local_spec(
-        num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
-        qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+        return get_gpt_decoder_block_tsp_spec(config, vp_stage=vp_stage)
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=HAVE_TE and not running_on_cpu(),
+                                      normalization=args.normalization, vp_stage=vp_stage)
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
@@ -73,7 +65,7 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     """Megatron model provider: one GPT model chunk for this pipeline (and virtual pipeline) stage."""
     args = get_args()
     config = config or core_transformer_config_from_args(args)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(args, config, vp_stage),
         vocab_size=args.padded_vocab_size,
@@ -90,6 +82,8 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
+    patches.untag_expert_sequence_parallel(model)
+    return model
 
 
 def _batch_device() -> torch.device:

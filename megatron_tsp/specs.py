@@ -17,7 +17,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -26,7 +28,11 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_tsp.attention import QKNorm, tsp_attention
@@ -120,13 +126,17 @@ class TSPMLP(MLP):
 
 
 def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int] = None,
-                           **unused: Any) -> ModuleSpec:
-    """Transformer layer with TSP attention and MLP and sequence-sharded norms (local backend).
-
-    Extra keyword arguments (Megatron's spec helpers pass backend flags) are accepted and ignored.
+                           moe_grouped_gemm: bool = False, **unused: Any) -> ModuleSpec:
+    """Transformer layer with TSP attention, sequence-sharded norms and a TSP MLP, or with ``num_experts``
+    Megatron's MoE layer (experts on their own expert-parallel view of the same ranks, routing each rank's
+    local tokens). Extra keyword arguments (Megatron's spec helpers pass backend flags) are ignored.
     """
-    if num_experts is not None:
-        raise ValueError("MoE layers with --tsp-size > 1 are not supported yet; use --tsp-size 1")
+    if num_experts is None:
+        mlp = partial(TSPMLP.as_mlp_submodule,
+                      submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
+    else:
+        mlp = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts,
+                                              moe_grouped_gemm=moe_grouped_gemm)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -144,8 +154,7 @@ def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=SequenceShardedNorm,
-            mlp=partial(TSPMLP.as_mlp_submodule,
-                        submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            mlp=mlp,
             mlp_bda=get_bias_dropout_add,
             # Same checkpoint keys as Megatron's local and TE specs, so checkpoints interchange with them.
             sharded_state_dict_keys_map={
@@ -156,13 +165,29 @@ def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int
     )
 
 
-def get_gpt_decoder_block_tsp_spec(config: TransformerConfig, vp_stage: Optional[int] = None,
-                                   pp_rank: Optional[int] = None, **layer_kwargs: Any) -> TransformerBlockSubmodules:
-    """The decoder block of this pipeline (and virtual pipeline) stage: TSP layers and a sequence-sharded
-    final norm (Megatron's default final norm refuses sequence parallelism without Apex/TE).
+def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
+    """Which layers are MoE layers, from ``--moe-layer-freq`` (N: every N-th layer from the first; or a
+    per-layer list of 0/1). All False without experts."""
+    if not config.num_moe_experts:
+        return [False] * config.num_layers
+    freq = config.moe_layer_freq
+    pattern = [layer % freq == 0 for layer in range(config.num_layers)] if isinstance(freq, int) else \
+        [bool(flag) for flag in freq]
+    if len(pattern) != config.num_layers:
+        raise ValueError(f"--moe-layer-freq lists {len(pattern)} layers but --num-layers is {config.num_layers}")
+    return pattern
 
-    ``layer_kwargs`` go to :func:`get_gpt_layer_tsp_spec`.
+
+def get_gpt_decoder_block_tsp_spec(config: TransformerConfig, vp_stage: Optional[int] = None,
+                                   pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+    """The decoder block of this pipeline (and virtual pipeline) stage: dense or MoE TSP layers by
+    ``--moe-layer-freq``, and a sequence-sharded final norm (Megatron's default final norm refuses sequence
+    parallelism without Apex/TE).
     """
-    layer = get_gpt_layer_tsp_spec(**layer_kwargs)
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=SequenceShardedNorm)
+    dense = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm)
+    moe = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm, num_experts=config.num_moe_experts,
+                                 moe_grouped_gemm=config.moe_grouped_gemm) if config.num_moe_experts else None
+    layers = [moe if is_moe else dense for is_moe in moe_layer_pattern(config)]
+    first = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=layers[first:first + count], layer_norm=SequenceShardedNorm)

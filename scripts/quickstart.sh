@@ -7,4 +7,4 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 cd "$REPO_ROOT"
 NPROC="${NPROC:-4}"
 exec "$VENV_PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m megatron_tsp.pretrain_gpt \
-    --config configs/tiny_gpt_cpu.yaml --pipeline-model-parallel-size 2 "$@"
+    --config configs/tiny_gpt_cpu.yaml --tsp-size 2 --pipeline-model-parallel-size 2 "$@"

@@ -49,7 +49,8 @@ BAD = [  # flags, world size, text the error must contain (the flag to change)
     (["--tsp-size", "2", "--tsp-order", "tsp-dp-pp"], 4, "--tsp-order"),
     (["--tsp-size", "2", "--attention-dropout", "0.1"], 4, "pass --attention-dropout 0"),
     (["--tsp-size", "2", "--position-embedding-type", "yarn"], 4, "--position-embedding-type yarn"),
-    (["--tsp-size", "2", "--num-experts", "4"], 4, "--num-experts with --tsp-size 2"),
+    (["--tsp-size", "2", "--num-experts", "4", "--expert-tensor-parallel-size", "2"], 4,
+     "use --expert-tensor-parallel-size 1"),
     (["--tsp-size", "2", "--expert-model-parallel-size", "3", "--num-experts", "3"], 4,
      "--expert-model-parallel-size 3"),
 ]

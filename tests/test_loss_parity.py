@@ -2,16 +2,19 @@
 
 The TSP=1 reference runs Megatron's own local layer spec; TSP>1 runs the TSP layers, zigzag data path and
 sequence-sharded norms. Pipeline runs are compared with a TSP=1 run at the same pipeline size, because
-Megatron seeds each pipeline stage differently (seed + 100 * stage).
+Megatron seeds each pipeline stage differently (seed + 100 * stage); MoE runs with a TSP=1 run at the same
+expert-parallel size, because expert initial weights depend on it.
 """
 
 from __future__ import annotations
 
 import functools
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from tests.pretrain_runs import PretrainRun, pretrain
+from tests.pretrain_runs import TINY_CONFIG, PretrainRun, pretrain
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
@@ -19,8 +22,16 @@ ITERS = ("--train-iters", "10")
 
 
 @functools.cache
-def reference(*flags: str) -> PretrainRun:
-    run = pretrain(1 if "--pipeline-model-parallel-size" not in flags else 2, *ITERS, *flags)
+def biased_config() -> Path:
+    """The tiny config with linear-layer biases on (it disables them), for the expert-bias cases."""
+    path = Path(tempfile.mkdtemp()) / "tiny_gpt_cpu_biases.yaml"
+    path.write_text(TINY_CONFIG.read_text().replace("disable-bias-linear: true", "disable-bias-linear: false"))
+    return path
+
+
+@functools.cache
+def reference(ranks: int, config: Path, *flags: str) -> PretrainRun:
+    run = pretrain(ranks, *ITERS, *flags, config=config)
     assert run.returncode == 0 and len(run.losses) == 10, run.output[-3000:]
     return run
 
@@ -33,20 +44,34 @@ def assert_same_curve(run: PretrainRun, ref: PretrainRun) -> None:
     assert ref.losses[-1] < ref.losses[0] - 0.5  # the model learns: a curve, not a constant
 
 
-CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 reference)
-    "tsp2": (2, ("--tsp-size", "2"), ()),
-    "tsp4": (4, ("--tsp-size", "4"), ()),
-    "tsp2_dp2": (4, ("--tsp-size", "2"), ()),
-    "tsp2_dp2_distopt": (4, ("--tsp-size", "2", "--use-distributed-optimizer"), ()),
-    "tsp2_gqa": (2, ("--tsp-size", "2"), ("--group-query-attention", "--num-query-groups", "2")),
+MOE = ("--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
+       "--moe-aux-loss-coeff", "0.01", "--expert-model-parallel-size", "2")
+# With biases (biased_config): Megatron 0.19.2's fused weighted SwiGLU refuses them, at TSP=1 as well.
+EXPERT_BIASES = ("--no-bias-swiglu-fusion",)
+PP2 = ("--pipeline-model-parallel-size", "2")
+
+CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 reference, reference ranks)
+    "tsp2": (2, ("--tsp-size", "2"), (), 1),
+    "tsp4": (4, ("--tsp-size", "4"), (), 1),
+    "tsp2_dp2": (4, ("--tsp-size", "2"), (), 1),
+    "tsp2_dp2_distopt": (4, ("--tsp-size", "2", "--use-distributed-optimizer"), (), 1),
+    "tsp2_gqa": (2, ("--tsp-size", "2"), ("--group-query-attention", "--num-query-groups", "2"), 1),
     "tsp2_recompute_full": (2, ("--tsp-size", "2", "--recompute-granularity", "full",
-                                "--recompute-method", "uniform", "--recompute-num-layers", "1"), ()),
-    "tsp2_recompute_selective": (2, ("--tsp-size", "2", "--recompute-granularity", "selective"), ()),
-    "tsp2_pp2": (4, ("--tsp-size", "2"), ("--pipeline-model-parallel-size", "2")),
+                                "--recompute-method", "uniform", "--recompute-num-layers", "1"), (), 1),
+    "tsp2_recompute_selective": (2, ("--tsp-size", "2", "--recompute-granularity", "selective"), (), 1),
+    "tsp2_pp2": (4, ("--tsp-size", "2"), PP2, 2),
+    "moe_tsp2_ep2": (2, ("--tsp-size", "2"), MOE, 2),
+    "moe_tsp2_ep2_dp2": (4, ("--tsp-size", "2"), MOE, 2),
+    "moe_tsp2_pp2_ep2": (4, ("--tsp-size", "2"), (*MOE, *PP2), 4),
+    "moe_tsp2_ep2_expert_biases": (2, ("--tsp-size", "2"), (*MOE, *EXPERT_BIASES), 2),
+    "moe_tsp2_ep2_mixed_layers_shared_expert": (
+        2, ("--tsp-size", "2"), (*MOE, "--moe-layer-freq", "2", "--moe-shared-expert-intermediate-size", "128"), 2),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_loss_curve_matches_tsp1(name: str) -> None:
-    ranks, tsp_flags, shared = CASES[name]
-    assert_same_curve(pretrain(ranks, *ITERS, *shared, *tsp_flags), reference(*shared))
+    ranks, tsp_flags, shared, reference_ranks = CASES[name]
+    config = biased_config() if "biases" in name else TINY_CONFIG
+    assert_same_curve(pretrain(ranks, *ITERS, *shared, *tsp_flags, config=config),
+                      reference(reference_ranks, config, *shared))

@@ -57,13 +57,14 @@ class CudaToCpuMode(TorchFunctionMode):
 
 
 class _NullStream:
-    """Stands in for ``torch.cuda.Stream`` / ``Event``: every call is a no-op, CPU work is synchronous."""
+    """Stands in for ``torch.cuda.Stream`` / ``Event``: CPU work is synchronous, so every method is a no-op
+    that returns another stand-in (``stream.record_event()`` must give something with ``synchronize()``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
     def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _NullStream()
 
     def __enter__(self) -> "_NullStream":
         return self

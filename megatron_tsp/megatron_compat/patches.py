@@ -1,8 +1,13 @@
 """Every patch megatron-tsp applies to Megatron, in one place.
 
 Written against megatron-core 0.19.2 (``MEGATRON_VERSION``). A Megatron upgrade should only need this
-package (and ``cpu.py`` beside it) to be re-checked. Each entry of :data:`PATCHES` names the patched
-attribute, when it applies and why; :func:`install` applies the entries for a run, idempotently.
+package (and ``cpu.py`` beside it) to be re-checked.
+
+- :data:`PATCHES`: replaced Megatron attributes, each with when it applies and why; :func:`install` applies
+  them for a run, idempotently.
+- :func:`untag_expert_sequence_parallel`: a correction of Megatron's parameter tags, applied to every model
+  the plugin builds.
+- ``cpu.py`` (torch-level, not Megatron): ``torch.cuda`` stand-ins and ``torch.compile`` disabled on CPU.
 """
 
 from __future__ import annotations
@@ -71,6 +76,15 @@ def _set_cpu_rng_state(original: Callable) -> Callable:
     return set_rng_state
 
 
+def _int_split_sizes(original: staticmethod) -> staticmethod:
+    def forward(ctx, group, input, output_split_sizes, input_split_sizes, use_nccl_stream=False):
+        as_ints = lambda sizes: sizes if sizes is None else [int(size) for size in sizes]  # noqa: E731
+        return original.__func__(ctx, group, input, as_ints(output_split_sizes), as_ints(input_split_sizes),
+                                 use_nccl_stream)
+
+    return staticmethod(forward)
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.process_groups_config", "ProcessGroupCollection.use_mpu_process_groups", False,
           "expose the tsp axis as `pg_collection.tsp` on every collection Megatron builds from its "
@@ -88,7 +102,23 @@ PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.tensor_parallel.random", "_set_cuda_rng_state", True,
           "Megatron defers the set through torch.cuda._lazy_call, which never runs without a GPU",
           _set_cpu_rng_state),
+    Patch("megatron.core.tensor_parallel.mappings", "_AllToAll.forward", True,
+          "MoE all-to-all split sizes stay torch tensors off CUDA; gloo's all_to_all_single needs Python ints",
+          _int_split_sizes),
 )
+
+
+def untag_expert_sequence_parallel(model: torch.nn.Module) -> None:
+    """Fix-up applied to every built model: experts' params are never summed over the TSP axis.
+
+    megatron-core 0.19.2 tags expert output biases ``sequence_parallel`` (RowParallelLinear copies the
+    layer's flag), so grad finalisation would sum their grads over tensor-parallel ranks that hold
+    *different* experts under parallel folding. Expert params are the ones Megatron marks
+    ``allreduce=False``.
+    """
+    for param in model.parameters():
+        if not getattr(param, "allreduce", True) and getattr(param, "sequence_parallel", False):
+            param.sequence_parallel = False
 
 _APPLIED: set[tuple[str, str]] = set()
 
