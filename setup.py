@@ -19,6 +19,6 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        "test": ["pytest"],
+        "test": ["pytest", "matplotlib"],  # matplotlib: the planner's --plot
     },
 )

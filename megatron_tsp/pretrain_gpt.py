@@ -184,7 +184,8 @@ def initialize_distributed(args: Any) -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend=args.distributed_backend, rank=args.rank, world_size=args.world_size)
     initialize_model_parallel(
-        tsp_size=args.tsp_size,
+        # The tensor-parallel slot: the TSP degree (apply_tsp_layout), or plain TP when --tsp-size is 1.
+        tsp_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,

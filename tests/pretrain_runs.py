@@ -18,14 +18,19 @@ _ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?lm loss: ([0-9.E+-]+) .*?g
 class PretrainRun:
     returncode: int
     output: str
-    losses: list[float]
+    losses: list[float]  # lm loss of each logged iteration (--log-interval 1)
     grad_norms: list[float]
 
 
 def _parse(returncode: int, output: str) -> PretrainRun:
     found = _ITERATION.findall(output)
-    return PretrainRun(returncode, output, [float(loss) for _, loss, _ in found],
-                       [float(norm) for _, _, norm in found])
+    losses = [float(loss) for _, loss, _ in found]
+    if len(losses) >= 2:
+        # With --log-interval 1, Megatron 0.19.2 prints at the second logged iteration of a run the mean of
+        # the first two iterations' losses; undo that so each entry is one iteration's loss (this matters
+        # when comparing a resumed run with an uninterrupted one).
+        losses[1] = 2 * losses[1] - losses[0]
+    return PretrainRun(returncode, output, losses, [float(norm) for _, _, norm in found])
 
 
 def run_command(command: list[str], timeout_s: float = 300.0) -> PretrainRun:

@@ -1,0 +1,773 @@
+"""Cost model: communication bytes, peak memory and step time per GPU for TSP and Megatron's layouts.
+
+Sources: TSP.md (formulas), BASELINES.md (measured Megatron TP+SP memory and step times on one H200), and
+the docstrings of ``attention.py`` / ``mlp.py`` (the bytes our TSP schedules move, counted by
+:func:`megatron_tsp.comm.comm_bytes`). Everything is per GPU, per micro-batch unless a name says "step".
+
+Conventions
+- Bytes follow ``comm.py``: broadcast, reduce, all_gather and reduce_scatter move (n-1)/n of the full
+  tensor per rank; all_reduce is a reduce_scatter plus an all_gather, 2(n-1)/n; all_to_all moves the
+  (n-1)/n of its input that leaves the rank; ring_send and send move the bytes sent. Communication is kept
+  as exact fractions so the TSP terms can be compared with the implementation's counters for equality.
+- Symbols: h hidden, nq/nkv query heads/kv groups, hd head dim (nq*hd = h in the usual shapes, then the
+  attention weights are TSP.md's (2 + 2/g)*h^2), ffn, B micro-batch, S sequence, t tensor degree (TP and
+  TSP's D), c context degree, e/a/e_acc bytes per parameter/activation/gradient-accumulator element
+  (e_acc = fp32 for 16-bit params: Megatron's main grads and our TSP accumulators).
+- Layout kinds: ``TP`` (Megatron tensor parallelism without sequence parallelism; t = 1 is plain data
+  parallelism), ``TP+SP`` (Megatron's one-axis sequence parallelism), ``CP`` (context parallelism, Transformer
+  Engine's p2p ring), ``TPxCP`` (TP+SP inside CP), ``TSP``. PP, DP and EP combine with each; experts use
+  expert-tensor-parallel size 1 (TSP requires it; assumed for the others too).
+
+Assumptions (stated once, used throughout)
+- Megatron's local layer spec with a fused SDPA kernel (no S^2 score matrix kept), dropout 0, RMSNorm.
+- Selective recompute (Megatron's default module, core attention) saves no memory with a fused kernel: the
+  kernel keeps only q, k, v, output and the log-sum-exp either way. It re-runs the core attention forward.
+- TSP layers recompute attention and MLP inside their own backward (attention.py, mlp.py): their backward
+  costs 3 forwards, and Megatron's full recompute adds a fifth. Megatron's selective recompute does not
+  reach into TSP layers.
+- Skipped (each < 1% of the totals it belongs to): biases and norms in FLOPs, the log-sum-exp, router
+  logits and the RoPE angles TSP attention keeps in activations, the per-token scalar all-reduces of the
+  vocab-parallel cross entropy, the TSP norm-weight grad sums, the tied-embedding grad all-reduce between
+  pipeline ends, the optimizer step time.
+
+Peak memory model (``Memory``)
+- Model state: weights e + main grads e_acc per parameter, Adam 12 bytes (fp32 master copy + 2 moments; 8
+  for fp32 params), divided over data-parallel ranks with the distributed optimizer (dense params over
+  DP x CP, experts over the expert-data-parallel ranks).
+- Stored activations: each layer keeps :func:`layer_saved_bytes` (no or selective recompute) or its input
+  (full recompute), times the micro-batches in flight on the stage (1F1B: PP on the first stage).
+- Working set, the larger of: one layer's backward, ``BACKWARD_FACTOR`` x its saved activations (the
+  recomputed activations and their gradients) plus :func:`layer_transient_bytes`; and the output layer's
+  :func:`logits_bytes`. Plus a constant ``OFFSET_BYTES``.
+
+Calibration against BASELINES.md (one H200, fake process group, D = 8, full recompute, micro-batch 1, no
+vocab padding; the peaks exclude Adam state). ``BACKWARD_FACTOR`` = 1.55 and ``OFFSET_BYTES`` = 0.08 GiB are
+least-squares fits (relative error) to the four "7B" TP+SP peaks; every other row is a prediction.
+Residual = model / measured - 1.
+
+| case (D = 8)            | measured GiB | model GiB | residual | + Adam: measured / model |
+|-------------------------|-------------:|----------:|---------:|-------------------------:|
+| 7B TP+SP 16K            |          7.6 |      7.60 |   -0.1%  |            20.0 / 19.97 |
+| 7B TP+SP 32K            |          8.9 |      8.93 |   +0.3%  |            21.3 / 21.30 |
+| 7B TP+SP 64K            |         11.6 |     11.59 |   -0.1%  |            23.9 / 23.96 |
+| 7B TP+SP 128K           |         16.9 |     16.91 |   +0.1%  |            29.3 / 29.28 |
+| 7B TP (no SP) 16K       |         12.5 |     11.52 |   -7.8%  |            24.9 / 23.89 |
+| 7B TP (no SP) 32K       |         17.7 |     16.78 |   -5.2%  |            30.1 / 29.15 |
+| 7B TP (no SP) 64K       |         28.1 |     27.30 |   -2.8%  |            40.5 / 39.67 |
+| 7B TP (no SP) 128K      |         48.9 |     48.34 |   -1.1%  |            61.2 / 60.71 |
+| Llama-3-8B TP+SP 32K    |          9.9 |     10.13 |   +2.3%  |            21.2 / 21.35 |
+| Llama-3-8B TP+SP 128K   |         22.8 |     23.43 |   +2.8%  |            34.0 / 34.65 |
+
+Without SP the model misses a roughly constant 0.6-1 GiB (not identified). The Llama rows test the output
+layer's working set (its peak is the fp32 logits, V/D = 16032), overestimated by 2-3%.
+
+Step time: ``COMPUTE_EFFICIENCY`` = 0.73 is the fitted fraction of the measured matmul rate (787 TFLOP/s,
+BASELINES.md) that the 7B TP+SP step reaches with communication faked (4/3 of model FLOPs with full
+recompute). Compute time, model / measured - 1: 16K -3.4% (0.309 s vs 0.32), 32K +0.1%, 64K +2.1%,
+128K +3.2% (5.90 s vs 5.72). Communication time is bandwidth + latency per message with the overlap rules
+of each :class:`Transfer`; it has not been measured against a real multi-GPU run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from typing import Literal
+
+__all__ = [
+    "BACKWARD_FACTOR",
+    "COMPUTE_EFFICIENCY",
+    "KINDS",
+    "OFFSET_BYTES",
+    "Hardware",
+    "LayerComm",
+    "LayerFlops",
+    "Layout",
+    "Memory",
+    "ModelShape",
+    "Stage",
+    "StepBytes",
+    "StepCost",
+    "Transfer",
+    "Workload",
+    "bytes_by_op",
+    "edge_comm",
+    "grad_sync_comm",
+    "layer_comm",
+    "layer_flops",
+    "layer_input_bytes",
+    "layer_saved_bytes",
+    "layer_transient_bytes",
+    "logits_bytes",
+    "memory",
+    "output_layer_flops",
+    "pipeline_stages",
+    "stage_memory",
+    "stage_params",
+    "step_cost",
+    "tsp_attention_comm",
+    "tsp_mlp_comm",
+]
+
+Recompute = Literal["none", "selective", "full"]
+Kind = Literal["TP", "TP+SP", "CP", "TPxCP", "TSP"]
+KINDS: tuple[Kind, ...] = ("TP", "TP+SP", "CP", "TPxCP", "TSP")
+
+# Fitted to BASELINES.md (see the module docstring's table).
+BACKWARD_FACTOR = 1.55
+OFFSET_BYTES = 0.08 * 2**30
+COMPUTE_EFFICIENCY = 0.73
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A GPT's shape as Megatron builds it. ``vocab`` is unpadded; Megatron pads it to a multiple of
+    ``vocab_divisor`` x the tensor degree (``--make-vocab-size-divisible-by``; 1 = no padding)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_groups: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    gated: bool = True
+    qkv_bias: bool = False
+    linear_bias: bool = False  # fc1 bias moves with TSP's MLP shards; proj and fc2 biases are replicated
+    tied_embeddings: bool = False
+    vocab_divisor: int = 1
+    experts: int = 0
+    topk: int = 0
+    expert_ffn: int = 0
+    shared_expert_ffn: int = 0
+    moe_layer_freq: int = 1  # every N-th layer from the first is MoE (Megatron's --moe-layer-freq N)
+
+    @property
+    def moe_layers(self) -> int:
+        return math.ceil(self.layers / self.moe_layer_freq) if self.experts else 0
+
+    @property
+    def dense_layers(self) -> int:
+        return self.layers - self.moe_layers
+
+    @property
+    def kv_width(self) -> int:
+        """K and V elements per token: 2*nkv*hd (TSP.md's 2h/g)."""
+        return 2 * self.kv_groups * self.head_dim
+
+    def padded_vocab(self, tensor: int) -> int:
+        multiple = self.vocab_divisor * tensor
+        return math.ceil(self.vocab / multiple) * multiple
+
+    def attention_weights(self, with_bias: bool = True) -> int:
+        """Elements of the sharded attention weights: qkv (nq + 2nkv)*hd x h and proj h x nq*hd, plus the qkv
+        bias. With nq*hd = h this is TSP.md's (2 + 2/g)*h^2."""
+        qkv_rows = (self.heads + 2 * self.kv_groups) * self.head_dim
+        weights = qkv_rows * self.hidden + self.hidden * self.heads * self.head_dim
+        return weights + (qkv_rows if with_bias and self.qkv_bias else 0)
+
+    def mlp_weights(self, ffn: int, with_bias: bool = True) -> int:
+        """Elements of an MLP's sharded weights: fc1 (2 if gated) x ffn x h, fc2 h x ffn, plus the fc1 bias."""
+        fc1_rows = (2 if self.gated else 1) * ffn
+        weights = fc1_rows * self.hidden + self.hidden * ffn
+        return weights + (fc1_rows if with_bias and self.linear_bias else 0)
+
+    def replicated_layer_params(self, moe: bool) -> int:
+        """Per-layer params every tensor rank holds whole: two norms, proj/fc2 biases, the router."""
+        biases = 2 * self.hidden if self.linear_bias else 0
+        return 2 * self.hidden + biases + (self.hidden * self.experts if moe else 0)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one micro-batch is and how it is trained."""
+
+    micro_batch: int
+    seq_len: int
+    param_bytes: int = 2
+    act_bytes: int = 2
+    recompute: Recompute = "none"
+    distributed_optimizer: bool = False
+    # TSP's local SDPA kernel (kernels/local.py) builds a boolean [S/D, S] mask per head bucket, which SDPA
+    # turns into an additive mask of the activation dtype; it also forgoes causal skipping. False models a
+    # fused causal kernel (e.g. Transformer Engine's bottom-right causal mask).
+    tsp_dense_mask: bool = True
+
+    @property
+    def grad_bytes(self) -> int:
+        """Gradient accumulation element size: fp32 for 16-bit params, else the param dtype."""
+        return max(self.param_bytes, 4)
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout: ``tensor`` is the TP degree (TSP's D), ``context`` the CP degree."""
+
+    kind: Kind
+    tensor: int = 1
+    context: int = 1
+    pipeline: int = 1
+    data: int = 1
+    expert: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind in ("TP", "TP+SP", "TSP") and self.context != 1:
+            raise ValueError(f"{self.kind} has no context axis; use TPxCP")
+        if self.kind == "CP" and self.tensor != 1:
+            raise ValueError("CP has no tensor axis; use TPxCP")
+
+    @property
+    def gpus(self) -> int:
+        return self.tensor * self.context * self.pipeline * self.data
+
+    @property
+    def sequence_shard(self) -> int:
+        """Ranks the tokens of a sample are split over in the norm/residual region."""
+        return self.context if self.kind == "TP" else self.tensor * self.context
+
+    @property
+    def expert_data(self) -> int:
+        """Data-parallel ranks of an expert (expert-tensor-parallel size 1)."""
+        return self.gpus // (self.pipeline * self.expert)
+
+    @property
+    def name(self) -> str:
+        if self.kind == "TP":
+            axes = [f"TP{self.tensor}"] if self.tensor > 1 else []
+        elif self.kind == "CP":
+            axes = [f"CP{self.context}"]
+        elif self.kind == "TPxCP":
+            axes = [f"TP{self.tensor}xCP{self.context}"]
+        else:
+            axes = [f"{self.kind}{self.tensor}"]
+        axes += [f"{axis}{n}" for axis, n in (("PP", self.pipeline), ("DP", self.data), ("EP", self.expert))
+                 if n > 1]
+        return " ".join(axes) or "DP1"
+
+
+# ---------------------------------------------------------------------------------------------- comm
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One collective or send as one GPU sees it.
+
+    ``op`` is comm.py's op name (or all_reduce, all_to_all, send); ``group`` the ranks it involves; ``span``
+    how many consecutive ranks the group covers (it leaves the node when span > GPUs per node); ``hidden``
+    whether the schedule overlaps it with compute of the same phase; ``messages`` how many calls carry
+    ``nbytes`` in total (each pays the link latency).
+    """
+
+    what: str
+    op: str
+    nbytes: Fraction
+    group: int
+    span: int
+    hidden: bool
+    messages: int = 1
+
+    @property
+    def point_to_point(self) -> bool:
+        return self.op in ("ring_send", "send")
+
+
+@dataclass(frozen=True)
+class LayerComm:
+    """A layer's (or the model edges') transfers in forward, backward and recompute."""
+
+    forward: tuple[Transfer, ...] = ()
+    backward: tuple[Transfer, ...] = ()
+    recompute: tuple[Transfer, ...] = ()
+
+    def __add__(self, other: LayerComm) -> LayerComm:
+        return LayerComm(self.forward + other.forward, self.backward + other.backward,
+                         self.recompute + other.recompute)
+
+    @property
+    def transfers(self) -> tuple[Transfer, ...]:
+        return self.forward + self.backward + self.recompute
+
+    def total(self) -> Fraction:
+        return sum((t.nbytes for t in self.transfers), Fraction(0))
+
+
+def bytes_by_op(transfers: tuple[Transfer, ...]) -> dict[str, Fraction]:
+    """Bytes per op name, the shape of :class:`megatron_tsp.comm.CommCounter`'s ``bytes_by_op``."""
+    out: dict[str, Fraction] = {}
+    for transfer in transfers:
+        out[transfer.op] = out.get(transfer.op, Fraction(0)) + transfer.nbytes
+    return out
+
+
+def _share(n: int) -> Fraction:
+    return Fraction(n - 1, n)
+
+
+def _transfers(*specs: tuple) -> tuple[Transfer, ...]:
+    """Transfers from (what, op, bytes, group, span, hidden[, messages]), dropping empty ones (degree-1
+    groups)."""
+    return tuple(Transfer(*spec) for spec in specs if spec[2])
+
+
+def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
+    """TSP attention per layer (attention.py): W = attention weights, KV = 2*B*S*nkv*hd elements.
+
+    forward: broadcast W*e (next bucket's weights travel during this bucket's compute: hidden) and
+    all_gather KV*a (waited on at once: exposed), each times (D-1)/D. backward: the same two again (weights
+    re-fetched, K/V recomputed and re-gathered), reduce_scatter KV*a (dK/dV, exposed) and reduce W*e_acc
+    (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's forward row.
+    """
+    share = _share(d)
+    weights = model.attention_weights() * share
+    kv = work.tokens * model.kv_width * work.act_bytes * share
+    fetch = ("attention weights", "broadcast", weights * work.param_bytes, d, d, True, d)  # one per bucket
+    gather = ("K/V", "all_gather", kv, d, d, False, d)
+    return LayerComm(
+        forward=_transfers(fetch, gather),
+        backward=_transfers(fetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, d),
+                            ("attention weight grads", "reduce", weights * work.grad_bytes, d, d, True, d)))
+
+
+def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int) -> LayerComm:
+    """TSP MLP ring per layer (mlp.py): W = MLP weights incl. the fc1 bias, D-1 hops of W/D each.
+
+    forward: ring_send W*e*(D-1)/D. backward: ring_send W*e*(D-1)/D (weights re-circulated) plus
+    W*e_acc*(D-1)/D (grad accumulators). All hidden behind the shards' GEMMs (double buffering).
+    """
+    weights = model.mlp_weights(ffn) * _share(d)
+    circulate = ("MLP weights", "ring_send", weights * work.param_bytes, 2, d, True, d - 1)
+    accumulate = ("MLP weight grads", "ring_send", weights * work.grad_bytes, 2, d, True, d - 1)
+    return LayerComm(forward=_transfers(circulate), backward=_transfers(circulate, accumulate))
+
+
+def _tensor_parallel_block(x: Fraction, t: int, sequence_parallel: bool, what: str) -> LayerComm:
+    """Megatron's column- then row-parallel pair (attention or MLP) on an activation of x bytes [s, b, h].
+
+    With SP: forward all_gather + reduce_scatter (exposed: no TE comm overlap); backward all_gather of the
+    output grad (exposed), re-gather of the input for the weight grad (overlaps the data-grad GEMM) and
+    reduce_scatter of the input grad (overlaps the weight-grad GEMM): 3 x instead of TSP.md's 2 x, because
+    Megatron keeps the sharded input and re-gathers it. Without SP: an all_reduce each way, the backward
+    one overlapping the weight-grad GEMM.
+    """
+    x = x * _share(t)
+    if not sequence_parallel:
+        return LayerComm(forward=_transfers((what, "all_reduce", 2 * x, t, t, False)),
+                         backward=_transfers((what, "all_reduce", 2 * x, t, t, True)))
+    return LayerComm(
+        forward=_transfers((what, "all_gather", x, t, t, False), (what, "reduce_scatter", x, t, t, False)),
+        backward=_transfers((what, "all_gather", x, t, t, False), (what, "all_gather", x, t, t, True),
+                            (what, "reduce_scatter", x, t, t, True)))
+
+
+def _context_ring(model: ModelShape, work: Workload, layout: Layout) -> LayerComm:
+    """Transformer Engine's p2p CP ring: (c-1)/c of the rank's full-sequence K/V (its nkv/t heads) passes
+    each rank in forward, again in backward with dK/dV, all overlapping the attention chunks."""
+    c, span = layout.context, layout.tensor * layout.context
+    kv = work.tokens * Fraction(model.kv_width, layout.tensor) * work.act_bytes * _share(c)
+    ring = ("K/V", "ring_send", kv, 2, span, True, c - 1)
+    grad_ring = ("dK/dV", "ring_send", kv, 2, span, True, c - 1)
+    return LayerComm(forward=_transfers(ring), backward=_transfers(ring, grad_ring))
+
+
+def _moe_comm(model: ModelShape, work: Workload, layout: Layout, x: Fraction) -> LayerComm:
+    """Megatron's MoE layer: all_to_all dispatch and combine of each local token's top-k copies over EP
+    (exposed), and a shared expert run as a tensor-parallel (SP) MLP on the tensor axis."""
+    routed = work.tokens * Fraction(model.topk, layout.sequence_shard) * model.hidden * work.act_bytes
+    ep = layout.expert
+    dispatch = ("MoE dispatch/combine", "all_to_all", 2 * routed * _share(ep), ep, ep, False, 2)
+    moe = LayerComm(forward=_transfers(dispatch), backward=_transfers(dispatch))
+    if model.shared_expert_ffn:
+        moe += _tensor_parallel_block(x, layout.tensor, True, "shared expert")
+    return moe
+
+
+def layer_comm(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> LayerComm:
+    """One transformer layer's transfers on one GPU for one micro-batch; ``moe`` picks the MoE variant.
+
+    Full recompute re-runs the layer forward (its transfers again); selective recompute re-runs core
+    attention, which only CP's ring makes communicate.
+    """
+    t = layout.tensor
+    x = work.tokens * Fraction(model.hidden * work.act_bytes, layout.context)  # one [S/c, B, h] activation
+    if layout.kind == "TSP":
+        attention = tsp_attention_comm(model, work, t)
+        mlp = _moe_comm(model, work, layout, x) if moe else tsp_mlp_comm(model, work, t, model.ffn)
+    else:
+        sequence_parallel = layout.kind != "TP"
+        attention = _tensor_parallel_block(x, t, sequence_parallel, "attention")
+        if layout.context > 1:
+            attention += _context_ring(model, work, layout)
+        mlp = _moe_comm(model, work, layout, x) if moe else _tensor_parallel_block(x, t, sequence_parallel, "MLP")
+    layer = attention + mlp
+    if work.recompute == "full":
+        return replace(layer, recompute=layer.forward)
+    if work.recompute == "selective" and layout.context > 1:
+        return replace(layer, recompute=_context_ring(model, work, layout).forward)
+    return layer
+
+
+def edge_comm(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -> LayerComm:
+    """Embedding, output layer and pipeline sends of one stage for one micro-batch.
+
+    Vocab-parallel embedding: reduce_scatter to the sequence shard (SP kinds; its backward all_gathers the
+    grad) or all_reduce (TP). Output layer: all_gather of the final norm output, re-gathered in backward
+    with a reduce_scatter of its grad (SP kinds), or one backward all_reduce (TP). PP: each stage sends its
+    output activation forward and its input grad backward ([S/shard, B, h], exposed).
+    """
+    t, span = layout.tensor, layout.tensor
+    x = work.tokens * Fraction(model.hidden * work.act_bytes, layout.context)
+    share = _share(t)
+    sequence_parallel = layout.kind != "TP"
+    edges = LayerComm()
+    if stage.embedding:
+        edges += (LayerComm(forward=_transfers(("embedding", "reduce_scatter", x * share, t, span, False)),
+                            backward=_transfers(("embedding", "all_gather", x * share, t, span, False)))
+                  if sequence_parallel else
+                  LayerComm(forward=_transfers(("embedding", "all_reduce", 2 * x * share, t, span, False))))
+    if stage.output:
+        edges += (LayerComm(forward=_transfers(("output layer", "all_gather", x * share, t, span, False)),
+                            backward=_transfers(("output layer", "all_gather", x * share, t, span, True),
+                                                ("output layer", "reduce_scatter", x * share, t, span, True)))
+                  if sequence_parallel else
+                  LayerComm(backward=_transfers(("output layer", "all_reduce", 2 * x * share, t, span, True))))
+    if layout.pipeline > 1:
+        boundary = x / (layout.sequence_shard // layout.context)
+        edges += LayerComm(
+            forward=_transfers(("pipeline activation", "send", boundary * (not stage.output), 2, layout.gpus, False)),
+            backward=_transfers(("pipeline grad", "send", boundary * (not stage.embedding), 2, layout.gpus, False)))
+    return edges
+
+
+def grad_sync_comm(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -> tuple[Transfer, ...]:
+    """Once per step: data-parallel grad reduction in e_acc (dense over DP x CP, experts over expert DP), in
+    buckets of 40M params (Megatron DDP's default); with the distributed optimizer a reduce_scatter of grads
+    plus an all_gather of the updated params."""
+    dense, expert = stage_params(model, layout, stage)
+    span = layout.gpus // layout.pipeline
+    transfers: tuple[Transfer, ...] = ()
+    for what, params, ranks in (("dense grads", dense, layout.data * layout.context),
+                                ("expert grads", expert, layout.expert_data)):
+        share, buckets = _share(ranks), math.ceil(params / 40_000_000)
+        if work.distributed_optimizer:
+            transfers += _transfers(
+                (what, "reduce_scatter", params * work.grad_bytes * share, ranks, span, True, buckets),
+                (what, "all_gather", params * work.param_bytes * share, ranks, span, True, buckets))
+        else:
+            transfers += _transfers((what, "all_reduce", 2 * params * work.grad_bytes * share, ranks, span, True,
+                                     buckets))
+    return transfers
+
+
+# -------------------------------------------------------------------------------------------- memory
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The layers a pipeline stage holds and the micro-batches it keeps in flight (1F1B)."""
+
+    dense_layers: Fraction
+    moe_layers: Fraction
+    embedding: bool
+    output: bool
+    in_flight: int
+
+
+def pipeline_stages(model: ModelShape, layout: Layout) -> tuple[Stage, ...]:
+    """The first and last stage (the only candidates for the peak); one stage without PP. MoE layers are
+    spread evenly over the stages."""
+    p = layout.pipeline
+    dense, moe = Fraction(model.dense_layers, p), Fraction(model.moe_layers, p)
+    if p == 1:
+        return (Stage(dense, moe, embedding=True, output=True, in_flight=1),)
+    return (Stage(dense, moe, embedding=True, output=False, in_flight=p),
+            Stage(dense, moe, embedding=False, output=True, in_flight=1))
+
+
+def stage_params(model: ModelShape, layout: Layout, stage: Stage) -> tuple[Fraction, Fraction]:
+    """(dense, expert) parameters per GPU on a stage. Sharded weights divide by t (CP: replicated);
+    experts divide by EP (expert-tensor-parallel 1)."""
+    t = layout.tensor
+    vocab_rows = Fraction(model.padded_vocab(t), t) * model.hidden
+    ends = int(stage.embedding) + int(stage.output)
+    if model.tied_embeddings and stage.embedding and stage.output:
+        ends = 1  # one matrix serves both
+    attention = Fraction(model.attention_weights(), t)
+    dense_layer = attention + Fraction(model.mlp_weights(model.ffn), t) + model.replicated_layer_params(False)
+    moe_layer = (attention + Fraction(model.mlp_weights(model.shared_expert_ffn), t)
+                 + model.replicated_layer_params(True))
+    dense = stage.dense_layers * dense_layer + stage.moe_layers * moe_layer + ends * vocab_rows + model.hidden
+    expert = stage.moe_layers * Fraction(model.experts * model.mlp_weights(model.expert_ffn), layout.expert)
+    return dense, expert
+
+
+def _mlp_activation_elements(model: ModelShape, ffn: int) -> int:
+    """Elements an MLP keeps per token: fc1 output, activation output and gated product (4*ffn gated), or
+    fc1 output and activation output (2*ffn)."""
+    return (4 if model.gated else 2) * ffn
+
+
+def layer_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
+    """Bytes one layer keeps for backward (no recompute), one GPU, one micro-batch.
+
+    Norm region: input norm in/out and pre-MLP norm in/out, 4*h per local token (under SP Megatron's
+    column-parallel linears keep the sharded input and re-gather it). Megatron attention: q, k, v and
+    output, (2nq + 2nkv)*hd/t per token of the context shard; MLP: :func:`_mlp_activation_elements`/t.
+    TSP attention and MLP keep only their input, the norm output already counted (attention.py, mlp.py).
+    MoE (all kinds): per local token, top-k copies of the dispatched input, expert activations and expert
+    output, plus a shared expert kept like a Megatron MLP of the tensor axis over the gathered tokens.
+    """
+    a, t = work.act_bytes, layout.tensor
+    local_tokens = Fraction(work.tokens, layout.sequence_shard)
+    context_tokens = Fraction(work.tokens, layout.context)  # tokens of a tensor-sharded (head/ffn) region
+    saved = 4 * model.hidden * local_tokens
+    if layout.kind != "TSP":
+        saved += (2 * model.heads + 2 * model.kv_groups) * model.head_dim * context_tokens / t
+        if not moe:
+            saved += _mlp_activation_elements(model, model.ffn) * context_tokens / t
+    if moe:
+        per_copy = 2 * model.hidden + _mlp_activation_elements(model, model.expert_ffn)
+        saved += model.topk * per_copy * local_tokens
+        saved += _mlp_activation_elements(model, model.shared_expert_ffn) * context_tokens / t
+    return saved * a
+
+
+def layer_input_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
+    """What full recompute keeps per layer: its input [S/shard, B, h]."""
+    return Fraction(work.tokens, layout.sequence_shard) * model.hidden * work.act_bytes
+
+
+def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
+    """Buffers alive during one layer's backward besides its activations and their gradients.
+
+    TP+SP/TPxCP: the gathered input and the gathered output grad, 2 x [S/c, B, h]. CP: the K/V chunk in
+    flight and the next one, with their dK/dV (4 x the rank's local K/V). TSP (derived from attention.py and
+    mlp.py): an fp32 [S/D, B, h] accumulator (output in forward, input grad in backward) plus the larger of
+    - attention: one bucket's full-sequence K/V and its grad (2 x 2BS*nkv*hd/D elements), two weight slots
+      (e) and two weight-grad buffers (e_acc: the bucket being packed and the previous one being reduced)
+      of W_attn/D, and with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
+    - MLP (dense layers): one shard's fc1 output, activation, product and their grads for the local tokens,
+      two weight slots and two travelling grad accumulators of W_mlp/D.
+    """
+    a, t, c = work.act_bytes, layout.tensor, layout.context
+    if layout.kind != "TSP":
+        gathers = 2 * Fraction(work.tokens, c) * model.hidden * a if layout.kind in ("TP+SP", "TPxCP") else 0
+        return gathers + 4 * Fraction(work.tokens, c) * Fraction(model.kv_width, t) * a * (c > 1)
+    local_tokens = Fraction(work.tokens, t)
+    slots = 2 * (work.param_bytes + work.grad_bytes)
+    attention = 2 * work.tokens * Fraction(model.kv_width, t) * a + slots * Fraction(model.attention_weights(), t)
+    if work.tsp_dense_mask:
+        attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
+    mlp = Fraction(0)
+    if not moe:
+        mlp = (2 * _mlp_activation_elements(model, model.ffn) * local_tokens * a / t
+               + slots * Fraction(model.mlp_weights(model.ffn), t))
+    return 4 * local_tokens * model.hidden + max(attention, mlp)
+
+
+def logits_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
+    """The output layer's working set: logits [S/c, B, V/t] in fp32 (vocab-parallel cross entropy) plus
+    their bf16 grad, the gathered final-norm output (SP kinds) and the input grad [S/c, B, h] (BASELINES.md:
+    s x V/D fp32 logits are what Megatron materialises; TSP uses Megatron's output layer unchanged)."""
+    tokens = Fraction(work.tokens, layout.context)
+    vocab = Fraction(model.padded_vocab(layout.tensor), layout.tensor)
+    gathered = 1 if layout.sequence_shard > layout.context else 0
+    return tokens * (vocab * (4 + work.act_bytes) + (1 + gathered) * model.hidden * work.act_bytes)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Peak bytes per GPU by kind."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float  # stored for backward over layers and micro-batches in flight
+    working: float  # the largest transient working set plus OFFSET_BYTES
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.working
+
+
+def stage_memory(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -> Memory:
+    """Peak memory of one pipeline stage (module docstring)."""
+    dense, expert = stage_params(model, layout, stage)
+    optimizer_bytes = 8 + (4 if work.param_bytes < 4 else 0)
+    dense_shards = layout.data * layout.context if work.distributed_optimizer else 1
+    expert_shards = layout.expert_data if work.distributed_optimizer else 1
+    full = work.recompute == "full"
+    stored = Fraction(0)
+    working = Fraction(0)
+    for count, moe in ((stage.dense_layers, False), (stage.moe_layers, True)):
+        if not count:
+            continue
+        saved = layer_saved_bytes(model, work, layout, moe)
+        stored += stage.in_flight * count * (layer_input_bytes(model, work, layout) if full else saved)
+        backward = (Fraction(BACKWARD_FACTOR) - (0 if full else 1)) * saved
+        working = max(working, backward + layer_transient_bytes(model, work, layout, moe))
+    if stage.output:
+        working = max(working, logits_bytes(model, work, layout))
+    return Memory(weights=float((dense + expert) * work.param_bytes),
+                  grads=float((dense + expert) * work.grad_bytes),
+                  optimizer=float(optimizer_bytes * (dense / dense_shards + expert / expert_shards)),
+                  activations=float(stored), working=float(working) + OFFSET_BYTES)
+
+
+def memory(model: ModelShape, work: Workload, layout: Layout) -> Memory:
+    """Peak memory per GPU: the largest over the pipeline stages."""
+    return max((stage_memory(model, work, layout, stage) for stage in pipeline_stages(model, layout)),
+               key=lambda m: m.total)
+
+
+# ---------------------------------------------------------------------------------------------- time
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A GPU and its links. ``peer_bandwidth`` is one link to one peer, ``node_bandwidth`` all of a GPU's
+    intra-node links together (equal on NVSwitch machines), ``network_bandwidth`` per GPU across nodes;
+    bytes/s per direction. ``matmul_flops`` is a dense bf16 matmul rate (peak or measured); ``latency_s``
+    the fixed cost of one collective or send."""
+
+    name: str
+    memory_bytes: float
+    matmul_flops: float
+    node_bandwidth: float
+    peer_bandwidth: float
+    network_bandwidth: float
+    latency_s: float = 10e-6
+    gpus_per_node: int = 8
+
+    def bandwidth(self, transfer: Transfer) -> float:
+        """Sends use one link; a collective over n ranks of a node uses up to n-1 links (all on NVSwitch)."""
+        if transfer.span > self.gpus_per_node:
+            return self.network_bandwidth
+        if transfer.point_to_point:
+            return self.peer_bandwidth
+        return min(self.node_bandwidth, self.peer_bandwidth * (transfer.group - 1))
+
+    def seconds(self, transfer: Transfer) -> float:
+        return transfer.messages * self.latency_s + float(transfer.nbytes) / self.bandwidth(transfer)
+
+    def compute_seconds(self, flops: float) -> float:
+        return flops / (self.matmul_flops * COMPUTE_EFFICIENCY)
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """FLOPs one GPU executes for one layer (or the output layer) and one micro-batch, by phase."""
+
+    forward: float
+    backward: float
+    recompute: float = 0.0
+
+
+def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> LayerFlops:
+    """2 FLOPs per weight per token for the GEMMs, 2*B*S^2*nq*hd for causal core attention (half of QK^T and
+    AV), split evenly over t*c ranks (TSP: D ranks, the zigzag split balances causal work).
+
+    Backward is 2 forwards; TSP attention and dense MLP recompute their forward inside backward (3), and TSP
+    core attention with the dense mask computes the full S/D x S rectangle (2x the causal FLOPs; BASELINES.md
+    measured 1.71x TP's time even for a bottom-right causal mask, 0.91x for a split prefix/diagonal kernel).
+    Full recompute adds a forward; selective adds Megatron's core attention forward (not TSP's).
+    """
+    ranks = layout.tensor * layout.context
+    core = 2.0 * work.micro_batch * work.seq_len**2 * model.heads * model.head_dim / ranks
+    if layout.kind == "TSP" and work.tsp_dense_mask:
+        core *= 2
+    attention = 2.0 * work.tokens * model.attention_weights(with_bias=False) / ranks + core
+    ffn_weights = (model.topk * model.mlp_weights(model.expert_ffn, with_bias=False)
+                   + model.mlp_weights(model.shared_expert_ffn, with_bias=False)) if moe else \
+        model.mlp_weights(model.ffn, with_bias=False)
+    mlp = 2.0 * work.tokens * ffn_weights / ranks
+    forward = attention + mlp
+    if layout.kind == "TSP":
+        backward = 3 * attention + (2 if moe else 3) * mlp
+    else:
+        backward = 2 * forward
+    recompute = {"none": 0.0, "selective": core if layout.kind != "TSP" else 0.0, "full": forward}[work.recompute]
+    return LayerFlops(forward, backward, recompute)
+
+
+def output_layer_flops(model: ModelShape, work: Workload, layout: Layout) -> LayerFlops:
+    """The output GEMM: 2*B*S*h*V/(t*c) forward, twice that backward."""
+    forward = 2.0 * work.tokens * model.hidden * model.padded_vocab(layout.tensor) / (layout.tensor * layout.context)
+    return LayerFlops(forward, 2 * forward)
+
+
+def _seconds(flops: LayerFlops, comm: LayerComm, hw: Hardware) -> float:
+    """Each phase takes max(compute, hidden transfers) + exposed transfers."""
+    total = 0.0
+    for phase_flops, transfers in ((flops.forward, comm.forward), (flops.recompute, comm.recompute),
+                                   (flops.backward, comm.backward)):
+        hidden = sum(hw.seconds(t) for t in transfers if t.hidden)
+        exposed = sum(hw.seconds(t) for t in transfers if not t.hidden)
+        total += max(hw.compute_seconds(phase_flops), hidden) + exposed
+    return total
+
+
+@dataclass(frozen=True)
+class StepBytes:
+    """Bytes one GPU sends in a step, by phase (forward, backward and recompute summed over micro-batches)."""
+
+    forward: float
+    backward: float
+    recompute: float
+    grad_sync: float
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.recompute + self.grad_sync
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One training step of ``microbatches`` micro-batches per data-parallel rank, on the busiest GPU."""
+
+    memory: Memory
+    sent: StepBytes  # of the stage that sends most
+    compute_s: float  # pure compute time of the step
+    step_s: float  # estimated step time with overlap and the pipeline bubble
+
+    @property
+    def comm_bytes(self) -> float:
+        return self.sent.total
+
+    @property
+    def exposed_comm_s(self) -> float:
+        """Step time beyond pure compute: exposed transfers and the pipeline bubble."""
+        return self.step_s - self.compute_s
+
+
+def step_cost(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, microbatches: int) -> StepCost:
+    """Memory, bytes and time of a step on the busiest stage. A micro-batch's stage time sums its layers'
+    and edges' phase times (:func:`_seconds`); the pipeline runs microbatches + PP - 1 slots of the slowest
+    stage; the data-parallel grad sync overlaps the last micro-batch's backward (``--overlap-grad-reduce``)."""
+    stage_s, compute_s, sent, sync_exposed_s = [], [], [], []
+    for stage in pipeline_stages(model, layout):
+        parts = [(1, output_layer_flops(model, work, layout) if stage.output else LayerFlops(0.0, 0.0),
+                  edge_comm(model, work, layout, stage))]
+        parts += [(count, layer_flops(model, work, layout, moe), layer_comm(model, work, layout, moe))
+                  for count, moe in ((stage.dense_layers, False), (stage.moe_layers, True)) if count]
+        stage_s.append(sum(float(count) * _seconds(flops, comm, hw) for count, flops, comm in parts))
+        compute_s.append(sum(float(count) * hw.compute_seconds(f.forward + f.recompute + f.backward)
+                             for count, f, _ in parts))
+        backward_s = sum(float(count) * hw.compute_seconds(f.recompute + f.backward) for count, f, _ in parts)
+        sync = grad_sync_comm(model, work, layout, stage)
+        sync_exposed_s.append(max(0.0, sum(hw.seconds(t) for t in sync) - backward_s))
+
+        def phase_bytes(phase: str) -> float:
+            return float(microbatches * sum(count * sum(t.nbytes for t in getattr(comm, phase))
+                                            for count, _, comm in parts))
+
+        sent.append(StepBytes(forward=phase_bytes("forward"), backward=phase_bytes("backward"),
+                              recompute=phase_bytes("recompute"), grad_sync=float(sum(t.nbytes for t in sync))))
+    slowest = max(range(len(stage_s)), key=stage_s.__getitem__)
+    return StepCost(memory=memory(model, work, layout), sent=max(sent, key=lambda b: b.total),
+                    compute_s=microbatches * max(compute_s),
+                    step_s=(microbatches + layout.pipeline - 1) * stage_s[slowest] + sync_exposed_s[slowest])

@@ -1,0 +1,310 @@
+"""Pick a parallel layout for a model, a sequence length and a GPU count, from the cost model (``cost.py``).
+
+    python -m megatron_tsp.plan --config configs/X.yaml --seq-length S --gpus N [--gpu h100|h200|mi300x]
+        [--micro-batch-size B] [--recompute none|selective|full|auto] [--fused-attention] [--plot out.png] [--all]
+
+The model shape, precision, recompute mode, micro and global batch come from the config (flat Megatron
+flags, Megatron's defaults where a flag is absent). Every step compared processes the same global batch:
+layouts with fewer data-parallel ranks run more micro-batches per step. The recommendation is the layout
+that fits in memory with the lowest estimated step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from megatron_tsp.args import config_to_argv
+from megatron_tsp.cost import KINDS, Hardware, Layout, ModelShape, StepCost, Workload, step_cost
+
+GiB = 2**30
+# A layout fits if its modelled peak is within this fraction below the GPU's memory: the memory model's error
+# against BASELINES.md reaches 3% (8% for TP without SP at 16K).
+MEMORY_MARGIN = 0.05
+
+# Vendor spec sheets; bandwidths per direction. Memory is the spec sheet's GB (1e9 bytes), some 5% below what
+# the GPU reports: that covers the CUDA context, NCCL buffers and allocator fragmentation, which the modelled
+# (max_memory_allocated-like) peak does not count.
+# H100 and H200 share the GH100 compute die: both use the bf16 matmul rate measured on the H200
+# (780-795 TFLOP/s, BASELINES.md) instead of the 989 TFLOP/s peak. MI300X: 1307 TFLOP/s peak scaled by the
+# same measured/peak ratio (an assumption); 7 Infinity Fabric links of 64 GB/s, one to each peer, so a
+# send uses one link and a collective over n GPUs at most n-1 links. Across nodes: one 400 Gb/s NIC per
+# GPU (50 GB/s, an assumption).
+_MEASURED_OVER_PEAK = 787 / 989
+GPUS = {
+    "h100": Hardware("H100 SXM", memory_bytes=80e9, matmul_flops=787e12, node_bandwidth=450e9,
+                     peer_bandwidth=450e9, network_bandwidth=50e9),
+    "h200": Hardware("H200 SXM", memory_bytes=141e9, matmul_flops=787e12, node_bandwidth=450e9,
+                     peer_bandwidth=450e9, network_bandwidth=50e9),
+    "mi300x": Hardware("MI300X", memory_bytes=192e9, matmul_flops=1307e12 * _MEASURED_OVER_PEAK,
+                       node_bandwidth=7 * 64e9, peer_bandwidth=64e9, network_bandwidth=50e9),
+}
+
+
+def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
+    """The Megatron flags the cost model needs, with Megatron's defaults; other flags are ignored. Errors
+    name ``source`` (the config file)."""
+    parser = argparse.ArgumentParser(prog=f"--config {source}", add_help=False)
+    for flag in ("--hidden-size", "--num-layers", "--num-attention-heads", "--vocab-size"):
+        parser.add_argument(flag, type=int, required=True)
+    for flag in ("--num-query-groups", "--kv-channels", "--ffn-hidden-size", "--num-experts",
+                 "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size", "--global-batch-size"):
+        parser.add_argument(flag, type=int)
+    for flag in ("--group-query-attention", "--swiglu", "--disable-bias-linear", "--add-qkv-bias",
+                 "--untie-embeddings-and-output-weights", "--bf16", "--fp16", "--use-distributed-optimizer"):
+        parser.add_argument(flag, action="store_true")
+    parser.add_argument("--micro-batch-size", type=int, default=1)
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    parser.add_argument("--moe-router-topk", type=int, default=2)
+    parser.add_argument("--moe-layer-freq", type=int, default=1)
+    parser.add_argument("--recompute-granularity", choices=("full", "selective"))
+    return parser.parse_known_args(list(argv))[0]
+
+
+def model_from_flags(flags: argparse.Namespace) -> ModelShape:
+    """A :class:`ModelShape` as Megatron would build it from these flags (its defaults for ffn, kv-channels)."""
+    h, heads = flags.hidden_size, flags.num_attention_heads
+    ffn = flags.ffn_hidden_size or (int(4 * h * 2 / 3 / 64) * 64 if flags.swiglu else 4 * h)
+    experts = flags.num_experts or 0
+    return ModelShape(
+        hidden=h, layers=flags.num_layers, heads=heads,
+        kv_groups=flags.num_query_groups if flags.group_query_attention else heads,
+        head_dim=flags.kv_channels or h // heads, ffn=ffn, vocab=flags.vocab_size, gated=flags.swiglu,
+        qkv_bias=flags.add_qkv_bias or not flags.disable_bias_linear, linear_bias=not flags.disable_bias_linear,
+        tied_embeddings=not flags.untie_embeddings_and_output_weights,
+        vocab_divisor=flags.make_vocab_size_divisible_by, experts=experts,
+        topk=flags.moe_router_topk if experts else 0,
+        expert_ffn=(flags.moe_ffn_hidden_size or ffn) if experts else 0,
+        shared_expert_ffn=flags.moe_shared_expert_intermediate_size or 0, moe_layer_freq=flags.moe_layer_freq)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _divides_shapes(model: ModelShape, t: int) -> bool:
+    """Heads, kv groups and ffn split evenly over a tensor (or TSP) degree (args.py's checks)."""
+    return (model.heads % t == 0 and model.kv_groups % t == 0 and model.ffn % t == 0
+            and model.shared_expert_ffn % t == 0)
+
+
+def candidate_layouts(model: ModelShape, seq_len: int, gpus: int, micro_batch: int, global_batch: int,
+                      gpus_per_node: int) -> list[Layout]:
+    """Every layout Megatron (and our validation) accepts: degrees divide heads, kv groups, ffn and the
+    sequence (2 chunks per rank for zigzag CP/TSP), the tensor/context axes fit in a node, PP divides the
+    layers, DP divides the global batch; MoE with TP needs SP (Megatron). EP: the largest divisor of the
+    expert count that divides the GPUs of a pipeline stage (spreads expert memory most)."""
+    layouts = []
+    for kind in KINDS:
+        for t in _divisors(gpus):
+            for c in _divisors(gpus // t):
+                shape_ok = {"TP": c == 1 and (t == 1 or not model.experts),
+                            "TP+SP": c == 1 and t > 1 and seq_len % t == 0,
+                            "CP": t == 1 and c > 1 and seq_len % (2 * c) == 0,
+                            "TPxCP": t > 1 and c > 1 and seq_len % (2 * c * t) == 0,
+                            "TSP": c == 1 and t > 1 and seq_len % (2 * t) == 0}[kind]
+                if not shape_ok or t * c > gpus_per_node or not _divides_shapes(model, t):
+                    continue
+                for pp in _divisors(gpus // (t * c)):
+                    dp = gpus // (t * c * pp)
+                    if model.layers % pp or global_batch % (micro_batch * dp):
+                        continue
+                    ep = max(e for e in _divisors(model.experts or 1) if (gpus // pp) % e == 0)
+                    layouts.append(Layout(kind, tensor=t, context=c, pipeline=pp, data=dp, expert=ep))
+    return layouts
+
+
+@dataclass(frozen=True)
+class Candidate:
+    layout: Layout
+    work: Workload
+    cost: StepCost
+    fits: bool
+
+
+def evaluate(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, global_batch: int,
+             auto_recompute: bool) -> Candidate:
+    """Cost one layout; with ``auto_recompute`` the first of none, full that fits (none is cheaper: with a
+    fused kernel selective saves nothing, see cost.py)."""
+    microbatches = global_batch // (work.micro_batch * layout.data)
+    modes = ("none", "full") if auto_recompute else (work.recompute,)
+    for mode in modes:
+        trial = replace(work, recompute=mode)
+        cost = step_cost(model, trial, layout, hw, microbatches)
+        fits = cost.memory.total <= (1 - MEMORY_MARGIN) * hw.memory_bytes
+        if fits:
+            break
+    return Candidate(layout, trial, cost, fits)
+
+
+def plan(model: ModelShape, work: Workload, gpus: int, hw: Hardware, global_batch: int,
+         auto_recompute: bool) -> list[Candidate]:
+    """All candidate layouts, costed: fitting ones first by step time, then the rest by memory."""
+    candidates = [evaluate(model, work, layout, hw, global_batch, auto_recompute)
+                  for layout in candidate_layouts(model, work.seq_len, gpus, work.micro_batch, global_batch,
+                                                  hw.gpus_per_node)]
+    return sorted(candidates, key=lambda c: (not c.fits, c.cost.step_s if c.fits else c.cost.memory.total))
+
+
+# Step-time estimates this close are a tie (the model's compute time is off by up to 3.4%, BASELINES.md).
+TIE = 0.01
+
+
+def recommend(fitting: list[Candidate]) -> Candidate:
+    """Of the fitting candidates (sorted by step time), the one that sends the fewest bytes among those within
+    ``TIE`` of the fastest: its time depends least on the (unmeasured) overlap of communication."""
+    tied = [c for c in fitting if c.cost.step_s <= (1 + TIE) * fitting[0].cost.step_s]
+    return min(tied, key=lambda c: c.cost.comm_bytes)
+
+
+_PREFIXES = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""), (1e-3, "m"))
+
+
+def _si(value: float, unit: str) -> str:
+    """``value`` with an SI prefix and 3 significant digits: 32.5 us, 1.61 MB, 151 GB."""
+    if value == 0:
+        return f"0 {unit}"
+    scale, prefix = next(((scale, prefix) for scale, prefix in _PREFIXES if abs(value) >= scale), (1e-6, "u"))
+    return f"{value / scale:.3g} {prefix}{unit}"
+
+
+def _row(c: Candidate) -> str:
+    cost, fits = c.cost, "yes" if c.fits else "NO"
+    return (f"{c.layout.name:<22} {c.work.recompute:<9} {cost.memory.total / GiB:>8.3g} {fits:>4} "
+            f"{_si(cost.comm_bytes, 'B'):>11} {_si(cost.compute_s, 's'):>10} {_si(cost.exposed_comm_s, 's'):>12} "
+            f"{_si(cost.step_s, 's'):>10}")
+
+
+def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, global_batch: int,
+                  candidates: list[Candidate], max_rows: int | None = 25) -> str:
+    """The table (the first ``max_rows`` candidates, all if None) and the recommendation, as the CLI prints."""
+    kind = "MoE" if model.experts else "dense"
+    lines = [
+        f"model: {kind}, h {model.hidden}, {model.layers} layers, {model.heads} heads / {model.kv_groups} kv groups, "
+        f"ffn {model.ffn}{' gated' if model.gated else ''}, vocab {model.vocab}"
+        + (f", {model.experts} experts top-{model.topk} ffn {model.expert_ffn}" if model.experts else ""),
+        f"workload: seq {work.seq_len}, micro-batch {work.micro_batch}, global batch {global_batch}, "
+        f"{work.param_bytes}-byte params, {'distributed ' if work.distributed_optimizer else ''}Adam, "
+        f"TSP attention kernel: {'dense mask (local SDPA)' if work.tsp_dense_mask else 'fused causal'}",
+        f"hardware: {gpus} x {hw.name}, {hw.memory_bytes / GiB:.1f} GiB, {hw.matmul_flops / 1e12:.0f} TFLOP/s "
+        f"matmul, {hw.node_bandwidth / 1e9:.0f} GB/s in node",
+        "",
+        f"{'layout':<22} {'recompute':<9} {'GiB/GPU':>8} {'fits':>4} {'sent/GPU':>11} {'compute':>10} "
+        f"{'comm+bubble':>12} {'step':>10}",
+    ]
+    lines += [_row(c) for c in candidates[:max_rows]]
+    if max_rows is not None and len(candidates) > max_rows:
+        lines.append(f"... {len(candidates) - max_rows} more (--all shows them)")
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        leanest = min(candidates, key=lambda c: c.cost.memory.total)
+        lines.append(f"\nNo layout fits in {hw.memory_bytes / GiB:.1f} GiB; the leanest is {leanest.layout.name} "
+                     f"at {leanest.cost.memory.total / GiB:.3g} GiB: add GPUs, pipeline stages or recompute.")
+        return "\n".join(lines)
+    best, cost = recommend(fitting), recommend(fitting).cost
+    sent = cost.sent
+    fastest = fitting[0]
+    why = (f"the lowest estimated step time of the {len(fitting)} layouts that fit" if best is fastest else
+           f"within {TIE:.0%} of the fastest ({fastest.layout.name}, {_si(fastest.cost.step_s, 's')}: a tie at "
+           f"this model's accuracy) that sends the fewest bytes")
+    lines += [
+        f"\nRecommended: {best.layout.name} (recompute {best.work.recompute})",
+        f"  fits: {cost.memory.total / GiB:.3g} GiB per GPU of {hw.memory_bytes / GiB:.1f} "
+        f"({MEMORY_MARGIN:.0%} kept as margin for the model's error)",
+        f"  {why}: {_si(cost.step_s, 's')} = {_si(cost.compute_s, 's')} compute + "
+        f"{_si(cost.exposed_comm_s, 's')} exposed communication and bubble",
+        f"  sent per GPU per step: {_si(sent.total, 'B')} (forward {_si(sent.forward, 'B')}, backward "
+        f"{_si(sent.backward, 'B')}, recompute {_si(sent.recompute, 'B')}, grad sync {_si(sent.grad_sync, 'B')})",
+    ]
+    runner_up = next((c for c in fitting if c is not best), None)
+    if runner_up is not None:
+        lines.append(f"  next: {runner_up.layout.name} at {_si(runner_up.cost.step_s, 's')} "
+                     f"({100 * (runner_up.cost.step_s / cost.step_s - 1):+.1f}%), "
+                     f"{runner_up.cost.memory.total / GiB:.3g} GiB")
+    if best.layout.context > 1:
+        lines.append("  note: context parallelism needs Transformer Engine's attention (Megatron's local attention "
+                     "asserts CP = 1)")
+    for kind in ("TP+SP", "TSP"):
+        other = next((c for c in fitting if c.layout.kind == kind), None)
+        if other is not None and other is not best:
+            lines.append(f"Best {kind}: {other.layout.name} (recompute {other.work.recompute}), "
+                         f"{other.cost.memory.total / GiB:.3g} GiB, {_si(other.cost.comm_bytes, 'B')} sent per GPU "
+                         f"per step, {_si(other.cost.step_s, 's')}.")
+    return "\n".join(lines)
+
+
+def plot_sequence_sweep(model: ModelShape, work: Workload, gpus: int, hw: Hardware, global_batch: int,
+                        path: str) -> None:
+    """PNG of memory/GPU and bytes/GPU/step against sequence length for TP+SP and TSP (with the local
+    dense-mask kernel and with a fused one) at the largest degree both accept (<= GPUs per node; DP takes the
+    rest, no PP)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    degree = max(t for t in _divisors(min(gpus, hw.gpus_per_node)) if _divides_shapes(model, t))
+    lengths = [n for n in (work.seq_len * 2**k // 16 for k in range(9)) if n and n % (2 * degree) == 0]
+    dp = gpus // degree
+    microbatches = max(1, global_batch // (work.micro_batch * dp))
+    figure, (mem_axis, comm_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = (("TP+SP", work, "o-", ""), ("TSP", replace(work, tsp_dense_mask=True), "s-", " (local kernel)"),
+              ("TSP", replace(work, tsp_dense_mask=False), "^--", " (fused kernel)"))
+    for kind, kind_work, style, note in series:
+        layout = Layout(kind, tensor=degree, data=dp)
+        costs = [step_cost(model, replace(kind_work, seq_len=n), layout, hw, microbatches) for n in lengths]
+        mem_axis.plot(lengths, [c.memory.total / GiB for c in costs], style, label=layout.name + note)
+        comm_axis.plot(lengths, [c.comm_bytes / 1e9 for c in costs], style, label=layout.name + note)
+    mem_axis.axhline(hw.memory_bytes / GiB, color="grey", linestyle="--", label=f"{hw.name} memory")
+    for axis, label in ((mem_axis, "peak memory per GPU (GiB)"), (comm_axis, "sent per GPU per step (GB)")):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("sequence length (tokens)")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend()
+    figure.suptitle(f"{gpus} x {hw.name}, micro-batch {work.micro_batch}, recompute {work.recompute}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m megatron_tsp.plan", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="flat YAML map of Megatron flags (configs/*.yaml)")
+    parser.add_argument("--seq-length", type=int, required=True)
+    parser.add_argument("--gpus", type=int, required=True)
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    parser.add_argument("--micro-batch-size", type=int, help="overrides the config's")
+    parser.add_argument("--recompute", choices=("none", "selective", "full", "auto"),
+                        help="overrides the config's --recompute-granularity; auto: none if it fits, else full")
+    parser.add_argument("--fused-attention", action="store_true",
+                        help="cost TSP with a fused causal attention kernel instead of the local dense-mask one")
+    parser.add_argument("--plot", help="write a PNG of memory and bytes against sequence length here")
+    parser.add_argument("--all", action="store_true", help="print every candidate layout, not the first 25")
+    args = parser.parse_args(argv)
+
+    flags = _megatron_flags(config_to_argv(args.config), args.config)
+    model = model_from_flags(flags)
+    micro_batch = args.micro_batch_size or flags.micro_batch_size
+    sixteen_bit = flags.bf16 or flags.fp16
+    recompute = args.recompute or flags.recompute_granularity or "none"
+    work = Workload(micro_batch=micro_batch, seq_len=args.seq_length, param_bytes=2 if sixteen_bit else 4,
+                    act_bytes=2 if sixteen_bit else 4, recompute="none" if recompute == "auto" else recompute,
+                    distributed_optimizer=flags.use_distributed_optimizer, tsp_dense_mask=not args.fused_attention)
+    global_batch = flags.global_batch_size or micro_batch * args.gpus
+    hw = GPUS[args.gpu]
+    candidates = plan(model, work, args.gpus, hw, global_batch, auto_recompute=recompute == "auto")
+    if not candidates:
+        sys.exit(f"no layout of {args.gpus} GPUs divides this model, sequence {args.seq_length} and global batch "
+                 f"{global_batch} (micro-batch {micro_batch})")
+    print(format_report(model, work, args.gpus, hw, global_batch, candidates, None if args.all else 25))
+    if args.plot:
+        plot_sequence_sweep(model, work, args.gpus, hw, global_batch, args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""The cost model against TSP.md's formulas, the schedules' own byte counters, BASELINES.md, and the planner CLI."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megatron_tsp import plan
+from megatron_tsp.attention import tsp_attention
+from megatron_tsp.comm import comm_bytes
+from megatron_tsp.cost import (
+    KINDS,
+    Hardware,
+    Layout,
+    ModelShape,
+    Workload,
+    bytes_by_op,
+    layer_comm,
+    memory,
+    step_cost,
+    tsp_attention_comm,
+    tsp_mlp_comm,
+)
+from megatron_tsp.mlp import tsp_mlp
+from megatron_tsp.zigzag import gathered_positions, local_positions
+from tests.multiprocess import run_on_ranks
+
+GiB = 2**30
+TINY_CONFIG = "configs/tiny_gpt_cpu.yaml"
+
+
+def _mha(hidden: int, ffn_multiple: int = 4, heads: int = 32, kv_groups: int | None = None) -> ModelShape:
+    return ModelShape(hidden=hidden, layers=32, heads=heads, kv_groups=kv_groups or heads, head_dim=hidden // heads,
+                      ffn=ffn_multiple * hidden, vocab=32000)
+
+
+@pytest.mark.parametrize("hidden,kv_groups,ffn_multiple,batch,seq,d", [
+    (4096, 32, 4, 1, 16384, 8), (4096, 8, 4, 2, 8192, 4), (1024, 16, 3, 3, 4096, 2), (2048, 4, 4, 1, 6144, 4)])
+def test_tsp_forward_volume_is_tsp_md_formula(hidden: int, kv_groups: int, ffn_multiple: int, batch: int, seq: int,
+                                              d: int) -> None:
+    """[(2 + 2/g)h^2 + 3Fh^2 + 2BSh/g](D-1)/D elements, x2 bytes in bf16."""
+    model = _mha(hidden, ffn_multiple, kv_groups=kv_groups)
+    work = Workload(micro_batch=batch, seq_len=seq)
+    g = Fraction(model.heads, kv_groups)
+    weights = (2 + 2 / g) * hidden**2 + 3 * ffn_multiple * hidden**2
+    elements = (weights + 2 * batch * seq * hidden / g) * Fraction(d - 1, d)
+    forward = layer_comm(model, work, Layout("TSP", tensor=d), moe=False).forward
+    assert sum(t.nbytes for t in forward) == 2 * elements
+
+
+@pytest.mark.parametrize("hidden", [64, 1024, 4096])
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_tsp_forward_at_or_below_tp_exactly_when_tokens_reach_8h(hidden: int, batch: int) -> None:
+    """MHA, F = 4: TSP's forward volume <= TP's (4BSh(T-1)/T, TP and TP+SP alike) iff B*S >= 8h (TSP.md)."""
+    model = _mha(hidden, heads=8)
+    layouts = {kind: Layout(kind, tensor=8) for kind in ("TP", "TP+SP", "TSP")}
+    for tokens in (8 * hidden - batch, 8 * hidden, 8 * hidden + batch):
+        work = Workload(micro_batch=batch, seq_len=tokens // batch)
+        volume = {kind: sum(t.nbytes for t in layer_comm(model, work, layout, moe=False).forward)
+                  for kind, layout in layouts.items()}
+        assert volume["TP"] == volume["TP+SP"] == 4 * tokens * hidden * 2 * Fraction(7, 8)
+        assert (volume["TSP"] <= volume["TP"]) == (tokens >= 8 * hidden), (tokens, volume)
+        assert (volume["TSP"] == volume["TP"]) == (tokens == 8 * hidden)
+
+
+def _docstring_bytes(model: ModelShape, work: Workload, d: int) -> dict[str, tuple[dict, dict]]:
+    """The per-op formulas of attention.py's and mlp.py's docstrings, written out independently."""
+    share = Fraction(d - 1, d)
+    e, a, acc = work.param_bytes, work.act_bytes, max(work.param_bytes, 4)
+    g = Fraction(model.heads, model.kv_groups)
+    h = model.hidden
+    attention_w = (2 + 2 / g) * h * h + ((1 + 2 / g) * h if model.qkv_bias else 0)
+    kv = 2 * work.micro_batch * work.seq_len * h / g
+    fc1_rows = (2 if model.gated else 1) * model.ffn
+    mlp_w = fc1_rows * h + h * model.ffn + (fc1_rows if model.linear_bias else 0)
+    return {
+        "attention": ({"broadcast": attention_w * e * share, "all_gather": kv * a * share},
+                      {"broadcast": attention_w * e * share, "all_gather": kv * a * share,
+                       "reduce_scatter": kv * a * share, "reduce": attention_w * acc * share}),
+        "mlp": ({"ring_send": mlp_w * e * share}, {"ring_send": mlp_w * (e + acc) * share}),
+    }
+
+
+def _model_bytes(model: ModelShape, work: Workload, d: int) -> dict[str, tuple[dict, dict]]:
+    attention, mlp = tsp_attention_comm(model, work, d), tsp_mlp_comm(model, work, d, model.ffn)
+    return {name: (bytes_by_op(comm.forward), bytes_by_op(comm.backward))
+            for name, comm in (("attention", attention), ("mlp", mlp))}
+
+
+_SHAPES = [
+    (ModelShape(hidden=32, layers=1, heads=4, kv_groups=2, head_dim=8, ffn=64, vocab=64, qkv_bias=True,
+                linear_bias=True), 2, 16, 4),
+    (ModelShape(hidden=32, layers=1, heads=4, kv_groups=4, head_dim=8, ffn=96, vocab=64, gated=False), 3, 24, 2),
+    (ModelShape(hidden=4096, layers=1, heads=32, kv_groups=8, head_dim=128, ffn=14336, vocab=64), 1, 131072, 2),
+]
+
+
+@pytest.mark.parametrize("model,batch,seq,elem", _SHAPES)
+@pytest.mark.parametrize("d", [2, 3, 8])
+def test_tsp_terms_match_schedule_docstrings(model: ModelShape, batch: int, seq: int, elem: int, d: int) -> None:
+    work = Workload(micro_batch=batch, seq_len=seq, param_bytes=elem, act_bytes=elem)
+    assert _model_bytes(model, work, d) == _docstring_bytes(model, work, d)
+
+
+def _count_schedule_bytes(rank: int, world_size: int, model: ModelShape, batch: int, seq: int,
+                          dtype: torch.dtype) -> dict[str, tuple[dict, dict]]:
+    """Run TSP attention and MLP forward and backward on random shards and return the counted bytes."""
+    group, d, h, hd = dist.group.WORLD, world_size, model.hidden, model.head_dim
+    torch.manual_seed(rank)
+
+    def param(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape) * 0.1).to(dtype).requires_grad_()
+
+    qkv_rows = (model.heads + 2 * model.kv_groups) // d * hd
+    counted = {}
+    for name in ("attention", "mlp"):
+        x = param(seq // d, batch, h)
+        with comm_bytes() as forward:
+            if name == "attention":
+                out = tsp_attention(x, param(qkv_rows, h), param(qkv_rows) if model.qkv_bias else None,
+                                    param(h, model.heads // d * hd), local_positions(seq, d, rank),
+                                    gathered_positions(seq, d), group, model.heads, model.kv_groups)
+            else:
+                fc1_rows = (2 if model.gated else 1) * model.ffn // d
+                out = tsp_mlp(x, param(fc1_rows, h), param(fc1_rows) if model.linear_bias else None,
+                              param(h, model.ffn // d), group, gated=model.gated)
+        with comm_bytes() as backward:
+            out.backward(torch.randn_like(out))
+        counted[name] = tuple({op: n for op, n in counter.bytes_by_op.items() if n} for counter in (forward, backward))
+    return counted
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("model,batch,seq,elem", _SHAPES[:2])
+def test_cost_model_equals_counted_bytes_on_two_ranks(model: ModelShape, batch: int, seq: int, elem: int) -> None:
+    dtype = {4: torch.float32, 2: torch.bfloat16}[elem]
+    counted = run_on_ranks(_count_schedule_bytes, 2, model, batch, seq, dtype)
+    work = Workload(micro_batch=batch, seq_len=seq, param_bytes=elem, act_bytes=elem)
+    expected = _model_bytes(model, work, 2)
+    assert counted == [expected, expected]
+
+
+_MOE = ModelShape(hidden=1024, layers=8, heads=16, kv_groups=4, head_dim=64, ffn=4096, vocab=50000, experts=8,
+                  topk=2, expert_ffn=1024, shared_expert_ffn=2048, moe_layer_freq=2, vocab_divisor=128)
+
+
+@pytest.mark.parametrize("model", [_mha(4096), _MOE], ids=["dense", "moe"])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_memory_grows_with_sequence(model: ModelShape, recompute: str) -> None:
+    layouts = [Layout("TP", tensor=4, data=2), Layout("TP+SP", tensor=4, pipeline=2), Layout("CP", context=4),
+               Layout("TPxCP", tensor=2, context=2), Layout("TSP", tensor=8), Layout("TSP", tensor=4, pipeline=2)]
+    for layout in layouts:
+        layout = replace(layout, expert=4 if model.experts else 1)
+        totals = [memory(model, Workload(1, seq, recompute=recompute), layout).total for seq in (1024, 8192, 65536)]
+        assert totals[0] < totals[1] < totals[2], (layout.name, totals)
+
+
+def test_full_recompute_keeps_less_and_tsp_saves_least() -> None:
+    model, work = _mha(4096), Workload(1, 65536)
+    layouts = [Layout("TP", tensor=8), Layout("TP+SP", tensor=8), Layout("CP", context=8),
+               Layout("TPxCP", tensor=4, context=2), Layout("TSP", tensor=8)]
+    assert {layout.kind for layout in layouts} == set(KINDS)
+    for layout in layouts:
+        kept = {mode: memory(model, replace(work, recompute=mode), layout).activations for mode in ("none", "full")}
+        assert kept["full"] < kept["none"], layout.name
+    tsp, tp_sp = (memory(model, work, Layout(kind, tensor=8)).activations for kind in ("TSP", "TP+SP"))
+    assert tsp < tp_sp / 4  # TSP keeps only the four norm tensors per layer
+
+
+# BASELINES.md: one H200, D = 8, full recompute, micro-batch 1, peaks without Adam state.
+_SEVEN_B = ModelShape(hidden=4096, layers=32, heads=32, kv_groups=32, head_dim=128, ffn=16384, vocab=32000)
+_LLAMA3_8B = ModelShape(hidden=4096, layers=32, heads=32, kv_groups=8, head_dim=128, ffn=14336, vocab=128256)
+_MEASURED_GIB = [  # model, kind, seq, peak GiB, "+ Adam" GiB, the residual bound cost.py's docstring states
+    (_SEVEN_B, "TP+SP", 16384, 7.6, 20.0, 0.01), (_SEVEN_B, "TP+SP", 32768, 8.9, 21.3, 0.01),
+    (_SEVEN_B, "TP+SP", 65536, 11.6, 23.9, 0.01), (_SEVEN_B, "TP+SP", 131072, 16.9, 29.3, 0.01),
+    (_SEVEN_B, "TP", 16384, 12.5, 24.9, 0.08), (_SEVEN_B, "TP", 32768, 17.7, 30.1, 0.06),
+    (_SEVEN_B, "TP", 65536, 28.1, 40.5, 0.03), (_SEVEN_B, "TP", 131072, 48.9, 61.2, 0.02),
+    (_LLAMA3_8B, "TP+SP", 32768, 9.9, 21.2, 0.03), (_LLAMA3_8B, "TP+SP", 131072, 22.8, 34.0, 0.03),
+]
+
+
+@pytest.mark.parametrize("model,kind,seq,peak,with_adam,bound", _MEASURED_GIB)
+def test_memory_calibration_residuals(model: ModelShape, kind: str, seq: int, peak: float, with_adam: float,
+                                      bound: float) -> None:
+    predicted = memory(model, Workload(1, seq, recompute="full"), Layout(kind, tensor=8))
+    assert abs((predicted.total - predicted.optimizer) / GiB / peak - 1) <= bound
+    assert predicted.optimizer / GiB == pytest.approx(with_adam - peak, abs=0.1)  # Adam: 12 bytes per parameter
+
+
+@pytest.mark.parametrize("seq,seconds", [(16384, 0.32), (32768, 0.74), (65536, 1.93), (131072, 5.72)])
+def test_compute_time_calibration_residuals(seq: int, seconds: float) -> None:
+    h200 = plan.GPUS["h200"]
+    cost = step_cost(_SEVEN_B, Workload(1, seq, recompute="full"), Layout("TP+SP", tensor=8), h200, microbatches=1)
+    assert abs(cost.compute_s / seconds - 1) <= 0.04
+
+
+def test_links_by_topology() -> None:
+    """A ring hop on MI300X gets one 64 GB/s link; the same bytes in a collective over 8 get seven."""
+    model, work = _mha(4096), Workload(1, 65536)
+    mi300x, h100 = plan.GPUS["mi300x"], plan.GPUS["h100"]
+    comm = layer_comm(model, work, Layout("TSP", tensor=8), moe=False)
+    ring = next(t for t in comm.forward if t.op == "ring_send")
+    gather = next(t for t in comm.forward if t.op == "all_gather")
+    assert mi300x.bandwidth(ring) == 64e9 and mi300x.bandwidth(gather) == 7 * 64e9
+    assert h100.bandwidth(ring) == h100.bandwidth(gather) == 450e9
+    assert isinstance(mi300x, Hardware)
+
+
+def test_candidates_respect_divisibility() -> None:
+    tiny = ModelShape(hidden=64, layers=2, heads=4, kv_groups=4, head_dim=16, ffn=256, vocab=1024)
+    layouts = plan.candidate_layouts(tiny, seq_len=128, gpus=8, micro_batch=2, global_batch=8, gpus_per_node=8)
+    assert layouts and all(layout.gpus == 8 for layout in layouts)
+    assert all(tiny.heads % layout.tensor == 0 for layout in layouts)  # no TSP8 / TP8 with 4 heads
+    assert all(8 % (2 * layout.data) == 0 for layout in layouts)  # global batch 8 = micro-batch 2 x DP x m
+    moe_layouts = plan.candidate_layouts(_MOE, seq_len=4096, gpus=8, micro_batch=1, global_batch=8, gpus_per_node=8)
+    assert not any(layout.kind == "TP" and layout.tensor > 1 for layout in moe_layouts)  # MoE + TP needs SP
+    assert all(layout.expert == 8 // layout.pipeline for layout in moe_layouts)
+
+
+def test_planner_cli_recommends(capsys: pytest.CaptureFixture[str]) -> None:
+    plan.main(["--config", TINY_CONFIG, "--gpus", "8", "--seq-length", "128"])
+    out = capsys.readouterr().out
+    recommended = out.split("Recommended: ")[1].split(" (recompute")[0]
+    row = next(line for line in out.splitlines() if line.startswith(recommended + " "))
+    assert " yes " in row
+    assert "TSP2" in out and "TSP8" not in out
+
+
+def test_planner_plot_writes_png(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (pip install matplotlib)")
+    path = tmp_path / "sweep.png"
+    plan.main(["--config", TINY_CONFIG, "--gpus", "4", "--seq-length", "128", "--gpu", "mi300x", "--plot", str(path)])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_auto_recompute_takes_none_where_it_fits() -> None:
+    """7B at 128K on H200: TSP8 keeps four norm tensors per layer and fits without recompute; TP+SP at degree 2
+    needs full recompute."""
+    h200, work = plan.GPUS["h200"], Workload(1, 131072, recompute="full")
+    chosen = {layout.name: plan.evaluate(_SEVEN_B, work, layout, h200, global_batch=8, auto_recompute=True)
+              for layout in (Layout("TSP", tensor=8), Layout("TP+SP", tensor=2, data=4))}
+    assert chosen["TSP8"].work.recompute == "none" and chosen["TSP8"].fits
+    assert chosen["TP+SP2 DP4"].work.recompute == "full" and chosen["TP+SP2 DP4"].fits
