@@ -16,7 +16,7 @@ import sys
 from functools import partial
 from typing import Any, Iterator, Optional, Sequence
 
-from megatron_tsp.megatron_compat import cuda_to_cpu, patches, prepare_megatron, running_on_cpu
+from megatron_tsp.megatron_compat import CPU_MEGATRON_FLAGS, cuda_to_cpu, patches, prepare_megatron, running_on_cpu
 
 prepare_megatron()  # before Megatron's model modules are imported: see megatron_compat.patches
 
@@ -129,8 +129,12 @@ def forward_step(data_iterator: Iterator[dict], model: GPTModel):
     return output_tensor, partial(loss_func, loss_mask)
 
 
-def train_valid_test_datasets_provider(train_val_test_num_samples: list[int]):
-    """Megatron dataset provider: GPT datasets from --data-path, or mock data with --mock-data."""
+def train_valid_test_datasets_provider(train_val_test_num_samples: list[int], vp_stage: Optional[int] = None):
+    """Megatron dataset provider: GPT datasets from --data-path, else mock data.
+
+    With virtual pipeline stages Megatron builds one iterator per model chunk (``vp_stage``); every chunk
+    gets the same samples, in the same order, which each chunk's forward step consumes in lockstep.
+    """
     args = get_args()
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     config = GPTDatasetConfig(
@@ -154,10 +158,6 @@ def train_valid_test_datasets_provider(train_val_test_num_samples: list[int]):
 train_valid_test_datasets_provider.is_distributed = True  # build on every rank: see get_batch
 
 
-CPU_FLAGS = ("--distributed-backend", "gloo", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
-             "--no-rope-fusion")
-
-
 def parse_tsp_args(argv: Sequence[str]) -> Any:
     """Parse Megatron + TSP flags (after ``--config`` expansion), validate them for TSP, then for Megatron.
 
@@ -165,10 +165,8 @@ def parse_tsp_args(argv: Sequence[str]) -> Any:
     """
     argv = expand_config(argv)
     if running_on_cpu():
-        # Gloo instead of NCCL, no fused CUDA kernels, and the env var Megatron's validation asserts for
-        # tensor parallelism (it reads the device architecture otherwise). CPU_GLOO.md says why each is needed.
-        argv = [*argv, *CPU_FLAGS]
-        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        argv = [*argv, *CPU_MEGATRON_FLAGS]
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # asserted by Megatron's TP validation
     sys.argv = [sys.argv[0], *argv]
     args = parse_args(extra_args_provider=add_tsp_args)
     validate_tsp_args(args, args.world_size)

@@ -12,6 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny_gpt_cpu.yaml"
 _ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?lm loss: ([0-9.E+-]+) .*?grad norm: ([0-9.]+)")
+_PARAMS_NORM = re.compile(r"iteration\s+\d+/.*?params norm: ([0-9.]+)")
 
 
 @dataclass
@@ -20,6 +21,7 @@ class PretrainRun:
     output: str
     losses: list[float]  # lm loss of each logged iteration (--log-interval 1)
     grad_norms: list[float]
+    params_norms: list[float]  # only with --log-params-norm
 
 
 def _parse(returncode: int, output: str) -> PretrainRun:
@@ -30,7 +32,8 @@ def _parse(returncode: int, output: str) -> PretrainRun:
         # the first two iterations' losses; undo that so each entry is one iteration's loss (this matters
         # when comparing a resumed run with an uninterrupted one).
         losses[1] = 2 * losses[1] - losses[0]
-    return PretrainRun(returncode, output, losses, [float(norm) for _, _, norm in found])
+    return PretrainRun(returncode, output, losses, [float(norm) for _, _, norm in found],
+                       [float(norm) for norm in _PARAMS_NORM.findall(output)])
 
 
 def run_command(command: list[str], timeout_s: float = 300.0) -> PretrainRun:

@@ -3,7 +3,7 @@
 import torch
 
 from megatron_tsp.megatron_compat import patches
-from megatron_tsp.megatron_compat.cpu import cuda_to_cpu, install_cuda_stand_ins
+from megatron_tsp.megatron_compat.cpu import CPU_MEGATRON_FLAGS, cuda_to_cpu, install_cuda_stand_ins
 
 
 def running_on_cpu() -> bool:
@@ -18,4 +18,4 @@ def prepare_megatron() -> None:
     patches.install(cpu=running_on_cpu())
 
 
-__all__ = ["cuda_to_cpu", "patches", "prepare_megatron", "running_on_cpu"]
+__all__ = ["CPU_MEGATRON_FLAGS", "cuda_to_cpu", "patches", "prepare_megatron", "running_on_cpu"]

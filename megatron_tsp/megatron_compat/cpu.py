@@ -23,6 +23,12 @@ from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
 
+# Megatron flags every CPU run needs: gloo instead of NCCL; no gradient-accumulation fusion, persistent
+# layer norm, RoPE fusion or fused masked softmax (CUDA/Apex/Transformer Engine kernels; the softmax one is
+# tried for fp16/bf16 and fails to import).
+CPU_MEGATRON_FLAGS = ("--distributed-backend", "gloo", "--no-gradient-accumulation-fusion",
+                      "--no-persist-layer-norm", "--no-rope-fusion", "--no-masked-softmax-fusion")
+
 
 def _to_cpu_device(device: Any) -> Any:
     """Map a CUDA device spec (``"cuda"``, ``"cuda:1"``, ``torch.device("cuda")`` or an int) to the CPU."""
