@@ -11,6 +11,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tiny_gpt_cpu.yaml"
+# A tiny MoE on top of the tiny GPT: 4 experts, top-2, all-to-all dispatch, expert-parallel size 2.
+MOE = ("--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
+       "--moe-aux-loss-coeff", "0.01", "--expert-model-parallel-size", "2")
 _ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?lm loss: ([0-9.E+-]+) .*?grad norm: ([0-9.]+)")
 _PARAMS_NORM = re.compile(r"iteration\s+\d+/.*?params norm: ([0-9.]+)")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pretrain_runs import PretrainRun, pretrain
+from tests.pretrain_runs import MOE, PretrainRun, pretrain
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
@@ -29,6 +29,9 @@ LAYOUTS = {  # name: (ranks, flags)
     "tsp2": (2, ("--tsp-size", "2")),
     "tsp4": (4, ("--tsp-size", "4")),
     "tp2": (2, ("--tensor-model-parallel-size", "2")),
+    # MoE at expert-parallel size 2 (expert initial weights depend on it): TSP=2 x EP=2 and TSP=1 x EP=2 x DP=2.
+    "moe_tsp2_ep2": (2, ("--tsp-size", "2", *MOE)),
+    "moe_tsp1_ep2": (2, ("--tsp-size", "1", *MOE)),
 }
 ROOT = Path(tempfile.mkdtemp(prefix="tsp_ckpt_"))
 
@@ -87,3 +90,9 @@ def test_resume_at_the_same_layout_is_bit_identical() -> None:
     # Identical at the printed precision (rel=1e-12 only absorbs the float arithmetic of pretrain_runs).
     assert run.losses == pytest.approx(uninterrupted("tsp2").losses[3:], rel=1e-12)
     assert run.grad_norms == uninterrupted("tsp2").grad_norms[3:]
+
+
+def test_moe_checkpoint_moves_between_tsp_layouts() -> None:
+    run = resumed(saved("moe_tsp2_ep2"), "moe_tsp1_ep2", "--no-load-rng")
+    assert run.losses == pytest.approx(uninterrupted("moe_tsp1_ep2").losses[3:], rel=1e-6)
+    assert run.grad_norms == pytest.approx(uninterrupted("moe_tsp1_ep2").grad_norms[3:], rel=1e-3)

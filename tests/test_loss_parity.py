@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pretrain_runs import TINY_CONFIG, PretrainRun, pretrain
+from tests.pretrain_runs import MOE, TINY_CONFIG, PretrainRun, pretrain
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
@@ -46,8 +46,6 @@ def assert_same_curve(run: PretrainRun, ref: PretrainRun, params_norm: bool = Tr
     assert ref.losses[-1] < ref.losses[0] - 0.5  # the model learns: a curve, not a constant
 
 
-MOE = ("--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-type", "alltoall",
-       "--moe-aux-loss-coeff", "0.01", "--expert-model-parallel-size", "2")
 # With biases (biased_config): Megatron 0.19.2's fused weighted SwiGLU refuses them, at TSP=1 as well.
 EXPERT_BIASES = ("--no-bias-swiglu-fusion",)
 PP2 = ("--pipeline-model-parallel-size", "2")
