@@ -29,6 +29,9 @@ def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "of every large weight. Takes the place of --tensor-model-parallel-size.")
     group.add_argument("--tsp-order", type=str, default=DEFAULT_ORDER,
                        help="Rank-mesh order, first name varies fastest (keep tsp first: NVLink-local).")
+    group.add_argument("--tsp-report-comm-bytes", action="store_true",
+                       help="Count the bytes of every TSP collective during training and print the totals per "
+                            "op (rank 0) when training ends, to check against megatron_tsp.cost.")
     return parser
 
 

@@ -11,6 +11,7 @@ function, loss and dataset provider are written here against megatron-core 0.19'
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from functools import partial
@@ -39,6 +40,7 @@ from megatron.training.global_vars import set_global_variables  # noqa: E402
 from megatron.training.utils import get_blend_and_blend_per_split  # noqa: E402
 
 from megatron_tsp.args import TSPConfigError, add_tsp_args, apply_tsp_layout, expand_config, validate_tsp_args  # noqa: E402
+from megatron_tsp.comm import comm_bytes  # noqa: E402
 from megatron_tsp.mesh import get_tsp_world_size, initialize_model_parallel  # noqa: E402
 from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec  # noqa: E402
 from megatron_tsp.zigzag import zigzag_permutation  # noqa: E402
@@ -211,11 +213,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print_rank_0(f"> megatron-tsp: no GPU found, running on {args.world_size} CPU rank(s) over gloo")
     initialize_distributed(args)
     config = pretrain_cfg_container_from_args(args)
-    with cuda_to_cpu() if running_on_cpu() else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if running_on_cpu():
+            stack.enter_context(cuda_to_cpu())
+        counter = stack.enter_context(comm_bytes()) if args.tsp_report_comm_bytes else None
         # Megatron builds its process-group collections from the global groups; the patch in
         # megatron_compat.patches adds `.tsp` to each of them.
         pretrain(config, train_valid_test_datasets_provider, ModelType.encoder_or_decoder, forward_step,
                  model_provider=model_provider)
+    if counter is not None:
+        totals = {op: float(nbytes) for op, nbytes in sorted(counter.bytes_by_op.items())}
+        print_rank_0(f"> megatron-tsp comm bytes per rank over {args.train_iters} iterations: {json.dumps(totals)}")
 
 
 if __name__ == "__main__":
