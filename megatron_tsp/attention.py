@@ -45,7 +45,7 @@ from megatron_tsp.comm import (
     reduce_scatter_seq,
     shard_buffer,
 )
-from megatron_tsp.kernels import CausalAttention, causal_attention
+from megatron_tsp.kernels import CausalAttention, zigzag_causal_attention
 
 __all__ = [
     "QKNorm",
@@ -261,7 +261,7 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
                   q_positions: Tensor, k_positions: Tensor, tsp_group: dist.ProcessGroup, num_heads: int,
                   num_kv_heads: int, *, softmax_scale: float | None = None, rotary_freqs: Tensor | None = None,
                   rotary_fn: RotaryFn = apply_rotary, qk_norm: QKNorm | None = None,
-                  core_attention: CausalAttention = causal_attention) -> Tensor:
+                  core_attention: CausalAttention = zigzag_causal_attention) -> Tensor:
     """TSP self-attention of rank p's tokens: x ``[S/D, B, h]`` -> ``[S/D, B, h]`` (proj bias not added).
 
     ``qkv_weight``, ``qkv_bias``, ``proj_weight``: this rank's Megatron TP shards (module docstring);

@@ -189,10 +189,11 @@ class Workload:
     act_bytes: int = 2
     recompute: Recompute = "none"
     distributed_optimizer: bool = False
-    # TSP's local SDPA kernel (kernels/local.py) builds a boolean [S/D, S] mask per head bucket, which SDPA
-    # turns into an additive mask of the activation dtype; it also forgoes causal skipping. False models a
-    # fused causal kernel (e.g. Transformer Engine's bottom-right causal mask).
-    tsp_dense_mask: bool = True
+    # TSP's default kernel (kernels/zigzag.py) splits each zigzag chunk into a non-causal prefix and a causal
+    # diagonal: no mask, no work on future keys. True models the reference kernel (kernels/local.py), which
+    # builds a boolean [S/D, S] mask per head bucket (SDPA turns it into an additive mask of the activation
+    # dtype) and forgoes causal skipping.
+    tsp_dense_mask: bool = False
 
     @property
     def grad_bytes(self) -> int:

@@ -1,7 +1,7 @@
 """Pick a parallel layout for a model, a sequence length and a GPU count, from the cost model (``cost.py``).
 
     python -m megatron_tsp.plan --config configs/X.yaml --seq-length S --gpus N [--gpu h100|h200|mi300x]
-        [--micro-batch-size B] [--recompute none|selective|full|auto] [--fused-attention] [--plot out.png] [--all]
+        [--micro-batch-size B] [--recompute none|selective|full|auto] [--dense-mask-attention] [--plot out.png] [--all]
 
 The model shape, precision, recompute mode, micro and global batch come from the config (flat Megatron
 flags, Megatron's defaults where a flag is absent). Every step compared processes the same global batch:
@@ -187,7 +187,7 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
         + (f", {model.experts} experts top-{model.topk} ffn {model.expert_ffn}" if model.experts else ""),
         f"workload: seq {work.seq_len}, micro-batch {work.micro_batch}, global batch {global_batch}, "
         f"{work.param_bytes}-byte params, {'distributed ' if work.distributed_optimizer else ''}Adam, "
-        f"TSP attention kernel: {'dense mask (local SDPA)' if work.tsp_dense_mask else 'fused causal'}",
+        f"TSP attention kernel: {'dense mask (reference)' if work.tsp_dense_mask else 'zigzag prefix/diagonal'}",
         f"hardware: {gpus} x {hw.name}, {hw.memory_bytes / GiB:.1f} GiB, {hw.matmul_flops / 1e12:.0f} TFLOP/s "
         f"matmul, {hw.node_bandwidth / 1e9:.0f} GB/s in node",
         "",
@@ -238,7 +238,7 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
 def plot_sequence_sweep(model: ModelShape, work: Workload, gpus: int, hw: Hardware, global_batch: int,
                         path: str) -> None:
     """PNG of memory/GPU and bytes/GPU/step against sequence length for TP+SP and TSP (with the local
-    dense-mask kernel and with a fused one) at the largest degree both accept (<= GPUs per node; DP takes the
+    dense-mask kernel and with the zigzag one) at the largest degree both accept (<= GPUs per node; DP takes the
     rest, no PP)."""
     import matplotlib
 
@@ -250,8 +250,8 @@ def plot_sequence_sweep(model: ModelShape, work: Workload, gpus: int, hw: Hardwa
     dp = gpus // degree
     microbatches = max(1, global_batch // (work.micro_batch * dp))
     figure, (mem_axis, comm_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = (("TP+SP", work, "o-", ""), ("TSP", replace(work, tsp_dense_mask=True), "s-", " (local kernel)"),
-              ("TSP", replace(work, tsp_dense_mask=False), "^--", " (fused kernel)"))
+    series = (("TP+SP", work, "o-", ""), ("TSP", replace(work, tsp_dense_mask=True), "s-", " (dense-mask kernel)"),
+              ("TSP", replace(work, tsp_dense_mask=False), "^--", " (zigzag kernel)"))
     for kind, kind_work, style, note in series:
         layout = Layout(kind, tensor=degree, data=dp)
         costs = [step_cost(model, replace(kind_work, seq_len=n), layout, hw, microbatches) for n in lengths]
@@ -280,8 +280,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--micro-batch-size", type=int, help="overrides the config's")
     parser.add_argument("--recompute", choices=("none", "selective", "full", "auto"),
                         help="overrides the config's --recompute-granularity; auto: none if it fits, else full")
-    parser.add_argument("--fused-attention", action="store_true",
-                        help="cost TSP with a fused causal attention kernel instead of the local dense-mask one")
+    parser.add_argument("--dense-mask-attention", action="store_true",
+                        help="cost TSP with the reference dense-mask attention kernel instead of the default "
+                             "zigzag prefix/diagonal kernel")
     parser.add_argument("--plot", help="write a PNG of memory and bytes against sequence length here")
     parser.add_argument("--all", action="store_true", help="print every candidate layout, not the first 25")
     args = parser.parse_args(argv)
@@ -293,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     recompute = args.recompute or flags.recompute_granularity or "none"
     work = Workload(micro_batch=micro_batch, seq_len=args.seq_length, param_bytes=2 if sixteen_bit else 4,
                     act_bytes=2 if sixteen_bit else 4, recompute="none" if recompute == "auto" else recompute,
-                    distributed_optimizer=flags.use_distributed_optimizer, tsp_dense_mask=not args.fused_attention)
+                    distributed_optimizer=flags.use_distributed_optimizer, tsp_dense_mask=args.dense_mask_attention)
     global_batch = flags.global_batch_size or micro_batch * args.gpus
     hw = GPUS[args.gpu]
     candidates = plan(model, work, args.gpus, hw, global_batch, auto_recompute=recompute == "auto")

@@ -1,9 +1,15 @@
 """Core-attention kernels behind one interface, :class:`CausalAttention`.
 
 A backend takes local queries and (gathered) keys/values together with their global positions and lets a
-query attend to every key at a global position <= its own, whatever order the positions come in (zigzag
-included). ``local`` is torch SDPA with a boolean mask; another backend (e.g. Transformer Engine) only has
-to provide a function with the same signature.
+query attend to every key at a global position <= its own. Two local backends:
+
+- ``zigzag_causal_attention`` (default, ``zigzag.py``): TSP's zigzag layout only; each local query chunk is a
+  non-causal prefix plus a causal diagonal, merged by log-sum-exp, with an exact custom backward. No
+  ``[S/D, S]`` mask, and no work on future keys.
+- ``causal_attention`` (``local.py``): any position order, torch SDPA with a dense boolean ``[S/D, S]``
+  mask; the reference the fast path is tested against.
+
+Another backend (e.g. Transformer Engine) only has to provide a function with the same signature.
 """
 
 from __future__ import annotations
@@ -13,8 +19,17 @@ from typing import Protocol
 from torch import Tensor
 
 from megatron_tsp.kernels.local import causal_attention
+from megatron_tsp.kernels.zigzag import FUSED_CPU, PartKernel, math_part_kernel, zigzag_causal_attention
 
-__all__ = ["CausalAttention", "causal_attention", "select_core_attention"]
+__all__ = [
+    "FUSED_CPU",
+    "CausalAttention",
+    "PartKernel",
+    "causal_attention",
+    "math_part_kernel",
+    "select_core_attention",
+    "zigzag_causal_attention",
+]
 
 
 class CausalAttention(Protocol):
@@ -29,7 +44,7 @@ def select_core_attention(**megatron_builder_kwargs: object) -> CausalAttention:
     """Megatron's ``core_attention`` builder for TSP layers: the backend for this process.
 
     Megatron passes its core-attention constructor arguments (config, layer number, mask type, ...); the
-    TSP schedule supplies everything the kernel needs per call, so they only matter for choosing a backend.
-    The local SDPA backend is the only one so far (a Transformer Engine backend is planned).
+    TSP schedule supplies everything the kernel needs per call (always zigzag positions), so they only
+    matter for choosing a backend: the zigzag backend for now (a Transformer Engine backend is planned).
     """
-    return causal_attention
+    return zigzag_causal_attention

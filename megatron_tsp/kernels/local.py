@@ -1,4 +1,8 @@
-"""Local core attention: torch SDPA with a boolean causal mask built from global positions."""
+"""Reference core attention: torch SDPA with a dense boolean causal mask built from global positions.
+
+Any position order works, at the cost of an ``[sq, sk]`` mask and no causal skipping; the zigzag backend
+(``zigzag.py``) is tested against it.
+"""
 
 from __future__ import annotations
 

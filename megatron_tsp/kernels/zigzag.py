@@ -1,0 +1,242 @@
+"""Zigzag-aware core attention: each local query chunk as a non-causal prefix plus a causal diagonal.
+
+Rank p of a TSP group of size D holds query chunks p and 2D-1-p (c = S/(2D) tokens each) and attends to the
+gathered sequence, which arrives in rank order (chunks 0, 2D-1, 1, 2D-2, ...). With K/V put in natural order
+once per call, query chunk j sees keys [0, j*c) with no mask (the prefix) and keys [j*c, (j+1)*c) with a square
+top-left causal mask (the diagonal). Each part is one attention call that also returns its log-sum-exp (LSE),
+and a chunk's two parts merge exactly, ring-attention style:
+
+    L = logaddexp(L_prefix, L_diag),    O = exp(L_prefix - L) * O_prefix + exp(L_diag - L) * O_diag.
+
+So no [S/D, S] mask or score tensor ever exists, and keys in a chunk's future are never touched.
+
+Backward is a custom autograd Function that saves only q, the natural-order K/V, the merged O and L. Each part
+recomputes its probabilities against the *merged* L, P = exp(scores - L), which are exactly its columns of the
+full softmax, and the flash-attention identity dS = P * (dP - rowsum(dO * O)) with the merged O gives its exact
+share of dQ, dK, dV. (Differentiating through the merge instead would need a differentiable LSE from the part
+kernel and would keep every part's probabilities alive until backward.)
+
+Part kernels (:class:`PartKernel`): on CPU, :data:`FUSED_CPU` (aten's flash kernel, the one SDPA runs there);
+elsewhere :func:`math_part_kernel`, exact and memory-bounded but untuned. A fused CUDA part kernel (cuDNN or
+flash attention, LSE out and in) is not written yet: it needs a GPU to validate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from megatron_tsp.zigzag import inverse_zigzag_permutation, zigzag_permutation
+
+__all__ = ["FUSED_CPU", "PartKernel", "math_part_kernel", "zigzag_causal_attention"]
+
+PartForward = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
+PartBackward = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class PartKernel:
+    """Attention of one query chunk against one key range (top-left causal or unmasked), with its LSE.
+
+    ``forward(q, k, v, causal, scale) -> (out, lse)``;
+    ``backward(grad_out, q, k, v, out, lse, causal, scale) -> (grad_q, grad_k, grad_v)`` where ``out``/``lse``
+    are the merged ones of the whole rows, so the grads are this part's share of the exact grads.
+    q/out ``[b, nq, sq, hd]``, k/v ``[b, nkv, sk, hd]`` (query head i uses kv head i // (nq/nkv), Megatron's
+    grouping), lse ``[b, nq, sq]`` in the accumulation dtype (fp32 for 16-bit inputs); sk >= 1.
+    """
+
+    forward: PartForward
+    backward: PartBackward
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _fused_cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    # The flash kernel that F.scaled_dot_product_attention itself runs on CPU, called directly because the
+    # public function drops the LSE. It takes GQA and strided inputs as they are.
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _fused_cpu_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                        scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+
+FUSED_CPU = PartKernel(_fused_cpu_forward, _fused_cpu_backward)
+"""CPU parts by aten's flash kernel: blocked, so per-thread tiles are its only scratch memory."""
+
+
+def _row_blocks(q: Tensor, k: Tensor, block_elements: int) -> list[slice]:
+    """Query-row blocks whose score tile ``[b, nq, rows, sk]`` has at most ``block_elements`` (>= 1 row)."""
+    batch, heads, rows, _ = q.shape
+    step = max(1, block_elements // (batch * heads * k.shape[2]))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _block_scores(q_rows: Tensor, k: Tensor, rows: slice, causal: bool, scale: float) -> Tensor:
+    """Scaled scores ``[b, nkv, g, r, sk]`` of grouped query rows ``[b, nkv, g, r, hd]`` (rows ``rows`` of the
+    part) against k ``[b, nkv, sk, hd]``."""
+    scores = (q_rows @ k.unsqueeze(2).transpose(-1, -2)).mul_(scale)  # k broadcast over the group: no copy
+    if causal:  # top-left: query row i sees keys 0..i
+        row_ids = torch.arange(rows.start, rows.stop, device=k.device)
+        future = torch.arange(k.shape[2], device=k.device) > row_ids.unsqueeze(-1)
+        scores.masked_fill_(future, float("-inf"))
+    return scores
+
+
+def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, *,
+                  block_elements: int) -> tuple[Tensor, Tensor]:
+    acc = _acc_dtype(q.dtype)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    q_grouped = q.to(acc).unflatten(1, (kv_heads, heads // kv_heads))  # [b, nkv, g, sq, hd]
+    k, v = k.to(acc), v.to(acc)
+    out = torch.empty(q_grouped.shape, dtype=acc, device=q.device)
+    lse = torch.empty(q_grouped.shape[:-1], dtype=acc, device=q.device)
+    for rows in _row_blocks(q, k, block_elements):
+        scores = _block_scores(q_grouped[..., rows, :], k, rows, causal, scale)
+        lse[..., rows] = scores.logsumexp(dim=-1)
+        out[..., rows, :] = (scores - lse[..., rows].unsqueeze(-1)).exp_() @ v.unsqueeze(2)
+    return out.flatten(1, 2).to(q.dtype), lse.flatten(1, 2)
+
+
+def _math_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                   scale: float, *, block_elements: int) -> tuple[Tensor, Tensor, Tensor]:
+    acc = _acc_dtype(q.dtype)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    group = (kv_heads, heads // kv_heads)
+    q_grouped, grad_out_grouped = q.to(acc).unflatten(1, group), grad_out.to(acc).unflatten(1, group)
+    lse_grouped = lse.to(acc).unflatten(1, group)
+    delta = (grad_out_grouped * out.to(acc).unflatten(1, group)).sum(dim=-1)  # rowsum(dO * O), merged O
+    k, v = k.to(acc), v.to(acc)
+    grad_q = torch.empty(q_grouped.shape, dtype=acc, device=q.device)
+    grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
+    for rows in _row_blocks(q, k, block_elements):
+        q_rows, grad_out_rows = q_grouped[..., rows, :], grad_out_grouped[..., rows, :]
+        probs = (_block_scores(q_rows, k, rows, causal, scale) - lse_grouped[..., rows].unsqueeze(-1)).exp_()
+        # dK/dV sum over the group's query heads: fold the group into the rows, one GEMM per kv head
+        grad_v += probs.flatten(2, 3).transpose(-1, -2) @ grad_out_rows.flatten(2, 3)
+        grad_scores = probs.mul_(grad_out_rows @ v.unsqueeze(2).transpose(-1, -2)
+                                 - delta[..., rows].unsqueeze(-1)).mul_(scale)
+        grad_q[..., rows, :] = grad_scores @ k.unsqueeze(2)
+        grad_k += grad_scores.flatten(2, 3).transpose(-1, -2) @ q_rows.flatten(2, 3)
+    return grad_q.flatten(1, 2), grad_k, grad_v
+
+
+def math_part_kernel(block_elements: int = 1 << 24) -> PartKernel:
+    """Explicit-softmax parts for any device and dtype, accumulating in >= fp32, over query-row blocks so that
+    one score tile has at most ``block_elements`` elements (a few such tiles are alive at once)."""
+    return PartKernel(partial(_math_forward, block_elements=block_elements),
+                      partial(_math_backward, block_elements=block_elements))
+
+
+Plan = list[tuple[slice, list[tuple[slice, bool]]]]
+
+
+def _chunk_plan(chunk: int, tsp_size: int, tsp_rank: int) -> Plan:
+    """Per local query chunk: its rows among the local queries and its (natural key range, causal) parts."""
+    plan = []
+    for local, global_chunk in enumerate((tsp_rank, 2 * tsp_size - 1 - tsp_rank)):
+        start = global_chunk * chunk
+        # chunk 0 has no prefix (and the part kernels need a non-empty key range)
+        parts = [(slice(0, start), False)] if start else []
+        parts.append((slice(start, start + chunk), True))
+        plan.append((slice(local * chunk, (local + 1) * chunk), parts))
+    return plan
+
+
+def _merge(results: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Output and LSE of the same query rows over the union of the parts' disjoint key ranges (exact)."""
+    if len(results) == 1:
+        return results[0]
+    part_lse = torch.stack([lse for _, lse in results])
+    lse = part_lse.logsumexp(dim=0)
+    weights = (part_lse - lse).exp_().unsqueeze(-1)  # each part's share of the row's softmax mass
+    return sum(weight * out for weight, (out, _) in zip(weights, results, strict=True)), lse
+
+
+class _ZigzagAttentionFunction(torch.autograd.Function):
+    """q ``[b, nq, 2c, hd]`` (query chunks p, 2D-1-p), k/v ``[b, nkv, 2Dc, hd]`` in natural order
+    -> ``[b, nq, 2c, hd]``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float, kernel: PartKernel) -> Tensor:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=_acc_dtype(q.dtype), device=q.device)
+        for rows, parts in plan:
+            out[:, :, rows], lse[:, :, rows] = _merge(
+                [kernel.forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], causal, scale) for keys, causal in parts])
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale, ctx.kernel = plan, scale, kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        acc = _acc_dtype(q.dtype)  # a query row or a key gets grads from up to two parts
+        grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
+        grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
+        grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for rows, parts in ctx.plan:
+            for keys, causal in parts:
+                part_q, part_k, part_v = ctx.kernel.backward(
+                    grad_out[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
+                    lse[:, :, rows], causal, ctx.scale)
+                grad_q[:, :, rows] += part_q
+                grad_k[:, :, keys] += part_k
+                grad_v[:, :, keys] += part_v
+        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
+
+
+def _zigzag_layout(q_positions: Tensor, k_positions: Tensor) -> tuple[int, int]:
+    """(D, p) such that the positions are rank p's local and the gathered zigzag positions, else ValueError.
+
+    One host read of a (D+1)-element check (a sync on GPU) instead of trusting the caller.
+    """
+    local_len, seq_len = q_positions.numel(), k_positions.numel()
+    if local_len == 0 or local_len % 2 or seq_len % local_len:
+        raise ValueError(f"{local_len} local and {seq_len} gathered positions are not a zigzag layout")
+    tsp_size = seq_len // local_len
+    gathered = zigzag_permutation(seq_len, tsp_size, k_positions.device)
+    is_rank = (gathered.view(tsp_size, local_len) == q_positions).all(dim=1)  # rank p's tokens: slice p
+    gathered_ok, *rank_flags = torch.cat(((k_positions == gathered).all().view(1), is_rank)).tolist()
+    if not gathered_ok or rank_flags.count(True) != 1:
+        raise ValueError("positions are not TSP's zigzag layout (zigzag.local_positions/gathered_positions); "
+                         "use kernels.causal_attention for arbitrary positions")
+    return tsp_size, rank_flags.index(True)
+
+
+def zigzag_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor,
+                            softmax_scale: float, *, part_kernel: PartKernel | None = None) -> Tensor:
+    """Causal attention of a TSP rank's zigzag chunks; :func:`kernels.causal_attention`'s contract for the
+    zigzag layout only.
+
+    q ``[S/D, b, nq, hd]`` (rank p's local tokens), k/v ``[S, b, nkv, hd]`` (gathered in rank order), nq a
+    multiple of nkv; q_positions ``zigzag.local_positions(S, D, p)``, k_positions
+    ``zigzag.gathered_positions(S, D)`` (checked). Returns ``[S/D, b, nq*hd]``. ``part_kernel``: default
+    :data:`FUSED_CPU` on CPU, :func:`math_part_kernel` elsewhere.
+
+    Memory per call, beyond inputs, grads and output, for c = S/(2D), element size e, accumulation size a
+    (= e for fp32/fp64), is linear in S: forward, the natural-order K/V copy (2*b*S*nkv*hd*e, the gathered
+    K/V's size) and one chunk's part outputs (2*b*nq*c*hd); backward, that copy (saved), dQ/dK/dV
+    accumulators (a) and one part's q/k/v grads, then the scatter of dK/dV back to rank order. Scratch:
+    per-thread tiles for :data:`FUSED_CPU`, a few score tiles of ``block_elements`` for the math kernel.
+    Nothing of size S/D x S, versus the reference's [S/D, S] mask (and its float scores).
+    """
+    local_len, batch, heads, head_dim = q.shape
+    if heads % k.shape[2] != 0:
+        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({k.shape[2]})")
+    tsp_size, tsp_rank = _zigzag_layout(q_positions, k_positions)
+    kernel = part_kernel or (FUSED_CPU if q.device.type == "cpu" else math_part_kernel())
+    natural = inverse_zigzag_permutation(k.shape[0], tsp_size, k.device)
+    # natural order and the kernels' [b, heads, s, hd] layout in one copy; autograd scatters dK/dV back
+    k_natural, v_natural = (t.permute(1, 2, 0, 3).index_select(2, natural) for t in (k, v))
+    plan = _chunk_plan(local_len // 2, tsp_size, tsp_rank)
+    out = _ZigzagAttentionFunction.apply(q.permute(1, 2, 0, 3), k_natural, v_natural, plan, softmax_scale, kernel)
+    return out.permute(2, 0, 1, 3).reshape(local_len, batch, heads * head_dim)

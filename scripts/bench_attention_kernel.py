@@ -1,0 +1,88 @@
+"""Time TSP's core attention per head bucket, forward + backward: the zigzag backend vs the dense-mask reference.
+
+One rank's call (rank 0; zigzag gives every rank the same work): q ``[S/D, B, nq, hd]`` against the gathered
+K/V ``[S, B, nkv, hd]``. Prints the median wall time of each kernel, run round-robin (and the peak memory
+on CUDA).
+
+    .venv/bin/python scripts/bench_attention_kernel.py --seq-len 4096 --tsp-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from megatron_tsp.kernels import causal_attention, math_part_kernel, zigzag_causal_attention
+from megatron_tsp.zigzag import gathered_positions, local_positions
+
+Kernel = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
+
+
+def _fwd_bwd(kernel: Kernel, inputs: list[Tensor], grad_out: Tensor, positions: tuple[Tensor, Tensor],
+             scale: float) -> tuple[float, int]:
+    """(seconds of one forward + backward, peak bytes on CUDA else 0)."""
+    device = grad_out.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    out = kernel(*inputs, *positions, scale)
+    torch.autograd.grad(out, inputs, grad_out)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated(device)
+    return time.perf_counter() - start, 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--tsp-size", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4, help="query heads per bucket (nq/D)")
+    parser.add_argument("--kv-heads", type=int, default=4, help="kv heads per bucket (nkv/D)")
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    seq_len, tsp_size = args.seq_len, args.tsp_size
+    gen = torch.Generator(device).manual_seed(0)
+    q = torch.randn(seq_len // tsp_size, args.batch, args.heads, args.head_dim, generator=gen, device=device)
+    k, v = torch.randn(2, seq_len, args.batch, args.kv_heads, args.head_dim, generator=gen, device=device)
+    inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn(q.shape[0], args.batch, args.heads * args.head_dim, generator=gen, device=device).to(dtype)
+    positions = (local_positions(seq_len, tsp_size, 0, device), gathered_positions(seq_len, tsp_size, device))
+    scale = args.head_dim ** -0.5
+
+    kernels: dict[str, Kernel] = {"dense-mask reference (causal_attention)": causal_attention,
+                                  "zigzag, default part kernel": zigzag_causal_attention}
+    if device.type == "cpu":  # the default there is the fused kernel; show the portable one too
+        kernels["zigzag, math part kernel"] = (
+            lambda *a: zigzag_causal_attention(*a, part_kernel=math_part_kernel()))
+    print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.dtype}, S={seq_len}, D={tsp_size}, "
+          f"B={args.batch}, heads {args.heads}/{args.kv_heads} per bucket, hd={args.head_dim}; "
+          f"fwd+bwd of one rank's call, median of {args.repeats}")
+    # Round-robin over the kernels, so that load from other processes hits them alike; step 0 is warm-up.
+    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in kernels}
+    for step in range(args.repeats + 1):
+        for name, kernel in kernels.items():
+            result = _fwd_bwd(kernel, inputs, grad_out, positions, scale)
+            if step:
+                runs[name].append(result)
+    reference = statistics.median(seconds for seconds, _ in runs[next(iter(kernels))])
+    for name, results in runs.items():
+        seconds = statistics.median(seconds for seconds, _ in results)
+        peak = max(peak for _, peak in results)
+        memory = f", peak {peak / 2**20:.0f} MiB" if peak else ""
+        print(f"  {name:42s} {seconds * 1e3:9.1f} ms  ({reference / seconds:.2f}x the reference's speed){memory}")
+
+if __name__ == "__main__":
+    main()
