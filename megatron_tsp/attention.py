@@ -45,6 +45,7 @@ from megatron_tsp.comm import (
     reduce_scatter_seq,
     shard_buffer,
 )
+from megatron_tsp.grads import weight_grad_for_autograd
 from megatron_tsp.kernels import CausalAttention, zigzag_causal_attention
 
 __all__ = [
@@ -144,13 +145,11 @@ def _qkv_bias_proj(parts: list[Tensor], spec: _BucketSpec) -> tuple[Tensor, Tens
     return (parts[0], parts[1], parts[2]) if spec.has_qkv_bias else (parts[0], None, parts[1])
 
 
-def _finish_reduce(bucket: int, pending: Pending, tsp_rank: int, layout: ShardLayout,
-                   dtype: torch.dtype) -> list[Tensor]:
-    """Wait for bucket ``bucket``'s weight-grad reduce; its owner gets the summed grads (copies, in ``dtype``)."""
+def _finish_reduce(bucket: int, pending: Pending, tsp_rank: int, layout: ShardLayout) -> list[Tensor]:
+    """Wait for bucket ``bucket``'s weight-grad reduce; its owner gets the summed grads (copies, so that the
+    reduce buffer is freed and at most two grad buffers stay alive)."""
     summed = pending.wait()
-    if bucket != tsp_rank:
-        return []
-    return [g.to(dtype, copy=True) for g in layout.unpack(summed)]
+    return [g.clone() for g in layout.unpack(summed)] if bucket == tsp_rank else []
 
 
 class TSPAttentionFunction(torch.autograd.Function):
@@ -246,13 +245,14 @@ class TSPAttentionFunction(torch.autograd.Function):
             bucket_grads = [g for g in (grad_qkv_weight, grad_qkv_bias, grad_proj_weight) if g is not None]
             grad_buffer = layout.pack(bucket_grads, shard_buffer(layout.numel, acc_dtype, x.device, "grad"))
             if weight_grad_reduce is not None:  # the previous bucket's reduce overlapped this bucket
-                own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout, qkv_weight.dtype)
+                own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout)
             weight_grad_reduce = (head_bucket, reduce(grad_buffer, owner=head_bucket, group=spec.tsp_group))
             del grad_buffer  # only the in-flight reduce holds it now
-        own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout, qkv_weight.dtype)
+        own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout)
 
-        grad_qkv_weight, grad_qkv_bias, grad_proj_weight = _qkv_bias_proj(own_grads, spec)
-        grad_norm = [None if g is None else g.to(p.dtype) for g, p in zip(grad_norm, norm_params)]
+        grad_weights = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]
+        grad_qkv_weight, grad_qkv_bias, grad_proj_weight = _qkv_bias_proj(grad_weights, spec)
+        grad_norm = [None if g is None else weight_grad_for_autograd(p, g) for g, p in zip(grad_norm, norm_params)]
         return (grad_x.to(x.dtype), grad_qkv_weight, grad_qkv_bias, grad_proj_weight, *grad_norm,
                 None, None, None, None)
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_tsp.comm import ShardLayout, ring_exchange, shard_buffer
+from megatron_tsp.grads import weight_grad_for_autograd
 
 __all__ = ["TSPMLPFunction", "tsp_mlp"]
 
@@ -140,11 +141,10 @@ class TSPMLPFunction(torch.autograd.Function):
             ring_exchange(outgoing_acc, own_acc, spec.tsp_group).wait()
             own_grads = [total + arrived for total, arrived in zip(own_grads, layout.unpack(own_acc))]
 
-        grad_fc1_weight, grad_fc2_weight = own_grads[0], own_grads[-1]
-        grad_fc1_bias = own_grads[1] if spec.has_fc1_bias else None
-        return (grad_x.to(x.dtype), grad_fc1_weight.to(fc1_weight.dtype),
-                None if grad_fc1_bias is None else grad_fc1_bias.to(fc1_bias.dtype),
-                grad_fc2_weight.to(fc2_weight.dtype), None)
+        grad_weights = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]
+        grad_fc1_weight, grad_fc2_weight = grad_weights[0], grad_weights[-1]
+        grad_fc1_bias = grad_weights[1] if spec.has_fc1_bias else None
+        return grad_x.to(x.dtype), grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, None
 
 
 def tsp_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,

@@ -1,0 +1,29 @@
+"""Handing a weight's gradient back from a TSP autograd Function, Megatron's way.
+
+The schedules accumulate weight gradients in fp32 (``acc``). Returning them in the parameter's dtype would
+round a bf16 model's summed gradient to bf16 before Megatron's DDP adds it into its fp32 ``main_grad``.
+Megatron's own linears (with gradient-accumulation fusion) avoid that by adding into ``param.main_grad``
+themselves, marking ``param.grad_added_to_main_grad`` and giving autograd a placeholder gradient, which
+still makes autograd run DDP's grad-ready hook on the main thread. We follow the same contract whenever DDP
+manages the parameter (megatron-core 0.19.2: ``DistributedDataParallel`` sets both attributes and resets the
+mark when it zeroes the grad buffer).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def weight_grad_for_autograd(param: Tensor, acc: Tensor) -> Tensor:
+    """The gradient to return for ``param`` from ``acc`` (its full gradient, in fp32 or wider).
+
+    Under Megatron's DDP: ``acc`` goes into ``param.main_grad`` and a placeholder is returned (zeros if
+    DDP is told to add it anyway via ``zero_out_wgrad``). Otherwise: ``acc`` in the parameter's dtype.
+    """
+    if getattr(param, "main_grad", None) is None or not hasattr(param, "grad_added_to_main_grad"):
+        return acc.to(param.dtype)
+    param.main_grad.add_(acc)
+    param.grad_added_to_main_grad = True
+    make = torch.zeros_like if getattr(param, "zero_out_wgrad", False) else torch.empty_like
+    return make(param)
