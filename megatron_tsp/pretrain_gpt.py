@@ -11,6 +11,7 @@ function, loss and dataset provider are written here against megatron-core 0.19'
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -45,12 +46,8 @@ from megatron_tsp.mesh import get_tsp_world_size, initialize_model_parallel  # n
 from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec  # noqa: E402
 from megatron_tsp.zigzag import zigzag_permutation  # noqa: E402
 
-try:  # Transformer Engine is optional: used automatically when importable
-    import transformer_engine  # noqa: F401
-
-    HAVE_TE = True
-except ImportError:
-    HAVE_TE = False
+# Transformer Engine is optional: Megatron's TE layer spec is used automatically (on GPUs) when installed.
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
 
 def layer_spec(args: Any, config: Any, vp_stage: Optional[int]):

@@ -29,11 +29,10 @@ from megatron_tsp.comm import comm_bytes, track_shard_residency
 from megatron_tsp.kernels import causal_attention
 from megatron_tsp.zigzag import (
     gathered_positions,
-    inverse_zigzag_permutation,
     local_positions,
 )
 from tests.multiprocess import run_on_ranks
-from tests.numerics import TOLERANCE, assert_rel_close
+from tests.numerics import TOLERANCE, assert_gathered_close, assert_rel_close
 
 @dataclass(frozen=True)
 class Case:
@@ -190,11 +189,8 @@ def _run_cases(rank: int, tsp_size: int) -> None:
                 out.backward(w["grad_out"][positions])
 
         tol = TOLERANCE[case.dtype]
-        inverse = inverse_zigzag_permutation(case.seq_len, tsp_size)
-        for name, local, ref in (("output", out.detach(), ref_out), ("x grad", x.grad, ref_grads["x"])):
-            gathered = torch.empty((case.seq_len, *local.shape[1:]), dtype=local.dtype)
-            dist.all_gather_into_tensor(gathered, local.contiguous(), group)
-            assert_rel_close(gathered[inverse], ref, tol, f"{case} {name}")
+        assert_gathered_close(out.detach(), ref_out, group, tol, f"{case} output")
+        assert_gathered_close(x.grad, ref_grads["x"], group, tol, f"{case} x grad")
         ref_qkv = _megatron_qkv_rows(ref_grads["q"], ref_grads["k"], ref_grads["v"], case, tsp_size, rank)
         assert_rel_close(qkv_weight.grad, ref_qkv, tol, f"{case} qkv weight grad")
         assert_rel_close(proj_weight.grad, _proj_columns(ref_grads["o"], case, tsp_size, rank), tol,

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from megatron_tsp.comm import comm_bytes, track_shard_residency
 from megatron_tsp.mlp import tsp_mlp
-from megatron_tsp.zigzag import inverse_zigzag_permutation, local_positions
+from megatron_tsp.zigzag import local_positions
 from tests.multiprocess import run_on_ranks
-from tests.numerics import TOLERANCE, assert_rel_close
+from tests.numerics import TOLERANCE, assert_gathered_close, assert_rel_close
 
 @dataclass(frozen=True)
 class Case:
@@ -113,11 +113,8 @@ def _run_cases(rank: int, tsp_size: int) -> None:
                 out.backward(w["grad_out"][positions])
 
         tol = TOLERANCE[case.dtype]
-        inverse = inverse_zigzag_permutation(case.seq_len, tsp_size)
-        for name, local, ref in (("output", out.detach(), ref_out), ("x grad", x.grad, ref_grads["x"])):
-            gathered = torch.empty((case.seq_len, *local.shape[1:]), dtype=local.dtype)
-            dist.all_gather_into_tensor(gathered, local.contiguous(), group)
-            assert_rel_close(gathered[inverse], ref, tol, f"{case} {name}")
+        assert_gathered_close(out.detach(), ref_out, group, tol, f"{case} output")
+        assert_gathered_close(x.grad, ref_grads["x"], group, tol, f"{case} x grad")
         assert_rel_close(fc1_weight.grad, _megatron_fc1(ref_grads["gate"], ref_grads.get("up"), case, tsp_size, rank),
                          tol, f"{case} fc1 weight grad")
         assert_rel_close(fc2_weight.grad, _fc2_columns(ref_grads["down"], case, tsp_size, rank), tol,
