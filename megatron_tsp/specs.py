@@ -53,6 +53,8 @@ class TSPSelfAttention(SelfAttention):
     The rank's tokens are zigzag chunks p and 2D-1-p of the sample (the batch is permuted before the
     sequence split, see ``pretrain_gpt.get_batch``): RoPE angles and the causal mask use their global
     positions. The ``attention_mask`` argument is ignored: TSP attention is causal by construction.
+    Selective recompute of core attention (``--recompute-granularity selective``) is what the schedule does
+    anyway: it saves only the layer input and recomputes each bucket in backward.
     """
 
     def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
