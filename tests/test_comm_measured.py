@@ -20,7 +20,6 @@ ITERATIONS, MICRO_BATCHES = 3, 4  # tiny config: global batch 8 = 4 micro-batche
 _REPORT = re.compile(r"megatron-tsp comm bytes per rank over \d+ iterations: (\{.*\})")
 
 CASES = {  # name: (tsp size, kv groups, sequence length, extra flags)
-    "tsp2": (2, 4, 128, ()),
     "tsp4_longer_sequence": (4, 4, 256, ()),
     "tsp2_gqa_full_recompute": (2, 2, 128, ("--group-query-attention", "--num-query-groups", "2",
                                             "--recompute-granularity", "full", "--recompute-method", "uniform",

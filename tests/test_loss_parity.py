@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pretrain_runs import MOE, TINY_CONFIG, PretrainRun, pretrain
+from tests.pretrain_runs import MOE, PRINTED_NORM_TOLERANCE, TINY_CONFIG, PretrainRun, pretrain
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
@@ -40,9 +40,10 @@ def assert_same_curve(run: PretrainRun, ref: PretrainRun, params_norm: bool = Tr
     assert run.returncode == 0, run.output[-4000:]
     assert len(run.losses) == 10, run.output[-4000:]
     assert run.losses == pytest.approx(ref.losses, rel=1e-5)
-    assert run.grad_norms == pytest.approx(ref.grad_norms, rel=1e-3)  # printed with 3 decimals
+    assert run.grad_norms == pytest.approx(ref.grad_norms, abs=PRINTED_NORM_TOLERANCE)
     if params_norm:
-        assert len(run.params_norms) == 10 and run.params_norms == pytest.approx(ref.params_norms, rel=1e-5)
+        assert len(run.params_norms) == 10
+        assert run.params_norms == pytest.approx(ref.params_norms, abs=PRINTED_NORM_TOLERANCE)
     assert ref.losses[-1] < ref.losses[0] - 0.5  # the model learns: a curve, not a constant
 
 
@@ -52,25 +53,25 @@ PP2 = ("--pipeline-model-parallel-size", "2")
 # Interleaved pipeline schedule: 4 layers, 2 virtual stages of 1 layer per pipeline rank.
 VPP = (*PP2, "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1")
 
+# Each case adds what no other case covers (the suite runs on 2 cores, every launch counts): plain 1F1B
+# pipelining is in the MoE pipeline case, plain data parallelism in the distributed-optimizer case.
 CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 reference, reference ranks)
     "tsp2": (2, ("--tsp-size", "2"), (), 1),
     "tsp4": (4, ("--tsp-size", "4"), (), 1),
-    "tsp2_dp2": (4, ("--tsp-size", "2"), (), 1),
-    "tsp2_gqa": (2, ("--tsp-size", "2"), ("--group-query-attention", "--num-query-groups", "2"), 1),
-    "tsp2_recompute_full": (2, ("--tsp-size", "2", "--recompute-granularity", "full",
-                                "--recompute-method", "uniform", "--recompute-num-layers", "1"), (), 1),
+    "tsp2_gqa_recompute_full": (2, ("--tsp-size", "2", "--recompute-granularity", "full", "--recompute-method",
+                                    "uniform", "--recompute-num-layers", "1"),
+                                ("--group-query-attention", "--num-query-groups", "2"), 1),
     "tsp2_recompute_selective": (2, ("--tsp-size", "2", "--recompute-granularity", "selective"), (), 1),
-    "tsp2_pp2": (4, ("--tsp-size", "2"), PP2, 2),
     "tsp2_pp2_virtual": (4, ("--tsp-size", "2"), VPP, 2),
     "tsp2_dp2_distopt_overlap": (4, ("--tsp-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
                                      "--overlap-param-gather"), (), 1),
 
-    "moe_tsp2_ep2": (2, ("--tsp-size", "2"), MOE, 2),
-    "moe_tsp2_ep2_dp2": (4, ("--tsp-size", "2"), MOE, 2),
+    "moe_tsp2_ep2_dp2_shared_expert": (4, ("--tsp-size", "2"),
+                                       (*MOE, "--moe-shared-expert-intermediate-size", "128"), 2),
     "moe_tsp2_pp2_ep2": (4, ("--tsp-size", "2"), (*MOE, *PP2), 4),
-    "moe_tsp2_ep2_expert_biases": (2, ("--tsp-size", "2"), (*MOE, *EXPERT_BIASES), 2),
-    "moe_tsp2_ep2_mixed_layers_shared_expert": (
-        2, ("--tsp-size", "2"), (*MOE, "--moe-layer-freq", "2", "--moe-shared-expert-intermediate-size", "128"), 2),
+    # Dense and MoE layers mixed, linear biases everywhere, expert biases included (Megatron 0.19.2 refuses
+    # biases in a shared expert, so that one has its own case).
+    "moe_tsp2_ep2_mixed_layers_biases": (2, ("--tsp-size", "2"), (*MOE, *EXPERT_BIASES, "--moe-layer-freq", "2"), 2),
 }
 
 
