@@ -162,3 +162,16 @@ def apply_tsp_layout(args: argparse.Namespace) -> None:
     if args.expert_tensor_parallel_size is None:
         args.expert_tensor_parallel_size = 1
 
+
+
+def configure_tsp(args: argparse.Namespace) -> None:
+    """Validate the TSP flags, then map them onto Megatron's namespace; once per namespace.
+
+    Both entry points call this before Megatron's own ``validate_args``: megatron-tsp's ``pretrain_gpt`` and,
+    in a patched Megatron-LM checkout, ``validate_args`` itself (so it must be a no-op the second time).
+    """
+    if getattr(args, "tsp_configured", False):
+        return
+    validate_tsp_args(args, args.world_size)
+    apply_tsp_layout(args)
+    args.tsp_configured = True

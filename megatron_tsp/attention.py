@@ -19,10 +19,15 @@ accumulation dtype: fp32 for bf16/fp16 params, else the param dtype), W = (2 + 2
   bucket recomputed, never kept);  reduce_scatter K/V*e*(D-1)/D (dK/dV back to the token owners);
   reduce W*e_acc*(D-1)/D (each bucket's weight grad summed into its owner).
 
+Overlap: bucket r+1's K/V all-gather (the largest transfer at long context) is in flight while bucket r's
+attention computes, forward and backward; bucket r+2's weights are fetched into bucket r's slot once
+bucket r is done with them; bucket r's weight-grad reduce runs while bucket r+1 computes.
+
 Memory: forward saves only the local input ``x`` (plus the replicated q/k-norm params, the local rotary
 angles and the positions). Backward recomputes each bucket's local q/k/v (one qkv GEMM per bucket, on
-weights it re-fetches anyway) and re-gathers its K/V, so at most one bucket's full-sequence K/V and two
-weight shards (a two-slot buffer) are alive at a time.
+weights it re-fetches anyway) and re-gathers its K/V. Two weight shards (a two-slot buffer) are alive at a
+time, and two buckets' full-sequence K/V (the one attended and the next in flight), plus in backward the
+grad of one.
 """
 
 from __future__ import annotations
@@ -140,6 +145,37 @@ def _fetch_bucket(bucket: int, own_shard: list[Tensor], layout: ShardLayout, slo
     return broadcast(slot, owner=bucket, group=spec.tsp_group)
 
 
+def _start_bucket(fetch: Pending, x: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
+                  layout: ShardLayout, spec: _BucketSpec) -> tuple[Tensor, Pending, Tensor]:
+    """Wait for a bucket's weights, project the local tokens and start gathering the bucket's K/V.
+
+    Returns q ``[S/D, B, nq/D, hd]``, the pending all-gather of cat(k, v) ``[S, B, 2*nkv/D, hd]`` and the
+    bucket's output-projection weight (a view into its weight slot).
+    """
+    qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
+    q, k, v = _project_qkv(x, qkv_weight, qkv_bias, norm_params, rotary_freqs, spec)
+    return q, all_gather_seq(torch.cat((k, v), dim=2), spec.tsp_group), proj_weight
+
+
+def _recompute_bucket(fetch: Pending, x: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
+                      layout: ShardLayout, spec: _BucketSpec) -> tuple:
+    """Backward's :func:`_start_bucket`: the bucket's local q/k/v graph rebuilt on detached leaves (so that
+    grads land on them, not on the Function's inputs, which must get exactly one grad each), and the
+    pending all-gather of its K/V (a detached copy, whose grad comes back by reduce-scatter).
+
+    Returns (leaf x, [leaf qkv weight, leaf qkv bias or None, leaf proj weight], leaf q/k-norm params,
+    (q, k, v), pending K/V gather).
+    """
+    weights = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
+    with torch.enable_grad():
+        leaf_x = x.detach().requires_grad_()
+        leaf_weights = [None if w is None else w.detach().requires_grad_() for w in weights]
+        leaf_norm = [None if p is None else p.detach().requires_grad_() for p in norm_params]
+        q, k, v = _project_qkv(leaf_x, leaf_weights[0], leaf_weights[1], leaf_norm, rotary_freqs, spec)
+    kv_gather = all_gather_seq(torch.cat((k, v), dim=2).detach(), spec.tsp_group)
+    return leaf_x, leaf_weights, leaf_norm, (q, k, v), kv_gather
+
+
 def _qkv_bias_proj(parts: list[Tensor], spec: _BucketSpec) -> tuple[Tensor, Tensor | None, Tensor]:
     """(qkv weight, qkv bias or None, proj weight) from a shard's tensors (or their grads), in pack order."""
     return (parts[0], parts[1], parts[2]) if spec.has_qkv_bias else (parts[0], None, parts[1])
@@ -175,17 +211,19 @@ class TSPAttentionFunction(torch.autograd.Function):
         slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(min(tsp_size, 2))]
 
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        fetch = _fetch_bucket(0, own_shard, layout, slots[0], spec)
+        bucket = _start_bucket(_fetch_bucket(0, own_shard, layout, slots[0], spec), x, norm_params,
+                               rotary_freqs, layout, spec)
+        if tsp_size > 1:
+            fetch = _fetch_bucket(1, own_shard, layout, slots[1], spec)
         for head_bucket in range(tsp_size):
-            bucket_weights = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
-            bucket_qkv_weight, bucket_qkv_bias, bucket_proj_weight = bucket_weights
-            if head_bucket + 1 < tsp_size:  # next bucket's weights travel while this one computes
-                fetch = _fetch_bucket(head_bucket + 1, own_shard, layout, slots[(head_bucket + 1) % 2], spec)
-            q, k, v = _project_qkv(x, bucket_qkv_weight, bucket_qkv_bias, norm_params, rotary_freqs, spec)
-            full_kv = all_gather_seq(torch.cat((k, v), dim=2), spec.tsp_group).wait()  # [S, B, 2*nkv/D, hd]
-            full_k, full_v = full_kv.chunk(2, dim=2)
+            q, kv_gather, bucket_proj_weight = bucket
+            if head_bucket + 1 < tsp_size:  # the next bucket's K/V travel while this bucket's attention computes
+                bucket = _start_bucket(fetch, x, norm_params, rotary_freqs, layout, spec)
+            full_k, full_v = kv_gather.wait().chunk(2, dim=2)  # [S, B, nkv/D, hd] each
             attn = spec.core_attention(q, full_k, full_v, q_positions, k_positions, spec.softmax_scale)
             out += F.linear(attn, bucket_proj_weight)
+            if head_bucket + 2 < tsp_size:  # this bucket's weight slot is free again
+                fetch = _fetch_bucket(head_bucket + 2, own_shard, layout, slots[head_bucket % 2], spec)
 
         ctx.spec = spec
         ctx.save_for_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs, q_positions,
@@ -208,21 +246,16 @@ class TSPAttentionFunction(torch.autograd.Function):
         grad_norm = [None if p is None else torch.zeros_like(p, dtype=acc_dtype) for p in norm_params]
         own_grads: list[Tensor] = []
         weight_grad_reduce: tuple[int, Pending] | None = None  # (bucket, in-flight reduce to its owner)
-        fetch = _fetch_bucket(0, own_shard, layout, slots[0], spec)
+        bucket = _recompute_bucket(_fetch_bucket(0, own_shard, layout, slots[0], spec), x, norm_params,
+                                   rotary_freqs, layout, spec)
+        if tsp_size > 1:
+            fetch = _fetch_bucket(1, own_shard, layout, slots[1], spec)
         for head_bucket in range(tsp_size):
-            bucket_weights = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
-            if head_bucket + 1 < tsp_size:
-                fetch = _fetch_bucket(head_bucket + 1, own_shard, layout, slots[(head_bucket + 1) % 2], spec)
-            # Recompute this bucket's local graph on detached leaves, so that grads land here, not on the
-            # Function's inputs (they must get exactly one grad each, returned below).
+            leaf_x, (leaf_qkv_weight, leaf_qkv_bias, leaf_proj_weight), leaf_norm, (q, k, v), kv_gather = bucket
+            if head_bucket + 1 < tsp_size:  # the next bucket's K/V travel while this bucket's grads compute
+                bucket = _recompute_bucket(fetch, x, norm_params, rotary_freqs, layout, spec)
             with torch.enable_grad():
-                leaf_x = x.detach().requires_grad_()
-                leaf_weights = [None if w is None else w.detach().requires_grad_() for w in bucket_weights]
-                leaf_norm = [None if p is None else p.detach().requires_grad_() for p in norm_params]
-                leaf_qkv_weight, leaf_qkv_bias, leaf_proj_weight = leaf_weights
-                q, k, v = _project_qkv(leaf_x, leaf_qkv_weight, leaf_qkv_bias, leaf_norm, rotary_freqs, spec)
-                full_kv = all_gather_seq(torch.cat((k, v), dim=2).detach(), spec.tsp_group).wait()
-                full_kv.requires_grad_()
+                full_kv = kv_gather.wait().requires_grad_()
                 full_k, full_v = full_kv.chunk(2, dim=2)
                 attn = spec.core_attention(q, full_k, full_v, q_positions, k_positions, spec.softmax_scale)
                 out = F.linear(attn, leaf_proj_weight)
@@ -248,6 +281,8 @@ class TSPAttentionFunction(torch.autograd.Function):
                 own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout)
             weight_grad_reduce = (head_bucket, reduce(grad_buffer, owner=head_bucket, group=spec.tsp_group))
             del grad_buffer  # only the in-flight reduce holds it now
+            if head_bucket + 2 < tsp_size:  # this bucket's weight slot is free again (its graph is consumed)
+                fetch = _fetch_bucket(head_bucket + 2, own_shard, layout, slots[head_bucket % 2], spec)
         own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout)
 
         grad_weights = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]

@@ -69,7 +69,11 @@ def get_tsp_group() -> dist.ProcessGroup:
 
 
 def get_tsp_world_size() -> int:
-    """D, the number of ranks in the TSP group."""
+    """D, the number of ranks in the TSP group.
+
+    The tsp axis is Megatron's tensor-parallel slot: a run at ``--tsp-size 1`` with plain tensor parallelism
+    also sees its TP size here, so code that must know whether TSP layers run reads ``args.tsp_size``.
+    """
     return parallel_state.get_tensor_model_parallel_world_size()
 
 

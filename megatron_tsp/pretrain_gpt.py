@@ -18,7 +18,7 @@ import sys
 from functools import partial
 from typing import Any, Iterator, Optional, Sequence
 
-from megatron_tsp.megatron_compat import CPU_MEGATRON_FLAGS, cuda_to_cpu, patches, prepare_megatron, running_on_cpu
+from megatron_tsp.megatron_compat import CPU_MEGATRON_FLAGS, cuda_to_cpu, prepare_megatron, running_on_cpu
 
 prepare_megatron()  # before Megatron's model modules are imported: see megatron_compat.patches
 
@@ -40,11 +40,11 @@ from megatron.training.arguments import parse_args, validate_args  # noqa: E402
 from megatron.training.global_vars import set_global_variables  # noqa: E402
 from megatron.training.utils import get_blend_and_blend_per_split  # noqa: E402
 
-from megatron_tsp.args import TSPConfigError, add_tsp_args, apply_tsp_layout, expand_config, validate_tsp_args  # noqa: E402
+from megatron_tsp.args import TSPConfigError, add_tsp_args, configure_tsp, expand_config  # noqa: E402
 from megatron_tsp.comm import comm_bytes  # noqa: E402
-from megatron_tsp.mesh import get_tsp_world_size, initialize_model_parallel  # noqa: E402
+from megatron_tsp.mesh import initialize_model_parallel  # noqa: E402
 from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec  # noqa: E402
-from megatron_tsp.zigzag import zigzag_permutation  # noqa: E402
+from megatron_tsp.zigzag import zigzag_batch  # noqa: E402
 
 # Transformer Engine is optional: Megatron's TE layer spec is used automatically (on GPUs) when installed.
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
@@ -81,7 +81,6 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
-    patches.untag_expert_sequence_parallel(model)
     return model
 
 
@@ -93,22 +92,18 @@ def get_batch(data_iterator: Iterator[dict]) -> tuple[torch.Tensor, ...]:
     """Next micro-batch: tokens, labels, loss_mask, attention_mask, position_ids, each ``[b, s]``.
 
     Every rank reads its own iterator (the dataset provider is marked ``is_distributed``, so Megatron builds
-    the data loader on every rank): all ranks of a TSP group see the same samples without a broadcast.
+    the data loader on every rank): all ranks of a TSP group see the same samples without a broadcast. Under
+    TSP the sample is put in zigzag chunk order, so the sequence split after the embedding hands TSP rank p
+    chunks p and 2D-1-p (plain tensor parallelism at --tsp-size 1 keeps the natural order).
     """
-    batch = next(data_iterator)
-    device = _batch_device()
     fields = ("tokens", "labels", "loss_mask", "attention_mask", "position_ids")
-    tokens, labels, loss_mask, attention_mask, position_ids = (
-        batch[name].to(device, non_blocking=True) if batch.get(name) is not None else None for name in fields)
-    tsp_size = get_tsp_world_size()
+    device = _batch_device()
+    batch = {name: value.to(device, non_blocking=True) for name, value in next(data_iterator).items()
+             if name in fields and value is not None}
+    tsp_size = get_args().tsp_size
     if tsp_size > 1:
-        # Zigzag: put each sample in chunk order [0, 2D-1, 1, 2D-2, ...] so that the contiguous sequence split
-        # after the embedding gives TSP rank p chunks p and 2D-1-p (balanced causal work). Token-local ops and
-        # the summed loss are unchanged by the permutation; attention uses the tokens' global positions.
-        order = zigzag_permutation(tokens.shape[1], tsp_size, device)
-        tokens, labels, loss_mask, position_ids = (t[:, order] for t in (tokens, labels, loss_mask, position_ids))
-        attention_mask = None  # TSP attention is causal by construction
-    return tokens, labels, loss_mask, attention_mask, position_ids
+        batch = zigzag_batch(batch, tsp_size)
+    return tuple(batch.get(name) for name in fields)
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -168,8 +163,7 @@ def parse_tsp_args(argv: Sequence[str]) -> Any:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # asserted by Megatron's TP validation
     sys.argv = [sys.argv[0], *argv]
     args = parse_args(extra_args_provider=add_tsp_args)
-    validate_tsp_args(args, args.world_size)
-    apply_tsp_layout(args)
+    configure_tsp(args)
     validate_args(args, {})
     return args
 
@@ -181,7 +175,7 @@ def initialize_distributed(args: Any) -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend=args.distributed_backend, rank=args.rank, world_size=args.world_size)
     initialize_model_parallel(
-        # The tensor-parallel slot: the TSP degree (apply_tsp_layout), or plain TP when --tsp-size is 1.
+        # The tensor-parallel slot: the TSP degree (configure_tsp), or plain TP when --tsp-size is 1.
         tsp_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,

@@ -7,7 +7,8 @@ Megatron (``--use-cpu-initialization`` gives the same full weights at every degr
 TP=D checkpoint). Only ``forward`` changes: it runs the schedules of ``attention.py`` / ``mlp.py`` on the
 rank's sequence shard instead of Megatron's gather/all-reduce linears.
 
-Users of a Megatron-LM checkout select the layer with ``--spec megatron_tsp.specs get_gpt_layer_tsp_spec``.
+Users of a Megatron-LM checkout patched with ``patches/`` select the TSP decoder block with
+``--spec megatron_tsp.specs get_gpt_decoder_block_tsp_spec`` (see ``megatron_compat/megatron_lm.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -127,6 +129,20 @@ class TSPMLP(MLP):
         return output, self.linear_fc2.bias
 
 
+class TSPMoELayer(MoELayer):
+    """Megatron's MoE layer, routing each rank's local tokens, with expert params never summed over TSP.
+
+    megatron-core 0.19.2 tags expert output biases ``sequence_parallel`` (its RowParallelLinear copies the
+    layer's flag), so grad finalisation would sum their grads over the TSP group, whose ranks hold
+    *different* experts under parallel folding. Experts are on the expert-parallel axis only: untag them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.experts.parameters():
+            param.sequence_parallel = False
+
+
 def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int] = None,
                            moe_grouped_gemm: bool = False, **unused: Any) -> ModuleSpec:
     """Transformer layer with TSP attention, sequence-sharded norms and a TSP MLP, or with ``num_experts``
@@ -137,8 +153,9 @@ def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int
         mlp = partial(TSPMLP.as_mlp_submodule,
                       submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
     else:
-        mlp = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts,
-                                              moe_grouped_gemm=moe_grouped_gemm)
+        megatron_moe = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts,
+                                                       moe_grouped_gemm=moe_grouped_gemm)
+        mlp = partial(TSPMoELayer, **megatron_moe.keywords)  # Megatron's submodules, our layer class
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

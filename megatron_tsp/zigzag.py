@@ -8,6 +8,8 @@ chunks, and an all-gather along the sequence returns the same chunk order.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -16,6 +18,7 @@ __all__ = [
     "gathered_positions",
     "inverse_zigzag_permutation",
     "local_positions",
+    "zigzag_batch",
     "zigzag_permutation",
 ]
 
@@ -61,3 +64,25 @@ def gathered_positions(seq_len: int, tsp_size: int, device: torch.device | str =
     Rank p's slice is slots [p*S/D, (p+1)*S/D) of the zigzag order, so this is the permutation itself.
     """
     return zigzag_permutation(seq_len, tsp_size, device)
+
+
+# Per-token fields of a Megatron GPT micro-batch, each ``[b, s]``.
+TOKEN_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def zigzag_batch(batch: dict[str, Any], tsp_size: int) -> dict[str, Any]:
+    """A GPT micro-batch in zigzag chunk order, ready for the contiguous sequence split after the embedding.
+
+    ``tokens``, ``labels``, ``loss_mask`` and ``position_ids`` (``[b, s]``) are permuted together, so every
+    token-local op and the summed loss are unchanged; ``attention_mask`` becomes None because TSP attention is
+    causal by construction at the tokens' global positions. Packed sequences (``cu_seqlens``) are refused.
+    """
+    if batch.get("cu_seqlens") is not None:
+        raise ValueError("TSP does not support packed sequences (cu_seqlens): use --tsp-size 1 for them")
+    # Pipeline stages may hold only some fields (Megatron's first stage has no labels, the last no tokens).
+    present = {name: batch[name] for name in TOKEN_FIELDS if batch.get(name) is not None}
+    if not present:
+        return batch
+    sample = next(iter(present.values()))
+    order = zigzag_permutation(sample.shape[1], tsp_size, sample.device)
+    return {**batch, **{name: field[:, order] for name, field in present.items()}, "attention_mask": None}

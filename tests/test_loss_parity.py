@@ -4,6 +4,11 @@ The TSP=1 reference runs Megatron's own local layer spec; TSP>1 runs the TSP lay
 sequence-sharded norms. Pipeline runs are compared with a TSP=1 run at the same pipeline size, because
 Megatron seeds each pipeline stage differently (seed + 100 * stage); MoE runs with a TSP=1 run at the same
 expert-parallel size, because expert initial weights depend on it.
+
+The runs are cached (:func:`tsp_run`, :func:`reference`) and shared with the tests that read other things
+off the same training: the byte counters (test_comm_measured) and the uninterrupted runs checkpoints must
+continue like (test_checkpoints). Every TSP run counts its collectives (``--tsp-report-comm-bytes`` does not
+change the numbers, which these curves also prove).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from tests.pretrain_runs import MOE, PRINTED_NORM_TOLERANCE, TINY_CONFIG, Pretra
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
 ITERS = ("--train-iters", "10", "--log-params-norm")
+COUNT_BYTES = ("--tsp-report-comm-bytes",)
 
 
 @functools.cache
@@ -31,9 +37,21 @@ def biased_config() -> Path:
 
 @functools.cache
 def reference(ranks: int, config: Path, *flags: str) -> PretrainRun:
+    """The TSP=1 run on ``ranks`` ranks with ``flags`` (10 iterations)."""
     run = pretrain(ranks, *ITERS, *flags, config=config)
     assert run.returncode == 0 and len(run.losses) == 10, run.output[-3000:]
     return run
+
+
+@functools.cache
+def tsp_run(name: str) -> PretrainRun:
+    """The TSP run of case ``name`` (10 iterations, collectives counted)."""
+    ranks, tsp_flags, shared, _ = CASES[name]
+    return pretrain(ranks, *ITERS, *shared, *tsp_flags, *COUNT_BYTES, config=case_config(name))
+
+
+def case_config(name: str) -> Path:
+    return biased_config() if "biases" in name else TINY_CONFIG
 
 
 def assert_same_curve(run: PretrainRun, ref: PretrainRun, params_norm: bool = True) -> None:
@@ -52,6 +70,7 @@ EXPERT_BIASES = ("--no-bias-swiglu-fusion",)
 PP2 = ("--pipeline-model-parallel-size", "2")
 # Interleaved pipeline schedule: 4 layers, 2 virtual stages of 1 layer per pipeline rank.
 VPP = (*PP2, "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1")
+SHARED_EXPERT = ("--moe-shared-expert-intermediate-size", "128")
 
 # Each case adds what no other case covers (the suite runs on 2 cores, every launch counts): plain 1F1B
 # pipelining is in the MoE pipeline case, plain data parallelism in the distributed-optimizer case.
@@ -66,8 +85,7 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
     "tsp2_dp2_distopt_overlap": (4, ("--tsp-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
                                      "--overlap-param-gather"), (), 1),
 
-    "moe_tsp2_ep2_dp2_shared_expert": (4, ("--tsp-size", "2"),
-                                       (*MOE, "--moe-shared-expert-intermediate-size", "128"), 2),
+    "moe_tsp2_ep2_dp2_shared_expert": (4, ("--tsp-size", "2"), (*MOE, *SHARED_EXPERT), 2),
     "moe_tsp2_pp2_ep2": (4, ("--tsp-size", "2"), (*MOE, *PP2), 4),
     # Dense and MoE layers mixed, linear biases everywhere, expert biases included (Megatron 0.19.2 refuses
     # biases in a shared expert, so that one has its own case).
@@ -78,11 +96,9 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
 @pytest.mark.parametrize("name", list(CASES))
 def test_loss_curve_matches_tsp1(name: str) -> None:
     ranks, tsp_flags, shared, reference_ranks = CASES[name]
-    config = biased_config() if "biases" in name else TINY_CONFIG
     # With --overlap-param-gather Megatron logs the params norm before the next forward gathers the updated
     # params, so it lags one step behind a run without it (at any TSP degree); losses and grad norms do not.
-    assert_same_curve(pretrain(ranks, *ITERS, *shared, *tsp_flags, config=config),
-                      reference(reference_ranks, config, *shared),
+    assert_same_curve(tsp_run(name), reference(reference_ranks, case_config(name), *shared),
                       params_norm="--overlap-param-gather" not in tsp_flags)
 
 

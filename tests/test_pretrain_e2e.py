@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from tests.pretrain_runs import PRINTED_NORM_TOLERANCE, pretrain, run_command
+from tests.pretrain_runs import PRINTED_NORM_TOLERANCE, TINY_CONFIG, pretrain, run_command
+from tests.test_loss_parity import reference
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
@@ -22,13 +23,13 @@ def test_quickstart_trains() -> None:
 
 
 def test_cpu_data_parallel_matches_one_rank() -> None:
-    """Megatron's 2-rank data-parallel losses equal its 1-rank losses on CPU: the CPU mode is faithful."""
-    one = pretrain(1, "--train-iters", "5")
-    two = pretrain(2, "--train-iters", "5")
-    assert one.returncode == 0 and two.returncode == 0, (one.output[-3000:], two.output[-3000:])
-    assert len(one.losses) == len(two.losses) == 5
-    assert one.losses == pytest.approx(two.losses, rel=1e-5)
-    assert one.grad_norms == pytest.approx(two.grad_norms, abs=PRINTED_NORM_TOLERANCE)
+    """Megatron's 2-rank data-parallel losses equal its 1-rank losses on CPU: the CPU mode is faithful.
+
+    Both are TSP=1 reference runs of test_loss_parity (cached: the 1-rank one is shared).
+    """
+    one, two = reference(1, TINY_CONFIG), reference(2, TINY_CONFIG)
+    assert two.losses == pytest.approx(one.losses, rel=1e-5)
+    assert two.grad_norms == pytest.approx(one.grad_norms, abs=PRINTED_NORM_TOLERANCE)
 
 
 def test_bad_configuration_fails_on_every_rank_before_any_collective() -> None:

@@ -9,6 +9,7 @@ from megatron_tsp.zigzag import (
     gathered_positions,
     inverse_zigzag_permutation,
     local_positions,
+    zigzag_batch,
     zigzag_permutation,
 )
 
@@ -48,3 +49,19 @@ def test_rejects_sequence_not_divisible_by_2d() -> None:
         zigzag_permutation(12, 4)
     with pytest.raises(ValueError, match="outside a TSP group"):
         local_positions(16, 4, 4)
+
+
+def test_batch_fields_move_together_and_the_mask_goes() -> None:
+    tokens = torch.arange(2 * 8).view(2, 8)
+    batch = {"tokens": tokens, "labels": tokens + 100, "loss_mask": tokens.float(), "position_ids": tokens % 8,
+             "attention_mask": torch.ones(2, 1, 8, 8, dtype=torch.bool)}
+    permuted = zigzag_batch(batch, tsp_size=2)
+    order = [0, 1, 6, 7, 2, 3, 4, 5]  # chunks 0, 3, 1, 2 of 2 tokens
+    assert permuted["tokens"].tolist() == tokens[:, order].tolist()
+    for name, offset in (("labels", 100), ("loss_mask", 0), ("position_ids", 0)):
+        assert (permuted[name] - offset).long().remainder(8).tolist() == [order, order], name
+    assert permuted["attention_mask"] is None
+    last_stage = zigzag_batch({**batch, "tokens": None}, tsp_size=2)  # a pipeline stage without tokens
+    assert last_stage["tokens"] is None and last_stage["labels"].tolist() == permuted["labels"].tolist()
+    with pytest.raises(ValueError, match="packed sequences"):
+        zigzag_batch({**batch, "cu_seqlens": torch.tensor([0, 8])}, tsp_size=2)

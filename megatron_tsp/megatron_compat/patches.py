@@ -5,8 +5,7 @@ package (and ``cpu.py`` beside it) to be re-checked.
 
 - :data:`PATCHES`: replaced Megatron attributes, each with when it applies and why; :func:`install` applies
   them for a run, idempotently.
-- :func:`untag_expert_sequence_parallel`: a correction of Megatron's parameter tags, applied to every model
-  the plugin builds.
+- The expert-bias tag correction is not a patch: ``specs.TSPMoELayer`` makes it when the layer is built.
 - ``cpu.py`` (torch-level, not Megatron): ``torch.cuda`` stand-ins and ``torch.compile`` disabled on CPU.
 """
 
@@ -107,18 +106,6 @@ PATCHES: tuple[Patch, ...] = (
           _int_split_sizes),
 )
 
-
-def untag_expert_sequence_parallel(model: torch.nn.Module) -> None:
-    """Fix-up applied to every built model: experts' params are never summed over the TSP axis.
-
-    megatron-core 0.19.2 tags expert output biases ``sequence_parallel`` (RowParallelLinear copies the
-    layer's flag), so grad finalisation would sum their grads over tensor-parallel ranks that hold
-    *different* experts under parallel folding. Expert params are the ones Megatron marks
-    ``allreduce=False``.
-    """
-    for param in model.parameters():
-        if not getattr(param, "allreduce", True) and getattr(param, "sequence_parallel", False):
-            param.sequence_parallel = False
 
 _APPLIED: set[tuple[str, str]] = set()
 
