@@ -18,7 +18,7 @@ from tests.test_loss_parity import tsp_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
-ITERATIONS, MICRO_BATCHES = 10, 4  # tiny config: global batch 8 = 4 micro-batches of 2 (no data parallelism)
+ITERATIONS, MICRO_BATCHES = 10, 2  # tiny config: global batch 4 = 2 micro-batches of 2 (no data parallelism)
 _REPORT = re.compile(r"megatron-tsp comm bytes per rank over \d+ iterations: (\{.*\})")
 
 CASES = {  # loss-parity case: (tsp size, kv groups, recompute)
