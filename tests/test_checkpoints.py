@@ -69,9 +69,9 @@ def test_tsp4_checkpoint_continues_at(layout: str) -> None:
     assert_continues(resumed(saved("tsp4"), layout, "--no-load-rng"), reference(1, TINY_CONFIG))
 
 
-@pytest.mark.parametrize("layout", ["tsp2", "tp2"])
-def test_checkpoint_continues_at_tsp4_from(layout: str) -> None:
-    assert_continues(resumed(saved(layout), "tsp4", "--no-load-rng"), reference(1, TINY_CONFIG))
+def test_plain_tp2_checkpoint_continues_at_tsp4() -> None:
+    # The reverse direction; a TSP=2 checkpoint has the same sharded keys as this TP=2 one.
+    assert_continues(resumed(saved("tp2"), "tsp4", "--no-load-rng"), reference(1, TINY_CONFIG))
 
 
 def test_resume_at_the_same_layout_is_bit_identical() -> None:
