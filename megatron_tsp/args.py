@@ -163,7 +163,6 @@ def apply_tsp_layout(args: argparse.Namespace) -> None:
         args.expert_tensor_parallel_size = 1
 
 
-
 def configure_tsp(args: argparse.Namespace) -> None:
     """Validate the TSP flags, then map them onto Megatron's namespace; once per namespace.
 

@@ -5,6 +5,9 @@ package (and ``cpu.py`` beside it) to be re-checked.
 
 - :data:`PATCHES`: replaced Megatron attributes, each with when it applies and why; :func:`install` applies
   them for a run, idempotently.
+- ``patches/megatron-core-0.19.2.patch`` (repository root): source hooks for users of a Megatron-LM checkout,
+  each a call into :mod:`megatron_tsp.megatron_compat.megatron_lm`, which lists them; applied by the user,
+  never at runtime.
 - The expert-bias tag correction is not a patch: ``specs.TSPMoELayer`` makes it when the layer is built.
 - ``cpu.py`` (torch-level, not Megatron): ``torch.cuda`` stand-ins and ``torch.compile`` disabled on CPU.
 """
