@@ -29,6 +29,11 @@ def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "of every large weight. Takes the place of --tensor-model-parallel-size.")
     group.add_argument("--tsp-order", type=str, default=DEFAULT_ORDER,
                        help="Rank-mesh order, first name varies fastest (keep tsp first: NVLink-local).")
+    group.add_argument("--tsp-expert-ring", action="store_true",
+                       help="Shard each MoE expert's weights over the TSP axis (expert-tensor-parallel size = "
+                            "--tsp-size) and circulate the shards in a ring, like the dense TSP MLP, while "
+                            "dispatched tokens stay on their rank. Without it experts are whole on their "
+                            "expert-parallel ranks (expert-tensor-parallel size 1).")
     group.add_argument("--tsp-report-comm-bytes", action="store_true",
                        help="Count the bytes of every TSP collective during training and print the totals per "
                             "op (rank 0) when training ends, to check against megatron_tsp.cost.")
@@ -100,6 +105,9 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
         _check(world_size % (ep * pp) == 0,
                f"world size {world_size} is not divisible by --expert-model-parallel-size {ep} x "
                f"--pipeline-model-parallel-size {pp}; change --expert-model-parallel-size")
+    ring = getattr(args, "tsp_expert_ring", False)
+    _check(not ring or d > 1, "--tsp-expert-ring needs --tsp-size > 1 (it shards experts over the TSP axis); "
+                              "drop --tsp-expert-ring or raise --tsp-size")
     if d == 1:
         return
     _check(args.tensor_model_parallel_size == 1,
@@ -131,9 +139,13 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
            f"--position-embedding-type {args.position_embedding_type} is not supported with --tsp-size {d}; "
            f"use rope, learned_absolute or none")
     etp = args.expert_tensor_parallel_size
-    _check(args.num_experts is None or etp in (None, 1),
-           f"--expert-tensor-parallel-size {etp} with --tsp-size {d}: experts live on their own expert-parallel "
-           f"view of the ranks, unsharded along the TSP axis; use --expert-tensor-parallel-size 1")
+    if ring:
+        _validate_expert_ring(args, world_size)
+    else:
+        _check(args.num_experts is None or etp in (None, 1),
+               f"--expert-tensor-parallel-size {etp} with --tsp-size {d}: experts live on their own "
+               f"expert-parallel view of the ranks, unsharded along the TSP axis; use "
+               f"--expert-tensor-parallel-size 1, or --tsp-expert-ring to shard them over the TSP axis")
     unsupported = {
         "use_megatron_fsdp": "--use-megatron-fsdp",
         "use_torch_fsdp2": "--use-torch-fsdp2",
@@ -149,17 +161,51 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
            f"--window-size (sliding-window attention) is not supported with --tsp-size {d}; remove it")
 
 
+def _validate_expert_ring(args: argparse.Namespace, world_size: int) -> None:
+    """``--tsp-expert-ring``: experts sharded over the TSP axis, i.e. expert-tensor-parallel size D on the
+    TSP group's ranks, with local (SequentialMLP) experts and a dispatcher that keeps tokens local."""
+    d, ep, pp = args.tsp_size, args.expert_model_parallel_size, args.pipeline_model_parallel_size
+    _check(args.num_experts is not None, "--tsp-expert-ring without --num-experts: the ring shards MoE experts; "
+                                         "add --num-experts or drop --tsp-expert-ring")
+    etp = args.expert_tensor_parallel_size
+    _check(etp in (None, d), f"--expert-tensor-parallel-size {etp} with --tsp-expert-ring: the ring shards "
+                             f"experts over the TSP axis, so that size is --tsp-size ({d}); drop "
+                             f"--expert-tensor-parallel-size")
+    expert_ffn = args.moe_ffn_hidden_size or args.ffn_hidden_size or 4 * args.hidden_size
+    _check(expert_ffn % d == 0, f"--moe-ffn-hidden-size {expert_ffn} is not divisible by --tsp-size {d}: the "
+                                f"ring gives each rank 1/{d} of every expert; choose a multiple of {d}")
+    _check(world_size % (d * ep * pp) == 0,
+           f"world size {world_size} is not divisible by --tsp-size {d} x --expert-model-parallel-size {ep} x "
+           f"--pipeline-model-parallel-size {pp}: with --tsp-expert-ring each expert spans {d} TSP ranks; "
+           f"lower --expert-model-parallel-size")
+    _check(args.moe_token_dispatcher_type in ("alltoall", "allgather"),
+           f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type} with --tsp-expert-ring: use "
+           f"alltoall or allgather")
+    _check(not args.add_bias_linear,
+           "--tsp-expert-ring with linear biases: megatron-core 0.19.2 refuses biases in a MoE model whose "
+           "experts are tensor-parallel (TransformerConfig: 'Bias in Moe is only supported when ETP==1'); "
+           "add --disable-bias-linear or drop --tsp-expert-ring")
+    _check(not args.moe_grouped_gemm, "--moe-grouped-gemm with --tsp-expert-ring: the ring runs each local "
+                                      "expert's slice itself; drop --moe-grouped-gemm")
+    _check(args.tsp_order.lower().startswith("tsp-"),
+           f"--tsp-order {args.tsp_order} with --tsp-expert-ring: the experts' tensor-parallel group must be "
+           f"the TSP group, which needs tsp first; use --tsp-order {DEFAULT_ORDER}")
+
+
 def apply_tsp_layout(args: argparse.Namespace) -> None:
     """Map TSP onto Megatron's namespace: the tsp axis is the tensor-parallel slot with sequence parallelism.
 
     Sequence parallelism is implied (without it the slot's inputs would be replicated and weight-gathering
-    layers would double-count their gradients); experts default to expert-tensor-parallel size 1.
+    layers would double-count their gradients); experts get expert-tensor-parallel size D with
+    ``--tsp-expert-ring`` (the ring's shards are Megatron's expert-TP shards), else 1.
     """
     if args.tsp_size == 1:
         return
     args.tensor_model_parallel_size = args.tsp_size
     args.sequence_parallel = True
-    if args.expert_tensor_parallel_size is None:
+    if getattr(args, "tsp_expert_ring", False):
+        args.expert_tensor_parallel_size = args.tsp_size
+    elif args.expert_tensor_parallel_size is None:
         args.expert_tensor_parallel_size = 1
 
 

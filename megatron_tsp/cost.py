@@ -16,7 +16,8 @@ Conventions
 - Layout kinds: ``TP`` (Megatron tensor parallelism without sequence parallelism; t = 1 is plain data
   parallelism), ``TP+SP`` (Megatron's one-axis sequence parallelism), ``CP`` (context parallelism, Transformer
   Engine's p2p ring), ``TPxCP`` (TP+SP inside CP), ``TSP``. PP, DP and EP combine with each; experts use
-  expert-tensor-parallel size 1 (TSP requires it; assumed for the others too).
+  expert-tensor-parallel size 1 (assumed for the others too), except TSP with ``expert_ring``
+  (``--tsp-expert-ring``: each expert sharded over the D TSP ranks and run by the MLP ring).
 
 Assumptions (stated once, used throughout)
 - Megatron's local layer spec with a fused SDPA kernel (no S^2 score matrix kept), dropout 0, RMSNorm.
@@ -215,12 +216,20 @@ class Layout:
     pipeline: int = 1
     data: int = 1
     expert: int = 1
+    expert_ring: bool = False  # TSP only: experts sharded over the tensor (TSP) axis, run by the ring
 
     def __post_init__(self) -> None:
         if self.kind in ("TP", "TP+SP", "TSP") and self.context != 1:
             raise ValueError(f"{self.kind} has no context axis; use TPxCP")
         if self.kind == "CP" and self.tensor != 1:
             raise ValueError("CP has no tensor axis; use TPxCP")
+        if self.expert_ring and (self.kind != "TSP" or self.tensor == 1):
+            raise ValueError("expert_ring is TSP's (--tsp-expert-ring) and needs a TSP degree > 1")
+
+    @property
+    def expert_tensor(self) -> int:
+        """Ranks each expert is sharded over: D with the expert ring, else 1."""
+        return self.tensor if self.expert_ring else 1
 
     @property
     def gpus(self) -> int:
@@ -233,8 +242,8 @@ class Layout:
 
     @property
     def expert_data(self) -> int:
-        """Data-parallel ranks of an expert (expert-tensor-parallel size 1)."""
-        return self.gpus // (self.pipeline * self.expert)
+        """Data-parallel ranks of an expert."""
+        return self.gpus // (self.pipeline * self.expert * self.expert_tensor)
 
     @property
     def name(self) -> str:
@@ -248,6 +257,7 @@ class Layout:
             axes = [f"{self.kind}{self.tensor}"]
         axes += [f"{axis}{n}" for axis, n in (("PP", self.pipeline), ("DP", self.data), ("EP", self.expert))
                  if n > 1]
+        axes += ["expert-ring"] * self.expert_ring
         return " ".join(axes) or "DP1"
 
 
@@ -334,15 +344,17 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
                             ("attention weight grads", "reduce", weights * work.grad_bytes, d, d, True, d)))
 
 
-def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int) -> LayerComm:
-    """TSP MLP ring per layer (mlp.py): W = MLP weights incl. the fc1 bias, D-1 hops of W/D each.
+def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int, copies: int = 1,
+                 what: str = "MLP") -> LayerComm:
+    """TSP MLP ring per layer (mlp.py): W = MLP weights incl. the fc1 bias (times ``copies``: the expert ring
+    carries a rank's local experts in one message), D-1 hops of W/D each.
 
     forward: ring_send W*e*(D-1)/D. backward: ring_send W*e*(D-1)/D (weights re-circulated) plus
     W*e_acc*(D-1)/D (grad accumulators). All hidden behind the shards' GEMMs (double buffering).
     """
-    weights = model.mlp_weights(ffn) * _share(d)
-    circulate = ("MLP weights", "ring_send", weights * work.param_bytes, 2, d, True, d - 1)
-    accumulate = ("MLP weight grads", "ring_send", weights * work.grad_bytes, 2, d, True, d - 1)
+    weights = copies * model.mlp_weights(ffn) * _share(d)
+    circulate = (f"{what} weights", "ring_send", weights * work.param_bytes, 2, d, True, d - 1)
+    accumulate = (f"{what} weight grads", "ring_send", weights * work.grad_bytes, 2, d, True, d - 1)
     return LayerComm(forward=_transfers(circulate), backward=_transfers(circulate, accumulate))
 
 
@@ -377,11 +389,14 @@ def _context_ring(model: ModelShape, work: Workload, layout: Layout) -> LayerCom
 
 def _moe_comm(model: ModelShape, work: Workload, layout: Layout, x: Fraction) -> LayerComm:
     """Megatron's MoE layer: all_to_all dispatch and combine of each local token's top-k copies over EP
-    (exposed), and a shared expert run as a tensor-parallel (SP) MLP on the tensor axis."""
+    (exposed), and a shared expert run as a tensor-parallel (SP) MLP on the tensor axis. With the expert
+    ring, the rank's E/EP local experts circulate over the TSP axis (:func:`tsp_mlp_comm`)."""
     routed = work.tokens * Fraction(model.topk, layout.sequence_shard) * model.hidden * work.act_bytes
     ep = layout.expert
     dispatch = ("MoE dispatch/combine", "all_to_all", 2 * routed * _share(ep), ep, ep, False, 2)
     moe = LayerComm(forward=_transfers(dispatch), backward=_transfers(dispatch))
+    if layout.expert_ring:
+        moe += tsp_mlp_comm(model, work, layout.tensor, model.expert_ffn, model.experts // ep, "expert")
     if model.shared_expert_ffn:
         moe += _tensor_parallel_block(x, layout.tensor, True, "shared expert")
     return moe
@@ -491,7 +506,7 @@ def pipeline_stages(model: ModelShape, layout: Layout) -> tuple[Stage, ...]:
 
 def stage_params(model: ModelShape, layout: Layout, stage: Stage) -> tuple[Fraction, Fraction]:
     """(dense, expert) parameters per GPU on a stage. Sharded weights divide by t (CP: replicated);
-    experts divide by EP (expert-tensor-parallel 1)."""
+    experts divide by EP, and by D too with the expert ring."""
     t = layout.tensor
     vocab_rows = Fraction(model.padded_vocab(t), t) * model.hidden
     ends = int(stage.embedding) + int(stage.output)
@@ -502,7 +517,8 @@ def stage_params(model: ModelShape, layout: Layout, stage: Stage) -> tuple[Fract
     moe_layer = (attention + Fraction(model.mlp_weights(model.shared_expert_ffn), t)
                  + model.replicated_layer_params(True))
     dense = stage.dense_layers * dense_layer + stage.moe_layers * moe_layer + ends * vocab_rows + model.hidden
-    expert = stage.moe_layers * Fraction(model.experts * model.mlp_weights(model.expert_ffn), layout.expert)
+    expert = stage.moe_layers * Fraction(model.experts * model.mlp_weights(model.expert_ffn),
+                                         layout.expert * layout.expert_tensor)
     return dense, expert
 
 
@@ -519,8 +535,9 @@ def layer_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bo
     column-parallel linears keep the sharded input and re-gather it). Megatron attention: q, k, v and
     output, (2nq + 2nkv)*hd/t per token of the context shard; MLP: :func:`_mlp_activation_elements`/t.
     TSP attention and MLP keep only their input, the norm output already counted (attention.py, mlp.py).
-    MoE (all kinds): per local token, top-k copies of the dispatched input, expert activations and expert
-    output, plus a shared expert kept like a Megatron MLP of the tensor axis over the gathered tokens.
+    MoE (all kinds): per local token, top-k copies of the dispatched input, expert activations (not with
+    the expert ring, which recomputes them in backward like the dense ring) and expert output, plus a shared
+    expert kept like a Megatron MLP of the tensor axis over the gathered tokens.
     """
     a, t = work.act_bytes, layout.tensor
     local_tokens = Fraction(work.tokens, layout.sequence_shard)
@@ -531,7 +548,7 @@ def layer_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bo
         if not moe:
             saved += _mlp_activation_elements(model, model.ffn) * context_tokens / t
     if moe:
-        per_copy = 2 * model.hidden + _mlp_activation_elements(model, model.expert_ffn)
+        per_copy = 2 * model.hidden + (0 if layout.expert_ring else _mlp_activation_elements(model, model.expert_ffn))
         saved += model.topk * per_copy * local_tokens
         saved += _mlp_activation_elements(model, model.shared_expert_ffn) * context_tokens / t
     return saved * a
@@ -553,7 +570,8 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
       (e) and two weight-grad buffers (e_acc: the bucket being packed and the previous one being reduced)
       of W_attn/D, and with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
     - MLP (dense layers): one shard's fc1 output, activation, product and their grads for the local tokens,
-      two weight slots and two travelling grad accumulators of W_mlp/D.
+      two weight slots and two travelling grad accumulators of W_mlp/D; with the expert ring, the same for
+      the top-k copies of the local tokens and the local experts' W (MoE layers).
     """
     a, t, c = work.act_bytes, layout.tensor, layout.context
     if layout.kind != "TSP":
@@ -568,6 +586,10 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     if not moe:
         mlp = (2 * _mlp_activation_elements(model, model.ffn) * local_tokens * a / t
                + slots * Fraction(model.mlp_weights(model.ffn), t))
+    elif layout.expert_ring:
+        local_experts = model.experts // layout.expert
+        mlp = (2 * _mlp_activation_elements(model, model.expert_ffn) * model.topk * local_tokens * a / t
+               + slots * Fraction(local_experts * model.mlp_weights(model.expert_ffn), t))
     return 4 * local_tokens * model.hidden + max(attention, mlp)
 
 
@@ -673,7 +695,8 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
     """2 FLOPs per weight per token for the GEMMs, 2*B*S^2*nq*hd for causal core attention (half of QK^T and
     AV), split evenly over t*c ranks (TSP: D ranks, the zigzag split balances causal work).
 
-    Backward is 2 forwards; TSP attention and dense MLP recompute their forward inside backward (3), and TSP
+    Backward is 2 forwards; TSP attention and the MLP ring (dense, or experts with the expert ring) recompute
+    their forward inside backward (3), and TSP
     core attention with the dense mask computes the full S/D x S rectangle (2x the causal FLOPs; BASELINES.md
     measured 1.71x TP's time even for a bottom-right causal mask, 0.91x for a split prefix/diagonal kernel).
     Full recompute adds a forward; selective adds Megatron's core attention forward (not TSP's).
@@ -683,13 +706,17 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
     if layout.kind == "TSP" and work.tsp_dense_mask:
         core *= 2
     attention = 2.0 * work.tokens * model.attention_weights(with_bias=False) / ranks + core
-    ffn_weights = (model.topk * model.mlp_weights(model.expert_ffn, with_bias=False)
-                   + model.mlp_weights(model.shared_expert_ffn, with_bias=False)) if moe else \
-        model.mlp_weights(model.ffn, with_bias=False)
-    mlp = 2.0 * work.tokens * ffn_weights / ranks
-    forward = attention + mlp
-    if layout.kind == "TSP":
-        backward = 3 * attention + (2 if moe else 3) * mlp
+    if moe:
+        routed = model.topk * model.mlp_weights(model.expert_ffn, with_bias=False)
+        ring_weights = routed if layout.expert_ring else 0
+        other_weights = routed - ring_weights + model.mlp_weights(model.shared_expert_ffn, with_bias=False)
+    else:
+        ring_weights = model.mlp_weights(model.ffn, with_bias=False) if layout.kind == "TSP" else 0
+        other_weights = model.mlp_weights(model.ffn, with_bias=False) - ring_weights
+    ring_mlp, other_mlp = (2.0 * work.tokens * weights / ranks for weights in (ring_weights, other_weights))
+    forward = attention + ring_mlp + other_mlp
+    if layout.kind == "TSP":  # the MLP ring (dense MLP, or experts with the expert ring) recomputes too
+        backward = 3 * attention + 3 * ring_mlp + 2 * other_mlp
     else:
         backward = 2 * forward
     recompute = {"none": 0.0, "selective": core if layout.kind != "TSP" else 0.0, "full": forward}[work.recompute]

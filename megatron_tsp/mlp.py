@@ -9,6 +9,12 @@ slice p) of the MLP weights, in Megatron's layout (degree D):
 
 The activation is elementwise over ffn, so summing the D slices' outputs is exact.
 
+Experts (``--tsp-expert-ring``): the same ring serves a rank's local MoE experts, each sharded over the TSP
+axis in Megatron's expert-tensor-parallel layout of degree D. One message carries the slices of all local
+experts; each rank runs its own dispatched tokens (sorted by expert, ``tokens_per_expert`` of them per
+expert) through every slice, so tokens never leave their rank for the experts' sake. A rank with no tokens
+for an expert still forwards that expert's weights and accumulators.
+
 Ring order: rank p sends to p+1 and receives from p-1, so at step s it holds the shard of rank (p-s) mod D.
 Backward circulates the weights again, each rank computing its own shard's term first (hiding the first
 hop). A grad accumulator for owner o starts at o+1 (step 1), trails the weights by one step so that its
@@ -16,19 +22,20 @@ transfer overlaps the next step's compute, and after the last step takes a final
 accumulators each take D-1 hops; at most two weight shards and two accumulators are in flight per rank.
 
 Communication per rank per layer, bytes, for W = the weight elements of the whole layer (3*F*h^2 gated,
-2*F*h^2 not, plus the fc1 bias), e the weight element size and e_acc the accumulator's (fp32 for
-bf16/fp16 weights, else the weight dtype):
+2*F*h^2 not, plus the fc1 bias; for experts, summed over the rank's local experts), e the weight element
+size and e_acc the accumulator's (fp32 for bf16/fp16 weights, else the weight dtype):
 
 - forward:  ring_send W*e*(D-1)/D.
 - backward: ring_send W*e*(D-1)/D (weights re-circulated, never kept) + W*e_acc*(D-1)/D (accumulators).
 
 Memory: forward saves only the local input ``x``; backward recomputes each shard's fc1 output (one extra
-GEMM per shard) rather than keeping ``[S/D, B, ffn]`` activations from all D shards.
+GEMM per shard) rather than keeping ``[S/D, B, ffn]`` activations (experts: ``[T, ffn_e]``) from all D
+shards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +46,7 @@ from torch import Tensor
 from megatron_tsp.comm import ShardLayout, ring_exchange, shard_buffer
 from megatron_tsp.grads import weight_grad_for_autograd
 
-__all__ = ["TSPMLPFunction", "tsp_mlp"]
+__all__ = ["TSPMLPFunction", "tsp_expert_mlps", "tsp_mlp"]
 
 
 @dataclass(frozen=True)
@@ -48,12 +55,17 @@ class _MLPSpec:
     activation: Callable[[Tensor], Tensor]
     gated: bool
     has_fc1_bias: bool
+    tokens_per_mlp: tuple[int, ...]  # rows of x (dim 0) for each MLP of the shard, in order
+
+    @property
+    def tensors_per_mlp(self) -> int:
+        return 3 if self.has_fc1_bias else 2
 
 
-def _shard_mlp(x: Tensor, shard: list[Tensor], spec: _MLPSpec) -> Tensor:
-    """One ffn slice's output: x ``[sq, b, h]`` -> ``[sq, b, h]``; shard = [fc1_weight, (fc1_bias), fc2_weight]."""
-    fc1_weight, fc2_weight = shard[0], shard[-1]
-    fc1_bias = shard[1] if spec.has_fc1_bias else None
+def _slice_mlp(x: Tensor, weights: Sequence[Tensor], spec: _MLPSpec) -> Tensor:
+    """One ffn slice of one MLP: x ``[n, ..., h]`` -> ``[n, ..., h]``; weights = fc1_weight, (fc1_bias), fc2_weight."""
+    fc1_weight, fc2_weight = weights[0], weights[-1]
+    fc1_bias = weights[1] if spec.has_fc1_bias else None
     hidden = F.linear(x, fc1_weight, fc1_bias)
     if spec.gated:
         gate, up = hidden.chunk(2, dim=-1)
@@ -63,8 +75,18 @@ def _shard_mlp(x: Tensor, shard: list[Tensor], spec: _MLPSpec) -> Tensor:
     return F.linear(hidden, fc2_weight)
 
 
-def _shard_grads(x: Tensor, shard: list[Tensor], grad_out: Tensor, spec: _MLPSpec) -> tuple[Tensor, list[Tensor]]:
-    """(dx ``[sq, b, h]``, grads of the shard's tensors) from this rank's tokens, recomputing the shard's output."""
+def _shard_mlp(x: Tensor, shard: Sequence[Tensor], spec: _MLPSpec) -> Tensor:
+    """One shard's output for this rank's tokens: each MLP's rows of x through that MLP's slice."""
+    n = spec.tensors_per_mlp
+    if len(spec.tokens_per_mlp) == 1:
+        return _slice_mlp(x, shard, spec)
+    return torch.cat([_slice_mlp(rows, shard[i * n:(i + 1) * n], spec)
+                      for i, rows in enumerate(x.split(spec.tokens_per_mlp))])
+
+
+def _shard_grads(x: Tensor, shard: Sequence[Tensor], grad_out: Tensor,
+                 spec: _MLPSpec) -> tuple[Tensor, list[Tensor]]:
+    """(dx, grads of the shard's tensors) from this rank's tokens, recomputing the shard's output."""
     with torch.enable_grad():
         leaf_x = x.detach().requires_grad_()
         leaf_shard = [w.detach().requires_grad_() for w in shard]
@@ -76,18 +98,18 @@ def _shard_grads(x: Tensor, shard: list[Tensor], grad_out: Tensor, spec: _MLPSpe
 class TSPMLPFunction(torch.autograd.Function):
     """The TSP MLP ring schedule, forward and backward; see the module docstring for ring order and bytes.
 
-    Inputs: x ``[S/D, B, h]``, fc1_weight, fc1_bias (or None), fc2_weight (Megatron TP shards), spec.
-    Output ``[S/D, B, h]`` without the fc2 bias. Each input that needs a grad gets it exactly once.
+    Inputs: x ``[T, ..., h]`` (this rank's tokens), spec, then the rank's own shard: for each MLP in order
+    fc1_weight, (fc1_bias), fc2_weight (Megatron TP shards). Output like x, without fc2 biases. Each shard
+    tensor that needs a grad gets it exactly once.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
-                spec: _MLPSpec) -> Tensor:
-        own_shard = [t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None]
+    def forward(ctx, x: Tensor, spec: _MLPSpec, *own_shard: Tensor) -> Tensor:
         layout = ShardLayout([t.shape for t in own_shard])
         tsp_size = dist.get_world_size(spec.tsp_group)
+        weight_dtype = own_shard[0].dtype
         if tsp_size > 1:  # two-slot buffer: send from one slot while receiving into the other
-            slots = [shard_buffer(layout.numel, fc1_weight.dtype, x.device, "weight") for _ in range(2)]
+            slots = [shard_buffer(layout.numel, weight_dtype, x.device, "weight") for _ in range(2)]
             layout.pack(own_shard, slots[0])
 
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
@@ -100,19 +122,19 @@ class TSPMLPFunction(torch.autograd.Function):
                 shard = layout.unpack(next_shard.wait())
 
         ctx.spec = spec
-        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight)
+        ctx.save_for_backward(x, *own_shard)
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         spec: _MLPSpec = ctx.spec
-        x, fc1_weight, fc1_bias, fc2_weight = ctx.saved_tensors
-        own_shard = [t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None]
+        x, *own_shard = ctx.saved_tensors
         layout = ShardLayout([t.shape for t in own_shard])
         tsp_size = dist.get_world_size(spec.tsp_group)
-        acc_dtype = torch.promote_types(fc1_weight.dtype, torch.float32)
+        weight_dtype = own_shard[0].dtype
+        acc_dtype = torch.promote_types(weight_dtype, torch.float32)
         if tsp_size > 1:
-            slots = [shard_buffer(layout.numel, fc1_weight.dtype, x.device, "weight") for _ in range(2)]
+            slots = [shard_buffer(layout.numel, weight_dtype, x.device, "weight") for _ in range(2)]
             next_shard = ring_exchange(layout.pack(own_shard, slots[0]), slots[1], spec.tsp_group)
 
         # Own term first: it overlaps the first weight hop, and the owner's total is completed last.
@@ -141,10 +163,16 @@ class TSPMLPFunction(torch.autograd.Function):
             ring_exchange(outgoing_acc, own_acc, spec.tsp_group).wait()
             own_grads = [total + arrived for total, arrived in zip(own_grads, layout.unpack(own_acc))]
 
-        grad_weights = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]
-        grad_fc1_weight, grad_fc2_weight = grad_weights[0], grad_weights[-1]
-        grad_fc1_bias = grad_weights[1] if spec.has_fc1_bias else None
-        return grad_x.to(x.dtype), grad_fc1_weight, grad_fc1_bias, grad_fc2_weight, None
+        grad_shard = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]
+        return grad_x.to(x.dtype), None, *grad_shard
+
+
+def _check_layout(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, gated: bool) -> None:
+    ffn_rows = fc2_weight.shape[1] * (2 if gated else 1)
+    if fc1_weight.shape != (ffn_rows, x.shape[-1]) or fc2_weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight shards {tuple(fc1_weight.shape)}, {tuple(fc2_weight.shape)} do not match "
+                         f"Megatron's TP layout [{ffn_rows}, {x.shape[-1]}], [{x.shape[-1]}, ffn/D]"
+                         f"{' (gated: fc1 = [gate ; up])' if gated else ''}")
 
 
 def tsp_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
@@ -155,10 +183,31 @@ def tsp_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: 
     ``activation`` is elementwise; with ``gated`` the output is fc2(activation(gate) * up) (SwiGLU with
     ``F.silu``, GeGLU with ``F.gelu``), else fc2(activation(fc1(x))).
     """
-    ffn_rows = fc2_weight.shape[1] * (2 if gated else 1)
-    if fc1_weight.shape != (ffn_rows, x.shape[-1]) or fc2_weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"weight shards {tuple(fc1_weight.shape)}, {tuple(fc2_weight.shape)} do not match "
-                         f"Megatron's TP layout [{ffn_rows}, {x.shape[-1]}], [{x.shape[-1]}, ffn/D]"
-                         f"{' (gated: fc1 = [gate ; up])' if gated else ''}")
-    spec = _MLPSpec(tsp_group=tsp_group, activation=activation, gated=gated, has_fc1_bias=fc1_bias is not None)
-    return TSPMLPFunction.apply(x, fc1_weight, fc1_bias, fc2_weight, spec)
+    _check_layout(x, fc1_weight, fc2_weight, gated)
+    spec = _MLPSpec(tsp_group=tsp_group, activation=activation, gated=gated, has_fc1_bias=fc1_bias is not None,
+                    tokens_per_mlp=(x.shape[0],))
+    return TSPMLPFunction.apply(x, spec, *(t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None))
+
+
+def tsp_expert_mlps(x: Tensor, tokens_per_expert: Sequence[int],
+                    experts: Sequence[tuple[Tensor, Tensor | None, Tensor]], tsp_group: dist.ProcessGroup, *,
+                    activation: Callable[[Tensor], Tensor] = F.silu, gated: bool = True) -> Tensor:
+    """A rank's local experts by the TSP ring: x ``[T, h]`` (its dispatched tokens, sorted by expert) ->
+    ``[T, h]`` (fc2 biases not added).
+
+    ``experts`` holds each local expert's (fc1_weight, fc1_bias or None, fc2_weight) shard of degree D;
+    ``tokens_per_expert`` the rows of x for each (sums to T; may differ between ranks, zeros included).
+    Every rank of ``tsp_group`` must call this with the same experts, in the same order.
+    """
+    if len(tokens_per_expert) != len(experts) or sum(tokens_per_expert) != x.shape[0]:
+        raise ValueError(f"tokens_per_expert {list(tokens_per_expert)} does not split {x.shape[0]} tokens "
+                         f"over {len(experts)} experts")
+    has_fc1_bias = experts[0][1] is not None
+    for fc1_weight, fc1_bias, fc2_weight in experts:
+        _check_layout(x, fc1_weight, fc2_weight, gated)
+        if (fc1_bias is not None) != has_fc1_bias:
+            raise ValueError("either every expert has an fc1 bias or none has")
+    spec = _MLPSpec(tsp_group=tsp_group, activation=activation, gated=gated, has_fc1_bias=has_fc1_bias,
+                    tokens_per_mlp=tuple(int(n) for n in tokens_per_expert))
+    shard = [t for expert in experts for t in expert if t is not None]
+    return TSPMLPFunction.apply(x, spec, *shard)

@@ -95,7 +95,9 @@ def candidate_layouts(model: ModelShape, seq_len: int, gpus: int, micro_batch: i
     """Every layout Megatron (and our validation) accepts: degrees divide heads, kv groups, ffn and the
     sequence (2 chunks per rank for zigzag CP/TSP), the tensor/context axes fit in a node, PP divides the
     layers, DP divides the global batch; MoE with TP needs SP (Megatron). EP: the largest divisor of the
-    expert count that divides the GPUs of a pipeline stage (spreads expert memory most)."""
+    expert count that divides the GPUs of a pipeline stage (spreads expert memory most). MoE under TSP is
+    offered both ways: experts whole on EP ranks, and sharded over the TSP axis by the expert ring (EP then
+    divides the stage's GPUs / D)."""
     layouts = []
     for kind in KINDS:
         for t in _divisors(gpus):
@@ -113,6 +115,9 @@ def candidate_layouts(model: ModelShape, seq_len: int, gpus: int, micro_batch: i
                         continue
                     ep = max(e for e in _divisors(model.experts or 1) if (gpus // pp) % e == 0)
                     layouts.append(Layout(kind, tensor=t, context=c, pipeline=pp, data=dp, expert=ep))
+                    if kind == "TSP" and model.experts and model.expert_ffn % t == 0:  # --tsp-expert-ring
+                        ep = max(e for e in _divisors(model.experts) if (gpus // (pp * t)) % e == 0)
+                        layouts.append(Layout(kind, tensor=t, pipeline=pp, data=dp, expert=ep, expert_ring=True))
     return layouts
 
 
@@ -172,7 +177,7 @@ def _si(value: float, unit: str) -> str:
 
 def _row(c: Candidate) -> str:
     cost, fits = c.cost, "yes" if c.fits else "NO"
-    return (f"{c.layout.name:<22} {c.work.recompute:<9} {cost.memory.total / GiB:>8.3g} {fits:>4} "
+    return (f"{c.layout.name:<30} {c.work.recompute:<9} {cost.memory.total / GiB:>8.3g} {fits:>4} "
             f"{_si(cost.comm_bytes, 'B'):>11} {_si(cost.compute_s, 's'):>10} {_si(cost.exposed_comm_s, 's'):>12} "
             f"{_si(cost.step_s, 's'):>10}")
 
@@ -191,7 +196,7 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
         f"hardware: {gpus} x {hw.name}, {hw.memory_bytes / GiB:.1f} GiB, {hw.matmul_flops / 1e12:.0f} TFLOP/s "
         f"matmul, {hw.node_bandwidth / 1e9:.0f} GB/s in node",
         "",
-        f"{'layout':<22} {'recompute':<9} {'GiB/GPU':>8} {'fits':>4} {'sent/GPU':>11} {'compute':>10} "
+        f"{'layout':<30} {'recompute':<9} {'GiB/GPU':>8} {'fits':>4} {'sent/GPU':>11} {'compute':>10} "
         f"{'comm+bubble':>12} {'step':>10}",
     ]
     lines += [_row(c) for c in candidates[:max_rows]]

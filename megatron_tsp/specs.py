@@ -13,6 +13,8 @@ Users of a Megatron-LM checkout patched with ``patches/`` select the TSP decoder
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from functools import partial
 from typing import Any, Optional
 
@@ -26,7 +28,10 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -39,7 +44,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_tsp.attention import QKNorm, tsp_attention
 from megatron_tsp.kernels import select_core_attention
-from megatron_tsp.mlp import tsp_mlp
+from megatron_tsp.mlp import tsp_expert_mlps, tsp_mlp
 from megatron_tsp.norm import SequenceShardedNorm
 from megatron_tsp.zigzag import gathered_positions, local_positions
 
@@ -129,25 +134,82 @@ class TSPMLP(MLP):
         return output, self.linear_fc2.bias
 
 
+class TSPRingExperts(SequentialMLP):
+    """A rank's local experts by the TSP ring (``--tsp-expert-ring``): Megatron's SequentialMLP with
+    expert-tensor-parallel size D on the TSP group, so parameters, initialisation and checkpoints are Megatron's
+    expert-TP ones, but each rank keeps its own dispatched tokens and the experts' shards circulate
+    (``mlp.tsp_expert_mlps``) instead of Megatron gathering the tokens over the expert-TP group.
+
+    ``[T, h]`` tokens sorted by local expert in, ``([T, h], None)`` out, routing probs applied. No biases:
+    megatron-core 0.19.2 refuses them in MoE models with expert-TP > 1 (and ``args.py`` says so first).
+    """
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig, submodules: Any,
+                 pg_collection: Optional[ProcessGroupCollection] = None, **kwargs: Any) -> None:
+        pg_collection = pg_collection or get_default_pg_collection()
+        if dist.get_process_group_ranks(pg_collection.expt_tp) != dist.get_process_group_ranks(pg_collection.tp):
+            raise ValueError("--tsp-expert-ring: the expert-tensor-parallel group is not the TSP group; keep tsp "
+                             "first in --tsp-order")
+        unsupported = {"--fp8/--fp4": config.fp8 or config.fp4, "--moe-latent-size": config.moe_latent_size,
+                       "linear biases": config.add_bias_linear,
+                       "--glu-linear-offset or --activation-func-clamp-value":
+                           config.glu_linear_offset != 0 or config.activation_func_clamp_value is not None}
+        for flag, used in unsupported.items():
+            if used:
+                raise ValueError(f"--tsp-expert-ring does not support {flag}; remove it or drop --tsp-expert-ring")
+        super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection, **kwargs)
+
+    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
+                permuted_probs: torch.Tensor) -> tuple[torch.Tensor, None]:
+        hidden, probs = permuted_local_hidden_states, permuted_probs
+        if self.config.moe_apply_probs_on_input:
+            hidden, probs = (probs.unsqueeze(-1) * hidden).to(hidden.dtype), torch.ones_like(probs)
+        output = tsp_expert_mlps(
+            hidden, [int(n) for n in tokens_per_expert.tolist()],
+            [(expert.linear_fc1.weight, None, expert.linear_fc2.weight) for expert in self.local_experts],
+            self.tp_group, activation=self.config.activation_func, gated=self.config.gated_linear_unit)
+        # Megatron scales each token's activation by its routing prob before fc2; the scale is one number per
+        # token, so scaling the expert's output is the same.
+        return (output * probs.unsqueeze(-1)).to(hidden.dtype), None
+
+
+def _tokens_stay_local(pg_collection: ProcessGroupCollection) -> ProcessGroupCollection:
+    """The dispatcher's view for the expert ring: no expert-tensor-parallel group (megatron-core reads a
+    missing group as size 1), so it neither gathers tokens over the TSP axis nor reduce-scatters outputs."""
+    view = copy.copy(pg_collection)
+    view.expt_tp, view.tp_ep = None, pg_collection.ep
+    return view
+
+
 class TSPMoELayer(MoELayer):
     """Megatron's MoE layer, routing each rank's local tokens, with expert params never summed over TSP.
 
     megatron-core 0.19.2 tags expert output biases ``sequence_parallel`` (its RowParallelLinear copies the
     layer's flag), so grad finalisation would sum their grads over the TSP group, whose ranks hold
     *different* experts under parallel folding. Experts are on the expert-parallel axis only: untag them.
+    With :class:`TSPRingExperts` (no biases) the ring itself completes every expert grad at its owner.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: TransformerConfig, submodules: Any = None, layer_number: Optional[int] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None, **kwargs: Any) -> None:
+        pg_collection = pg_collection or get_default_pg_collection()
+        super().__init__(config, submodules, layer_number, pg_collection=pg_collection, **kwargs)
         for param in self.experts.parameters():
             param.sequence_parallel = False
+        if isinstance(self.experts, TSPRingExperts):  # rebuilt with the view that keeps tokens on their rank
+            self.token_dispatcher = type(self.token_dispatcher)(
+                self.num_local_experts, self.local_expert_indices, config=self.config,
+                pg_collection=_tokens_stay_local(pg_collection))
+            if self.use_shared_expert and self.shared_expert_overlap:
+                self.token_dispatcher.set_shared_experts(self.shared_experts)
 
 
 def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int] = None,
-                           moe_grouped_gemm: bool = False, **unused: Any) -> ModuleSpec:
+                           moe_grouped_gemm: bool = False, expert_ring: bool = False, **unused: Any) -> ModuleSpec:
     """Transformer layer with TSP attention, sequence-sharded norms and a TSP MLP, or with ``num_experts``
     Megatron's MoE layer (experts on their own expert-parallel view of the same ranks, routing each rank's
-    local tokens). Extra keyword arguments (Megatron's spec helpers pass backend flags) are ignored.
+    local tokens; with ``expert_ring`` each expert sharded over the TSP axis and run by the ring). Extra
+    keyword arguments (Megatron's spec helpers pass backend flags) are ignored.
     """
     if num_experts is None:
         mlp = partial(TSPMLP.as_mlp_submodule,
@@ -155,7 +217,10 @@ def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int
     else:
         megatron_moe = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts,
                                                        moe_grouped_gemm=moe_grouped_gemm)
-        mlp = partial(TSPMoELayer, **megatron_moe.keywords)  # Megatron's submodules, our layer class
+        submodules = megatron_moe.keywords["submodules"]
+        if expert_ring:
+            submodules = replace(submodules, experts=partial(TSPRingExperts, **submodules.experts.keywords))
+        mlp = partial(TSPMoELayer, submodules=submodules)  # Megatron's submodules, our layer class
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -201,11 +266,13 @@ def get_gpt_decoder_block_tsp_spec(config: TransformerConfig, vp_stage: Optional
                                    pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
     """The decoder block of this pipeline (and virtual pipeline) stage: dense or MoE TSP layers by
     ``--moe-layer-freq``, and a sequence-sharded final norm (Megatron's default final norm refuses sequence
-    parallelism without Apex/TE).
+    parallelism without Apex/TE). Experts sharded over the TSP axis (expert-tensor-parallel size > 1, which
+    the TSP validation allows only with ``--tsp-expert-ring``) run by the expert ring.
     """
     dense = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm)
     moe = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm, num_experts=config.num_moe_experts,
-                                 moe_grouped_gemm=config.moe_grouped_gemm) if config.num_moe_experts else None
+                                 moe_grouped_gemm=config.moe_grouped_gemm,
+                                 expert_ring=config.expert_tensor_parallel_size > 1) if config.num_moe_experts else None
     layers = [moe if is_moe else dense for is_moe in moe_layer_pattern(config)]
     first = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)

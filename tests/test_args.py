@@ -29,6 +29,7 @@ def parse(*flags: str, world: int = 4):
         return parse_args(extra_args_provider=add_tsp_args)
 
 
+RING = ("--tsp-size", "2", "--tsp-expert-ring", "--num-experts", "4")
 BAD = [  # flags, world size, text the error must contain (the flag to change)
     (["--tsp-size", "4"], 6, "world size 6 is not divisible by --tsp-size 4"),
     (["--tsp-size", "2", "--pipeline-model-parallel-size", "2"], 6, "--pipeline-model-parallel-size 2"),
@@ -53,6 +54,16 @@ BAD = [  # flags, world size, text the error must contain (the flag to change)
      "use --expert-tensor-parallel-size 1"),
     (["--tsp-size", "2", "--expert-model-parallel-size", "3", "--num-experts", "3"], 4,
      "--expert-model-parallel-size 3"),
+    # --tsp-expert-ring
+    (["--tsp-expert-ring", "--num-experts", "4"], 1, "--tsp-expert-ring needs --tsp-size > 1"),
+    (["--tsp-size", "2", "--tsp-expert-ring"], 4, "--tsp-expert-ring without --num-experts"),
+    ([*RING, "--expert-tensor-parallel-size", "1"], 4, "drop --expert-tensor-parallel-size"),
+    (["--tsp-size", "4", "--tsp-expert-ring", "--num-experts", "4", "--moe-ffn-hidden-size", "126"], 4,
+     "--moe-ffn-hidden-size 126 is not divisible by --tsp-size 4"),
+    ([*RING, "--expert-model-parallel-size", "4"], 4, "lower --expert-model-parallel-size"),
+    ([*RING, "--moe-token-dispatcher-type", "flex"], 4, "use alltoall or allgather"),
+    ([*RING, "--moe-grouped-gemm"], 4, "drop --moe-grouped-gemm"),
+    ([*RING, "--tsp-order", "cp-tsp-ep-dp-pp"], 4, "use --tsp-order tsp-cp-ep-dp-pp"),
 ]
 
 
@@ -72,6 +83,20 @@ def test_good_configuration_maps_tsp_onto_the_tensor_parallel_slot(tsp: int, wor
     assert args.tensor_model_parallel_size == tsp
     assert args.sequence_parallel == (tsp > 1)
     assert args.expert_tensor_parallel_size == (1 if tsp > 1 else None)
+
+
+def test_expert_ring_shards_experts_over_the_tsp_axis() -> None:
+    args = parse(*RING, "--expert-model-parallel-size", "2", world=4)
+    validate_tsp_args(args, 4)
+    apply_tsp_layout(args)
+    assert (args.tensor_model_parallel_size, args.expert_tensor_parallel_size) == (2, 2)
+
+
+def test_expert_ring_refuses_biases_before_megatron_does() -> None:
+    args = parse(*RING, world=4)
+    args.add_bias_linear = True  # the tiny config disables biases, and Megatron has no flag to re-enable them
+    with pytest.raises(TSPConfigError, match="add --disable-bias-linear"):
+        validate_tsp_args(args, 4)
 
 
 def test_config_file_and_command_line_override(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.pretrain_runs import MOE, PRINTED_NORM_TOLERANCE, TINY_CONFIG, PretrainRun, pretrain
-from tests.test_loss_parity import ITERS, SHARED_EXPERT, reference, tsp_run
+from tests.test_loss_parity import EXPERT_RING, ITERS, SHARED_EXPERT, reference, tsp_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
@@ -29,8 +29,9 @@ LAYOUTS = {  # name: (ranks, flags)
     "tsp2": (2, ("--tsp-size", "2")),
     "tsp4": (4, ("--tsp-size", "4")),
     "tp2": (2, ("--tensor-model-parallel-size", "2")),
-    # MoE at expert-parallel size 2 (expert initial weights depend on it): TSP=2 x EP=2 and TSP=1 x EP=2.
-    "moe_tsp2_ep2": (2, ("--tsp-size", "2", *MOE, *SHARED_EXPERT)),
+    # MoE at expert-parallel size 2 (expert initial weights depend on it): experts sharded over TSP=2 by the
+    # expert ring (expert-tensor-parallel 2) and whole experts at TSP=1.
+    "moe_tsp2_ep2_expert_ring": (4, (*EXPERT_RING, *MOE, *SHARED_EXPERT)),
     "moe_tsp1_ep2": (2, ("--tsp-size", "1", *MOE, *SHARED_EXPERT)),
 }
 ROOT = Path(tempfile.mkdtemp(prefix="tsp_ckpt_"))
@@ -82,5 +83,6 @@ def test_resume_at_the_same_layout_is_bit_identical() -> None:
 
 
 def test_moe_checkpoint_moves_between_tsp_layouts() -> None:
-    run = resumed(saved("moe_tsp2_ep2"), "moe_tsp1_ep2", "--no-load-rng")
+    # Dense weights from TSP=2 to 1 and every expert from 2 ring shards to whole.
+    run = resumed(saved("moe_tsp2_ep2_expert_ring"), "moe_tsp1_ep2", "--no-load-rng")
     assert_continues(run, reference(2, TINY_CONFIG, *MOE, *SHARED_EXPERT))

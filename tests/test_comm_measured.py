@@ -2,14 +2,16 @@
 
 ``--tsp-report-comm-bytes`` counts every TSP collective (comm.py's per-rank convention) over the whole run;
 ``megatron_tsp.cost`` predicts the same per layer and micro-batch. The counted runs are the loss-parity runs
-themselves (test_loss_parity, 10 iterations), at two shapes: D=4 with MHA, and D=2 with GQA and full
-recompute (whose backward repeats the forward's collectives). The bar is 1%; in fact they agree exactly.
+themselves (test_loss_parity, 10 iterations), at three shapes: D=4 with MHA, D=2 with GQA and full
+recompute (whose backward repeats the forward's collectives), and D=2 MoE with the expert ring. The bar is
+1%; in fact they agree exactly.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 
@@ -18,27 +20,35 @@ from tests.test_loss_parity import tsp_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
-ITERATIONS, MICRO_BATCHES = 10, 2  # tiny config: global batch 4 = 2 micro-batches of 2 (no data parallelism)
+ITERATIONS = 10
 _REPORT = re.compile(r"megatron-tsp comm bytes per rank over \d+ iterations: (\{.*\})")
+# The tiny config (configs/tiny_gpt_cpu.yaml): fp32, SwiGLU, no biases, sequence length 128, micro-batch 2 of
+# a global batch of 4; the MoE cases add tests.pretrain_runs.MOE (4 experts of ffn 256, top-2).
+TINY = ModelShape(hidden=64, layers=2, heads=4, kv_groups=4, head_dim=16, ffn=256, vocab=1024)
+TINY_MOE = replace(TINY, experts=4, topk=2, expert_ffn=256, shared_expert_ffn=128)
+# Transfers of Megatron's own modules, which comm.py does not see: MoE dispatch and the shared expert.
+MEGATRON_OWN = {"MoE dispatch/combine", "shared expert"}
 
-CASES = {  # loss-parity case: (tsp size, kv groups, recompute)
-    "tsp4": (4, 4, "none"),
-    "tsp2_gqa_recompute_full": (2, 2, "full"),
+CASES = {  # loss-parity case: (model, layout, recompute); micro-batches per step = 2 / DP
+    "tsp4": (TINY, Layout(kind="TSP", tensor=4), "none"),
+    "tsp2_gqa_recompute_full": (replace(TINY, kv_groups=2), Layout(kind="TSP", tensor=2), "full"),
+    "moe_tsp2_ep2_expert_ring_shared_expert": (TINY_MOE, Layout(kind="TSP", tensor=2, data=2, expert=2,
+                                                                expert_ring=True), "none"),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_counted_bytes_match_the_cost_model(name: str) -> None:
-    tsp, kv_groups, recompute = CASES[name]
+    model, layout, recompute = CASES[name]
     run = tsp_run(name)
     assert run.returncode == 0, run.output[-4000:]
     counted = json.loads(_REPORT.search(run.output).group(1))
 
-    # The tiny config (configs/tiny_gpt_cpu.yaml): fp32, SwiGLU, no biases, sequence length 128.
-    model = ModelShape(hidden=64, layers=2, heads=4, kv_groups=kv_groups, head_dim=16, ffn=256, vocab=1024)
     work = Workload(micro_batch=2, seq_len=128, param_bytes=4, act_bytes=4, recompute=recompute)
-    per_layer = bytes_by_op(layer_comm(model, work, Layout(kind="TSP", tensor=tsp), moe=False).transfers)
-    expected = {op: float(nbytes * model.layers * MICRO_BATCHES * ITERATIONS) for op, nbytes in per_layer.items()}
+    transfers = tuple(t for t in layer_comm(model, work, layout, moe=bool(model.experts)).transfers
+                      if t.what not in MEGATRON_OWN)
+    steps = ITERATIONS * (2 // layout.data)
+    expected = {op: float(nbytes * model.layers * steps) for op, nbytes in bytes_by_op(transfers).items()}
 
     assert counted.keys() == expected.keys()
     for op, nbytes in expected.items():

@@ -21,6 +21,8 @@ from megatron_tsp.cost import (
     bytes_by_op,
     layer_comm,
     memory,
+    pipeline_stages,
+    stage_params,
     step_cost,
     tsp_attention_comm,
     tsp_mlp_comm,
@@ -218,7 +220,26 @@ def test_candidates_respect_divisibility() -> None:
     assert all(8 % (2 * layout.data) == 0 for layout in layouts)  # global batch 8 = micro-batch 2 x DP x m
     moe_layouts = plan.candidate_layouts(_MOE, seq_len=4096, gpus=8, micro_batch=1, global_batch=8, gpus_per_node=8)
     assert not any(layout.kind == "TP" and layout.tensor > 1 for layout in moe_layouts)  # MoE + TP needs SP
-    assert all(layout.expert == 8 // layout.pipeline for layout in moe_layouts)
+    assert all(layout.expert * layout.expert_tensor == 8 // layout.pipeline for layout in moe_layouts)
+    assert {layout.expert_ring for layout in moe_layouts if layout.kind == "TSP"} == {False, True}
+
+
+def test_expert_ring_shards_experts_and_circulates_them() -> None:
+    """--tsp-expert-ring at D=4, EP=2: a quarter of the expert params per GPU, and the rank's 4 local experts'
+    shards travel the ring (mlp.py's formula with W summed over them); everything else unchanged."""
+    work = Workload(micro_batch=1, seq_len=4096)
+    whole, ring = Layout("TSP", tensor=4, data=2, expert=2), Layout("TSP", tensor=4, data=2, expert=2, expert_ring=True)
+    stage = stage_params(_MOE, whole, pipeline_stages(_MOE, whole)[0])
+    ring_stage = stage_params(_MOE, ring, pipeline_stages(_MOE, ring)[0])
+    assert ring_stage == (stage[0], stage[1] / 4) and (whole.expert_data, ring.expert_data) == (4, 1)
+    h, ffn_e, local_experts, e = _MOE.hidden, _MOE.expert_ffn, _MOE.experts // 2, work.param_bytes
+    weights = local_experts * 3 * ffn_e * h * Fraction(3, 4)  # gated: fc1 2*ffn_e x h, fc2 h x ffn_e
+    added = {phase: bytes_by_op(getattr(layer_comm(_MOE, work, ring, moe=True), phase)).get("ring_send", 0)
+             - bytes_by_op(getattr(layer_comm(_MOE, work, whole, moe=True), phase)).get("ring_send", 0)
+             for phase in ("forward", "backward")}
+    assert added == {"forward": weights * e, "backward": weights * (e + 4)}
+    with pytest.raises(ValueError, match="expert_ring"):
+        Layout("TP+SP", tensor=4, expert_ring=True)
 
 
 def test_planner_cli_recommends(capsys: pytest.CaptureFixture[str]) -> None:

@@ -71,6 +71,7 @@ PP2 = ("--pipeline-model-parallel-size", "2")
 # Interleaved pipeline schedule: 4 layers, 2 virtual stages of 1 layer per pipeline rank.
 VPP = (*PP2, "--num-layers", "4", "--num-layers-per-virtual-pipeline-stage", "1")
 SHARED_EXPERT = ("--moe-shared-expert-intermediate-size", "128")
+EXPERT_RING = ("--tsp-size", "2", "--tsp-expert-ring")
 
 # Each case adds what no other case covers (the suite runs on 2 cores, every launch counts): plain 1F1B
 # pipelining is in the MoE pipeline case, plain data parallelism in the distributed-optimizer case.
@@ -86,6 +87,8 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
                                      "--overlap-param-gather"), (), 1),
 
     "moe_tsp2_ep2_dp2_shared_expert": (4, ("--tsp-size", "2"), (*MOE, *SHARED_EXPERT), 2),
+    # Experts sharded over the TSP axis and run by the ring (expert-TP 2, expert-DP 1), same reference.
+    "moe_tsp2_ep2_expert_ring_shared_expert": (4, EXPERT_RING, (*MOE, *SHARED_EXPERT), 2),
     "moe_tsp2_pp2_ep2": (4, ("--tsp-size", "2"), (*MOE, *PP2), 4),
     # Dense and MoE layers mixed, linear biases everywhere, expert biases included (Megatron 0.19.2 refuses
     # biases in a shared expert, so that one has its own case).

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_tsp.comm import comm_bytes, track_shard_residency
-from megatron_tsp.mlp import tsp_mlp
+from megatron_tsp.mlp import tsp_expert_mlps, tsp_mlp
 from megatron_tsp.zigzag import local_positions
 from tests.multiprocess import run_on_ranks
 from tests.numerics import TOLERANCE, assert_gathered_close, assert_rel_close
@@ -138,3 +138,79 @@ def _run_cases(rank: int, tsp_size: int) -> None:
 @pytest.mark.parametrize("tsp_size", [1, 2, 4])
 def test_mlp_matches_dense(tsp_size: int) -> None:
     run_on_ranks(_run_cases, tsp_size)
+
+
+# ------------------------------------------------------------------------------- experts (--tsp-expert-ring)
+
+EXPERT_CASES = [  # (activation, gated, bias, dtype)
+    (F.silu, True, True, torch.float32),
+    (F.silu, True, False, torch.float64),
+    (F.gelu, False, True, torch.float64),
+]
+NUM_EXPERTS = 3
+
+
+def _expert_tokens(rank: int) -> list[int]:
+    """Rank ``rank``'s dispatched tokens per local expert: unequal across ranks, with zeros."""
+    return [(3 * rank + 2 * expert) % 5 for expert in range(NUM_EXPERTS)]
+
+
+def _run_expert_cases(rank: int, tsp_size: int) -> None:
+    group = dist.group.WORLD
+    for activation, gated, bias, dtype in EXPERT_CASES:
+        what = f"experts {activation.__name__} gated={gated} bias={bias} {dtype}"
+        # Experts of different widths, so that a mix-up of experts cannot pass.
+        cases = [Case(activation, gated, bias, 1, 1, dtype, ffn=32 + 16 * e) for e in range(NUM_EXPERTS)]
+        experts = [_full_weights(case) for case in cases]
+        gen = torch.Generator().manual_seed(99)
+        tokens = {r: [torch.randn(n, cases[0].hidden, generator=gen, dtype=torch.float64).to(dtype)
+                      for n in _expert_tokens(r)] for r in range(tsp_size)}
+        grads_out = {r: [torch.randn_like(t) for t in ts] for r, ts in tokens.items()}
+
+        # Reference: every rank's tokens through the full experts, in fp64; weight grads summed over ranks.
+        references = []
+        for e, (ref_case, w) in enumerate(zip(cases, experts)):
+            w = dict(w, x=torch.cat([tokens[r][e] for r in range(tsp_size)]),
+                     grad_out=torch.cat([grads_out[r][e] for r in range(tsp_size)]))
+            references.append((ref_case, _dense_reference(ref_case, w)))
+
+        x = torch.cat(tokens[rank]).requires_grad_()
+        shards = []
+        for (ref_case, _), w in zip(references, experts):
+            shards.append((_megatron_fc1(w["gate"], w["up"], ref_case, tsp_size, rank).clone().requires_grad_(),
+                           _megatron_fc1(w["gate_bias"], w["up_bias"], ref_case, tsp_size, rank).clone()
+                           .requires_grad_() if bias else None,
+                           _fc2_columns(w["down"], ref_case, tsp_size, rank).clone().requires_grad_()))
+        with track_shard_residency() as residency, comm_bytes() as counted:
+            out = tsp_expert_mlps(x, _expert_tokens(rank), shards, group, activation=activation, gated=gated)
+            out.backward(torch.cat(grads_out[rank]))
+
+        tol = TOLERANCE[dtype]
+        rows = torch.cumsum(torch.tensor([0, *_expert_tokens(rank)]), 0).tolist()
+        for e, ((ref_case, (ref_out, ref_grads)), (fc1_weight, fc1_bias, fc2_weight)) in enumerate(
+                zip(references, shards)):
+            before = sum(_expert_tokens(r)[e] for r in range(rank))  # this rank's rows in the reference
+            mine = slice(before, before + _expert_tokens(rank)[e])
+            if _expert_tokens(rank)[e]:
+                assert_rel_close(out[rows[e]:rows[e + 1]].detach(), ref_out[mine], tol, f"{what} expert {e} out")
+                assert_rel_close(x.grad[rows[e]:rows[e + 1]], ref_grads["x"][mine], tol, f"{what} expert {e} dx")
+            assert_rel_close(fc1_weight.grad, _megatron_fc1(ref_grads["gate"], ref_grads.get("up"), ref_case,
+                                                            tsp_size, rank), tol, f"{what} expert {e} fc1 grad")
+            assert_rel_close(fc2_weight.grad, _fc2_columns(ref_grads["down"], ref_case, tsp_size, rank), tol,
+                             f"{what} expert {e} fc2 grad")
+            if bias:
+                ref_bias = _megatron_fc1(ref_grads["gate_bias"], ref_grads.get("up_bias"), ref_case, tsp_size, rank)
+                assert_rel_close(fc1_bias.grad, ref_bias, tol, f"{what} expert {e} fc1 bias grad")
+
+        # One message carries every local expert's slices: the dense formulas with W summed over experts.
+        elem = torch.empty(0, dtype=dtype).element_size()
+        weights = sum(p.numel() for shard in shards for p in shard if p is not None)
+        hops = tsp_size - 1  # of this rank's shard (W/D): forward and backward weights, backward accumulators
+        assert counted.bytes_by_op.get("ring_send", 0) == weights * hops * (2 * elem + max(elem, 4)), what
+        assert dict(residency.peak) == ({} if tsp_size == 1 else {"weight": 2, "grad": 2}), what
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("tsp_size", [1, 2, 4])
+def test_expert_ring_matches_dense_experts(tsp_size: int) -> None:
+    run_on_ranks(_run_expert_cases, tsp_size)
