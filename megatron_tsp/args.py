@@ -34,6 +34,10 @@ def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "--tsp-size) and circulate the shards in a ring, like the dense TSP MLP, while "
                             "dispatched tokens stay on their rank. Without it experts are whole on their "
                             "expert-parallel ranks (expert-tensor-parallel size 1).")
+    group.add_argument("--tsp-keep-weight-shards", action="store_true",
+                       help="Keep the weight shards each TSP layer fetched in forward until its backward (all D "
+                            "shards of a layer per rank) instead of fetching them again: backward moves only "
+                            "activations and grads, for W_layer bytes per layer of extra memory.")
     group.add_argument("--tsp-report-comm-bytes", action="store_true",
                        help="Count the bytes of every TSP collective during training and print the totals per "
                             "op (rank 0) when training ends, to check against megatron_tsp.cost.")

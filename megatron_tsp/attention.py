@@ -15,9 +15,11 @@ accumulation dtype: fp32 for bf16/fp16 params, else the param dtype), W = (2 + 2
 (plus (1 + 2/g)*h for the qkv bias), g = nq/nkv, and K/V = 2*B*S*h/g elements (h = nq*hd):
 
 - forward:  broadcast W*e*(D-1)/D;  all_gather K/V*e*(D-1)/D.
-- backward: broadcast W*e*(D-1)/D (weights re-fetched, never kept);  all_gather K/V*e*(D-1)/D (K/V of a
-  bucket recomputed, never kept);  reduce_scatter K/V*e*(D-1)/D (dK/dV back to the token owners);
-  reduce W*e_acc*(D-1)/D (each bucket's weight grad summed into its owner).
+- backward: broadcast W*e*(D-1)/D (weights re-fetched);  all_gather K/V*e*(D-1)/D (K/V of a bucket
+  recomputed, never kept);  reduce_scatter K/V*e*(D-1)/D (dK/dV back to the token owners);
+  reduce W*e_acc*(D-1)/D (each bucket's weight grad summed into its owner). With ``keep_weights``
+  (``--tsp-keep-weight-shards``) the forward keeps every bucket's weights (D weight buffers, W*e per layer,
+  alive until the layer's backward) and backward broadcasts nothing.
 
 Overlap: bucket r+1's K/V all-gather (the largest transfer at long context) is in flight while bucket r's
 attention computes, forward and backward; bucket r+2's weights are fetched into bucket r's slot once
@@ -25,8 +27,8 @@ bucket r is done with them; bucket r's weight-grad reduce runs while bucket r+1 
 
 Memory: forward saves only the local input ``x`` (plus the replicated q/k-norm params, the local rotary
 angles and the positions). Backward recomputes each bucket's local q/k/v (one qkv GEMM per bucket, on
-weights it re-fetches anyway) and re-gathers its K/V. Two weight shards (a two-slot buffer) are alive at a
-time, and two buckets' full-sequence K/V (the one attended and the next in flight), plus in backward the
+weights it re-fetches anyway) and re-gathers its K/V. Two weight shards (a two-slot buffer; D with
+``keep_weights``) are alive at a time, and two buckets' full-sequence K/V (the one attended and the next in flight), plus in backward the
 grad of one.
 """
 
@@ -119,6 +121,7 @@ class _BucketSpec:
     norm_fn: HeadNormFn | None
     rotary_fn: RotaryFn
     core_attention: CausalAttention
+    keep_weights: bool = False  # keep every bucket's fetched weights for backward (no re-fetch)
 
 
 def _project_qkv(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, norm_params: list[Tensor | None],
@@ -208,7 +211,9 @@ class TSPAttentionFunction(torch.autograd.Function):
         layout = ShardLayout([t.shape for t in own_shard])
         norm_params = [q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias]
         tsp_size = dist.get_world_size(spec.tsp_group)
-        slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(min(tsp_size, 2))]
+        # Bucket r's weights go to slot r mod the slot count: two slots, or one per bucket when they are kept.
+        num_slots = tsp_size if spec.keep_weights else min(tsp_size, 2)
+        slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(num_slots)]
 
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         bucket = _start_bucket(_fetch_bucket(0, own_shard, layout, slots[0], spec), x, norm_params,
@@ -222,10 +227,11 @@ class TSPAttentionFunction(torch.autograd.Function):
             full_k, full_v = kv_gather.wait().chunk(2, dim=2)  # [S, B, nkv/D, hd] each
             attn = spec.core_attention(q, full_k, full_v, q_positions, k_positions, spec.softmax_scale)
             out += F.linear(attn, bucket_proj_weight)
-            if head_bucket + 2 < tsp_size:  # this bucket's weight slot is free again
-                fetch = _fetch_bucket(head_bucket + 2, own_shard, layout, slots[head_bucket % 2], spec)
+            if head_bucket + 2 < tsp_size:  # with two slots, this bucket's slot is free again
+                fetch = _fetch_bucket(head_bucket + 2, own_shard, layout, slots[(head_bucket + 2) % num_slots], spec)
 
         ctx.spec = spec
+        ctx.kept_weights = slots if spec.keep_weights else None
         ctx.save_for_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs, q_positions,
                               k_positions)
         return out.to(x.dtype)
@@ -240,16 +246,22 @@ class TSPAttentionFunction(torch.autograd.Function):
         norm_params = [q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias]
         tsp_size, tsp_rank = dist.get_world_size(spec.tsp_group), dist.get_rank(spec.tsp_group)
         acc_dtype = torch.promote_types(qkv_weight.dtype, torch.float32)
-        slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(min(tsp_size, 2))]
+        kept, ctx.kept_weights = ctx.kept_weights, None  # freed with this frame
+        if kept is None:
+            slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(min(tsp_size, 2))]
+
+        def fetch_bucket(bucket: int) -> Pending:
+            if kept is not None:
+                return Pending(kept[bucket], [])
+            return _fetch_bucket(bucket, own_shard, layout, slots[bucket % 2], spec)
 
         grad_x = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         grad_norm = [None if p is None else torch.zeros_like(p, dtype=acc_dtype) for p in norm_params]
         own_grads: list[Tensor] = []
         weight_grad_reduce: tuple[int, Pending] | None = None  # (bucket, in-flight reduce to its owner)
-        bucket = _recompute_bucket(_fetch_bucket(0, own_shard, layout, slots[0], spec), x, norm_params,
-                                   rotary_freqs, layout, spec)
+        bucket = _recompute_bucket(fetch_bucket(0), x, norm_params, rotary_freqs, layout, spec)
         if tsp_size > 1:
-            fetch = _fetch_bucket(1, own_shard, layout, slots[1], spec)
+            fetch = fetch_bucket(1)
         for head_bucket in range(tsp_size):
             leaf_x, (leaf_qkv_weight, leaf_qkv_bias, leaf_proj_weight), leaf_norm, (q, k, v), kv_gather = bucket
             if head_bucket + 1 < tsp_size:  # the next bucket's K/V travel while this bucket's grads compute
@@ -282,7 +294,7 @@ class TSPAttentionFunction(torch.autograd.Function):
             weight_grad_reduce = (head_bucket, reduce(grad_buffer, owner=head_bucket, group=spec.tsp_group))
             del grad_buffer  # only the in-flight reduce holds it now
             if head_bucket + 2 < tsp_size:  # this bucket's weight slot is free again (its graph is consumed)
-                fetch = _fetch_bucket(head_bucket + 2, own_shard, layout, slots[head_bucket % 2], spec)
+                fetch = fetch_bucket(head_bucket + 2)
         own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout)
 
         grad_weights = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]
@@ -296,7 +308,7 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
                   q_positions: Tensor, k_positions: Tensor, tsp_group: dist.ProcessGroup, num_heads: int,
                   num_kv_heads: int, *, softmax_scale: float | None = None, rotary_freqs: Tensor | None = None,
                   rotary_fn: RotaryFn = apply_rotary, qk_norm: QKNorm | None = None,
-                  core_attention: CausalAttention = zigzag_causal_attention) -> Tensor:
+                  core_attention: CausalAttention = zigzag_causal_attention, keep_weights: bool = False) -> Tensor:
     """TSP self-attention of rank p's tokens: x ``[S/D, B, h]`` -> ``[S/D, B, h]`` (proj bias not added).
 
     ``qkv_weight``, ``qkv_bias``, ``proj_weight``: this rank's Megatron TP shards (module docstring);
@@ -304,7 +316,8 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
     ``k_positions [S]``: global positions of the local tokens and of the rank-order gathered sequence
     (``zigzag.local_positions`` / ``zigzag.gathered_positions``); ``rotary_freqs [S/D, 1, 1, rot_dim]``: the
     local tokens' RoPE angles, applied with ``rotary_fn(t, freqs)``; ``softmax_scale`` defaults to
-    1/sqrt(hd).
+    1/sqrt(hd); ``keep_weights``: keep the D buckets' weights from forward to backward (D weight buffers
+    instead of two) so that backward fetches nothing.
     """
     tsp_size = dist.get_world_size(tsp_group)
     if num_heads % tsp_size or num_kv_heads % tsp_size:
@@ -321,7 +334,7 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
     spec = _BucketSpec(tsp_group=tsp_group, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                        softmax_scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim),
                        has_qkv_bias=qkv_bias is not None, norm_fn=None if qk_norm is None else qk_norm.fn,
-                       rotary_fn=rotary_fn, core_attention=core_attention)
+                       rotary_fn=rotary_fn, core_attention=core_attention, keep_weights=keep_weights)
     norm_params = [None] * 4 if qk_norm is None else [qk_norm.q_weight, qk_norm.q_bias, qk_norm.k_weight,
                                                       qk_norm.k_bias]
     return TSPAttentionFunction.apply(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs,

@@ -36,9 +36,11 @@ Peak memory model (``Memory``)
   for fp32 params), divided over data-parallel ranks with the distributed optimizer (dense params over
   DP x CP, experts over the expert-data-parallel ranks).
 - Stored activations: each layer keeps :func:`layer_saved_bytes` (no or selective recompute) or its input
-  (full recompute), times the micro-batches in flight on the stage (1F1B: PP on the first stage).
+  (full recompute), times the micro-batches in flight on the stage (1F1B: PP on the first stage); with
+  ``tsp_keep_weights`` and no full recompute also :func:`layer_kept_weight_bytes`.
 - Working set, the larger of: one layer's backward, ``BACKWARD_FACTOR`` x its saved activations (the
-  recomputed activations and their gradients) plus :func:`layer_transient_bytes`; and the output layer's
+  recomputed activations and their gradients) plus :func:`layer_transient_bytes` (plus the layer's kept
+  weights under full recompute); and the output layer's
   :func:`logits_bytes`. Plus a constant ``OFFSET_BYTES``.
 
 Calibration against BASELINES.md (one H200, fake process group, D = 8, full recompute, micro-batch 1, no
@@ -195,6 +197,9 @@ class Workload:
     # builds a boolean [S/D, S] mask per head bucket (SDPA turns it into an additive mask of the activation
     # dtype) and forgoes causal skipping.
     tsp_dense_mask: bool = False
+    # --tsp-keep-weight-shards: TSP layers keep the D weight shards forward fetched until their backward
+    # (W_layer*e per layer, see layer_kept_weight_bytes), so backward moves no weights.
+    tsp_keep_weights: bool = False
 
     @property
     def grad_bytes(self) -> int:
@@ -330,17 +335,18 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
 
     forward: broadcast W*e (next bucket's weights travel during this bucket's compute: hidden) and
     all_gather KV*a (waited on at once: exposed), each times (D-1)/D. backward: the same two again (weights
-    re-fetched, K/V recomputed and re-gathered), reduce_scatter KV*a (dK/dV, exposed) and reduce W*e_acc
-    (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's forward row.
+    re-fetched unless kept, K/V recomputed and re-gathered), reduce_scatter KV*a (dK/dV, exposed) and reduce
+    W*e_acc (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's forward row.
     """
     share = _share(d)
     weights = model.attention_weights() * share
     kv = work.tokens * model.kv_width * work.act_bytes * share
     fetch = ("attention weights", "broadcast", weights * work.param_bytes, d, d, True, d)  # one per bucket
     gather = ("K/V", "all_gather", kv, d, d, False, d)
+    refetch = () if work.tsp_keep_weights else (fetch,)
     return LayerComm(
         forward=_transfers(fetch, gather),
-        backward=_transfers(fetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, d),
+        backward=_transfers(*refetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, d),
                             ("attention weight grads", "reduce", weights * work.grad_bytes, d, d, True, d)))
 
 
@@ -349,13 +355,14 @@ def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int, copies: in
     """TSP MLP ring per layer (mlp.py): W = MLP weights incl. the fc1 bias (times ``copies``: the expert ring
     carries a rank's local experts in one message), D-1 hops of W/D each.
 
-    forward: ring_send W*e*(D-1)/D. backward: ring_send W*e*(D-1)/D (weights re-circulated) plus
-    W*e_acc*(D-1)/D (grad accumulators). All hidden behind the shards' GEMMs (double buffering).
+    forward: ring_send W*e*(D-1)/D. backward: ring_send W*e*(D-1)/D (weights re-circulated, unless kept)
+    plus W*e_acc*(D-1)/D (grad accumulators). All hidden behind the shards' GEMMs (double buffering).
     """
     weights = copies * model.mlp_weights(ffn) * _share(d)
     circulate = (f"{what} weights", "ring_send", weights * work.param_bytes, 2, d, True, d - 1)
     accumulate = (f"{what} weight grads", "ring_send", weights * work.grad_bytes, 2, d, True, d - 1)
-    return LayerComm(forward=_transfers(circulate), backward=_transfers(circulate, accumulate))
+    recirculate = () if work.tsp_keep_weights else (circulate,)
+    return LayerComm(forward=_transfers(circulate), backward=_transfers(*recirculate, accumulate))
 
 
 def _tensor_parallel_block(x: Fraction, t: int, sequence_parallel: bool, what: str) -> LayerComm:
@@ -554,6 +561,20 @@ def layer_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bo
     return saved * a
 
 
+def layer_kept_weight_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
+    """``--tsp-keep-weight-shards``: the D weight buffers of each TSP schedule of a layer (attention; dense
+    MLP or, with the expert ring, the local experts), W_layer*e, alive from the layer's forward (or its
+    recompute) to its backward. Zero otherwise."""
+    if layout.kind != "TSP" or not work.tsp_keep_weights:
+        return Fraction(0)
+    weights = model.attention_weights()
+    if not moe:
+        weights += model.mlp_weights(model.ffn)
+    elif layout.expert_ring:
+        weights += model.experts // layout.expert * model.mlp_weights(model.expert_ffn)
+    return Fraction(weights * work.param_bytes)
+
+
 def layer_input_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
     """What full recompute keeps per layer: its input [S/shard, B, h]."""
     return Fraction(work.tokens, layout.sequence_shard) * model.hidden * work.act_bytes
@@ -631,9 +652,10 @@ def stage_memory(model: ModelShape, work: Workload, layout: Layout, stage: Stage
         if not count:
             continue
         saved = layer_saved_bytes(model, work, layout, moe)
-        stored += stage.in_flight * count * (layer_input_bytes(model, work, layout) if full else saved)
+        kept = layer_kept_weight_bytes(model, work, layout, moe)  # every layer's, or (full) one layer's
+        stored += stage.in_flight * count * (layer_input_bytes(model, work, layout) if full else saved + kept)
         backward = (Fraction(BACKWARD_FACTOR) - (0 if full else 1)) * saved
-        working = max(working, backward + layer_transient_bytes(model, work, layout, moe))
+        working = max(working, backward + layer_transient_bytes(model, work, layout, moe) + kept * full)
     if stage.output:
         working = max(working, logits_bytes(model, work, layout))
     return Memory(weights=float((dense + expert) * work.param_bytes),

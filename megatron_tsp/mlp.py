@@ -26,7 +26,9 @@ Communication per rank per layer, bytes, for W = the weight elements of the whol
 size and e_acc the accumulator's (fp32 for bf16/fp16 weights, else the weight dtype):
 
 - forward:  ring_send W*e*(D-1)/D.
-- backward: ring_send W*e*(D-1)/D (weights re-circulated, never kept) + W*e_acc*(D-1)/D (accumulators).
+- backward: ring_send W*e*(D-1)/D (weights re-circulated) + W*e_acc*(D-1)/D (accumulators). With
+  ``keep_weights`` (``--tsp-keep-weight-shards``) the forward keeps every shard it received (D weight
+  buffers, W*e per layer, alive until the layer's backward) and backward sends only the accumulators.
 
 Memory: forward saves only the local input ``x``; backward recomputes each shard's fc1 output (one extra
 GEMM per shard) rather than keeping ``[S/D, B, ffn]`` activations (experts: ``[T, ffn_e]``) from all D
@@ -56,6 +58,7 @@ class _MLPSpec:
     gated: bool
     has_fc1_bias: bool
     tokens_per_mlp: tuple[int, ...]  # rows of x (dim 0) for each MLP of the shard, in order
+    keep_weights: bool = False  # keep every shard the forward received for backward (no second circulation)
 
     @property
     def tensors_per_mlp(self) -> int:
@@ -108,20 +111,24 @@ class TSPMLPFunction(torch.autograd.Function):
         layout = ShardLayout([t.shape for t in own_shard])
         tsp_size = dist.get_world_size(spec.tsp_group)
         weight_dtype = own_shard[0].dtype
-        if tsp_size > 1:  # two-slot buffer: send from one slot while receiving into the other
-            slots = [shard_buffer(layout.numel, weight_dtype, x.device, "weight") for _ in range(2)]
+        # Two slots (send from one while receiving into the other), or one per shard when they are kept.
+        num_slots = tsp_size if spec.keep_weights else 2
+        if tsp_size > 1:
+            slots = [shard_buffer(layout.numel, weight_dtype, x.device, "weight") for _ in range(num_slots)]
             layout.pack(own_shard, slots[0])
 
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         shard = own_shard
         for ring_step in range(tsp_size):  # holds the shard of rank (p - ring_step) mod D
             if ring_step + 1 < tsp_size:
-                next_shard = ring_exchange(slots[ring_step % 2], slots[(ring_step + 1) % 2], spec.tsp_group)
+                next_shard = ring_exchange(slots[ring_step % num_slots], slots[(ring_step + 1) % num_slots],
+                                           spec.tsp_group)
             out += _shard_mlp(x, shard, spec)
             if ring_step + 1 < tsp_size:
                 shard = layout.unpack(next_shard.wait())
 
         ctx.spec = spec
+        ctx.kept_shards = slots if spec.keep_weights and tsp_size > 1 else None  # slot s: owner (p - s) mod D
         ctx.save_for_backward(x, *own_shard)
         return out.to(x.dtype)
 
@@ -133,7 +140,8 @@ class TSPMLPFunction(torch.autograd.Function):
         tsp_size = dist.get_world_size(spec.tsp_group)
         weight_dtype = own_shard[0].dtype
         acc_dtype = torch.promote_types(weight_dtype, torch.float32)
-        if tsp_size > 1:
+        kept, ctx.kept_shards = ctx.kept_shards, None  # freed with this frame
+        if tsp_size > 1 and kept is None:
             slots = [shard_buffer(layout.numel, weight_dtype, x.device, "weight") for _ in range(2)]
             next_shard = ring_exchange(layout.pack(own_shard, slots[0]), slots[1], spec.tsp_group)
 
@@ -143,9 +151,12 @@ class TSPMLPFunction(torch.autograd.Function):
         own_grads = [g.to(acc_dtype) for g in grad_shard]
         outgoing_acc = None  # accumulator filled at the previous step, on its way to rank p+1
         for ring_step in range(1, tsp_size):  # holds the weights of owner (p - ring_step) mod D
-            shard = layout.unpack(next_shard.wait())
-            if ring_step + 1 < tsp_size:
-                next_shard = ring_exchange(slots[ring_step % 2], slots[(ring_step + 1) % 2], spec.tsp_group)
+            if kept is not None:
+                shard = layout.unpack(kept[ring_step])
+            else:
+                shard = layout.unpack(next_shard.wait())
+                if ring_step + 1 < tsp_size:
+                    next_shard = ring_exchange(slots[ring_step % 2], slots[(ring_step + 1) % 2], spec.tsp_group)
             acc = shard_buffer(layout.numel, acc_dtype, x.device, "grad")
             if outgoing_acc is None:  # rank o+1 starts owner o's accumulator
                 acc.zero_()
@@ -177,27 +188,30 @@ def _check_layout(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, gated: bool
 
 def tsp_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
             tsp_group: dist.ProcessGroup, *, activation: Callable[[Tensor], Tensor] = F.silu,
-            gated: bool = True) -> Tensor:
+            gated: bool = True, keep_weights: bool = False) -> Tensor:
     """TSP MLP of rank p's tokens: x ``[S/D, B, h]`` -> ``[S/D, B, h]`` (fc2 bias not added).
 
     ``activation`` is elementwise; with ``gated`` the output is fc2(activation(gate) * up) (SwiGLU with
-    ``F.silu``, GeGLU with ``F.gelu``), else fc2(activation(fc1(x))).
+    ``F.silu``, GeGLU with ``F.gelu``), else fc2(activation(fc1(x))). ``keep_weights``: keep the D shards
+    from forward to backward (D weight buffers instead of two) so that backward circulates only accumulators.
     """
     _check_layout(x, fc1_weight, fc2_weight, gated)
     spec = _MLPSpec(tsp_group=tsp_group, activation=activation, gated=gated, has_fc1_bias=fc1_bias is not None,
-                    tokens_per_mlp=(x.shape[0],))
+                    tokens_per_mlp=(x.shape[0],), keep_weights=keep_weights)
     return TSPMLPFunction.apply(x, spec, *(t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None))
 
 
 def tsp_expert_mlps(x: Tensor, tokens_per_expert: Sequence[int],
                     experts: Sequence[tuple[Tensor, Tensor | None, Tensor]], tsp_group: dist.ProcessGroup, *,
-                    activation: Callable[[Tensor], Tensor] = F.silu, gated: bool = True) -> Tensor:
+                    activation: Callable[[Tensor], Tensor] = F.silu, gated: bool = True,
+                    keep_weights: bool = False) -> Tensor:
     """A rank's local experts by the TSP ring: x ``[T, h]`` (its dispatched tokens, sorted by expert) ->
     ``[T, h]`` (fc2 biases not added).
 
     ``experts`` holds each local expert's (fc1_weight, fc1_bias or None, fc2_weight) shard of degree D;
     ``tokens_per_expert`` the rows of x for each (sums to T; may differ between ranks, zeros included).
-    Every rank of ``tsp_group`` must call this with the same experts, in the same order.
+    Every rank of ``tsp_group`` must call this with the same experts, in the same order. ``keep_weights``
+    as in :func:`tsp_mlp`.
     """
     if len(tokens_per_expert) != len(experts) or sum(tokens_per_expert) != x.shape[0]:
         raise ValueError(f"tokens_per_expert {list(tokens_per_expert)} does not split {x.shape[0]} tokens "
@@ -208,6 +222,6 @@ def tsp_expert_mlps(x: Tensor, tokens_per_expert: Sequence[int],
         if (fc1_bias is not None) != has_fc1_bias:
             raise ValueError("either every expert has an fc1 bias or none has")
     spec = _MLPSpec(tsp_group=tsp_group, activation=activation, gated=gated, has_fc1_bias=has_fc1_bias,
-                    tokens_per_mlp=tuple(int(n) for n in tokens_per_expert))
+                    tokens_per_mlp=tuple(int(n) for n in tokens_per_expert), keep_weights=keep_weights)
     shard = [t for expert in experts for t in expert if t is not None]
     return TSPMLPFunction.apply(x, spec, *shard)

@@ -53,7 +53,8 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
                  "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size", "--global-batch-size"):
         parser.add_argument(flag, type=int)
     for flag in ("--group-query-attention", "--swiglu", "--disable-bias-linear", "--add-qkv-bias",
-                 "--untie-embeddings-and-output-weights", "--bf16", "--fp16", "--use-distributed-optimizer"):
+                 "--untie-embeddings-and-output-weights", "--bf16", "--fp16", "--use-distributed-optimizer",
+                 "--tsp-keep-weight-shards"):
         parser.add_argument(flag, action="store_true")
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
@@ -192,7 +193,8 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
         + (f", {model.experts} experts top-{model.topk} ffn {model.expert_ffn}" if model.experts else ""),
         f"workload: seq {work.seq_len}, micro-batch {work.micro_batch}, global batch {global_batch}, "
         f"{work.param_bytes}-byte params, {'distributed ' if work.distributed_optimizer else ''}Adam, "
-        f"TSP attention kernel: {'dense mask (reference)' if work.tsp_dense_mask else 'zigzag prefix/diagonal'}",
+        f"TSP attention kernel: {'dense mask (reference)' if work.tsp_dense_mask else 'zigzag prefix/diagonal'}"
+        + (", TSP weight shards kept for backward" if work.tsp_keep_weights else ""),
         f"hardware: {gpus} x {hw.name}, {hw.memory_bytes / GiB:.1f} GiB, {hw.matmul_flops / 1e12:.0f} TFLOP/s "
         f"matmul, {hw.node_bandwidth / 1e9:.0f} GB/s in node",
         "",
@@ -288,6 +290,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dense-mask-attention", action="store_true",
                         help="cost TSP with the reference dense-mask attention kernel instead of the default "
                              "zigzag prefix/diagonal kernel")
+    parser.add_argument("--tsp-keep-weight-shards", action="store_true",
+                        help="cost TSP keeping forward's weight shards for backward (also read from the config)")
     parser.add_argument("--plot", help="write a PNG of memory and bytes against sequence length here")
     parser.add_argument("--all", action="store_true", help="print every candidate layout, not the first 25")
     args = parser.parse_args(argv)
@@ -299,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     recompute = args.recompute or flags.recompute_granularity or "none"
     work = Workload(micro_batch=micro_batch, seq_len=args.seq_length, param_bytes=2 if sixteen_bit else 4,
                     act_bytes=2 if sixteen_bit else 4, recompute="none" if recompute == "auto" else recompute,
-                    distributed_optimizer=flags.use_distributed_optimizer, tsp_dense_mask=args.dense_mask_attention)
+                    distributed_optimizer=flags.use_distributed_optimizer, tsp_dense_mask=args.dense_mask_attention,
+                    tsp_keep_weights=args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards)
     global_batch = flags.global_batch_size or micro_batch * args.gpus
     hw = GPUS[args.gpu]
     candidates = plan(model, work, args.gpus, hw, global_batch, auto_recompute=recompute == "auto")

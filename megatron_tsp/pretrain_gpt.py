@@ -54,7 +54,8 @@ def layer_spec(args: Any, config: Any, vp_stage: Optional[int]):
     """The decoder spec: TSP layers when --tsp-size > 1, else Megatron's own TE or local decoder-block spec
     (the block spec, so that --moe-layer-freq mixes dense and MoE layers as in Megatron's pretrain_gpt)."""
     if args.tsp_size > 1:
-        return get_gpt_decoder_block_tsp_spec(config, vp_stage=vp_stage)
+        return get_gpt_decoder_block_tsp_spec(config, vp_stage=vp_stage,
+                                              keep_weight_shards=args.tsp_keep_weight_shards)
     return get_gpt_decoder_block_spec(config, use_transformer_engine=HAVE_TE and not running_on_cpu(),
                                       normalization=args.normalization, vp_stage=vp_stage)
 

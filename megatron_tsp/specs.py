@@ -65,7 +65,8 @@ class TSPSelfAttention(SelfAttention):
     """
 
     def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
-                 attn_mask_type: AttnMaskType = AttnMaskType.causal, **kwargs: Any) -> None:
+                 attn_mask_type: AttnMaskType = AttnMaskType.causal, keep_weight_shards: bool = False,
+                 **kwargs: Any) -> None:
         unsupported = {
             "attention dropout (--attention-dropout > 0)": config.attention_dropout > 0,
             "--attention-output-gate": config.attention_output_gate,
@@ -78,6 +79,7 @@ class TSPSelfAttention(SelfAttention):
             if used:
                 raise ValueError(f"TSP attention does not support {feature}; remove it or use --tsp-size 1")
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
+        self.keep_weight_shards = keep_weight_shards
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 key_value_states: Optional[torch.Tensor] = None, inference_context: Any = None,
@@ -110,12 +112,21 @@ class TSPSelfAttention(SelfAttention):
             self.config.num_attention_heads, self.config.num_query_groups,
             softmax_scale=self.config.softmax_scale, rotary_freqs=rotary_freqs,
             rotary_fn=partial(apply_rotary_pos_emb, config=self.config, cp_group=self.pg_collection.cp),
-            qk_norm=qk_norm, core_attention=self.core_attention)
+            qk_norm=qk_norm, core_attention=self.core_attention, keep_weights=self.keep_weight_shards)
         return output, self.linear_proj.bias
 
 
 class TSPMLP(MLP):
     """Dense (gated or not) MLP by the TSP weight ring: ``[S/D, b, h]`` in, ``([S/D, b, h], fc2 bias)`` out."""
+
+    keep_weight_shards = False  # set by as_mlp_submodule
+
+    @classmethod
+    def as_mlp_submodule(cls, *args: Any, keep_weight_shards: bool = False, **kwargs: Any) -> "TSPMLP":
+        """Megatron's builder of a layer's MLP, plus ``--tsp-keep-weight-shards``."""
+        mlp = super().as_mlp_submodule(*args, **kwargs)
+        mlp.keep_weight_shards = keep_weight_shards
+        return mlp
 
     def __init__(self, config, submodules: MLPSubmodules, is_expert: bool = False, **kwargs: Any) -> None:
         if is_expert:
@@ -130,7 +141,7 @@ class TSPMLP(MLP):
             raise ValueError("TSP MLP does not support per-token scaling (a MoE expert feature)")
         output = tsp_mlp(hidden_states, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
                          _tsp_group(self), activation=self.config.activation_func,
-                         gated=self.config.gated_linear_unit)
+                         gated=self.config.gated_linear_unit, keep_weights=self.keep_weight_shards)
         return output, self.linear_fc2.bias
 
 
@@ -145,7 +156,8 @@ class TSPRingExperts(SequentialMLP):
     """
 
     def __init__(self, num_local_experts: int, config: TransformerConfig, submodules: Any,
-                 pg_collection: Optional[ProcessGroupCollection] = None, **kwargs: Any) -> None:
+                 pg_collection: Optional[ProcessGroupCollection] = None, keep_weight_shards: bool = False,
+                 **kwargs: Any) -> None:
         pg_collection = pg_collection or get_default_pg_collection()
         if dist.get_process_group_ranks(pg_collection.expt_tp) != dist.get_process_group_ranks(pg_collection.tp):
             raise ValueError("--tsp-expert-ring: the expert-tensor-parallel group is not the TSP group; keep tsp "
@@ -158,6 +170,7 @@ class TSPRingExperts(SequentialMLP):
             if used:
                 raise ValueError(f"--tsp-expert-ring does not support {flag}; remove it or drop --tsp-expert-ring")
         super().__init__(num_local_experts, config, submodules, pg_collection=pg_collection, **kwargs)
+        self.keep_weight_shards = keep_weight_shards
 
     def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
                 permuted_probs: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -167,7 +180,8 @@ class TSPRingExperts(SequentialMLP):
         output = tsp_expert_mlps(
             hidden, [int(n) for n in tokens_per_expert.tolist()],
             [(expert.linear_fc1.weight, None, expert.linear_fc2.weight) for expert in self.local_experts],
-            self.tp_group, activation=self.config.activation_func, gated=self.config.gated_linear_unit)
+            self.tp_group, activation=self.config.activation_func, gated=self.config.gated_linear_unit,
+            keep_weights=self.keep_weight_shards)
         # Megatron scales each token's activation by its routing prob before fc2; the scale is one number per
         # token, so scaling the expert's output is the same.
         return (output * probs.unsqueeze(-1)).to(hidden.dtype), None
@@ -205,21 +219,24 @@ class TSPMoELayer(MoELayer):
 
 
 def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int] = None,
-                           moe_grouped_gemm: bool = False, expert_ring: bool = False, **unused: Any) -> ModuleSpec:
+                           moe_grouped_gemm: bool = False, expert_ring: bool = False,
+                           keep_weight_shards: bool = False, **unused: Any) -> ModuleSpec:
     """Transformer layer with TSP attention, sequence-sharded norms and a TSP MLP, or with ``num_experts``
     Megatron's MoE layer (experts on their own expert-parallel view of the same ranks, routing each rank's
-    local tokens; with ``expert_ring`` each expert sharded over the TSP axis and run by the ring). Extra
-    keyword arguments (Megatron's spec helpers pass backend flags) are ignored.
+    local tokens; with ``expert_ring`` each expert sharded over the TSP axis and run by the ring).
+    ``keep_weight_shards``: the schedules keep forward's weight shards for backward. Extra keyword
+    arguments (Megatron's spec helpers pass backend flags) are ignored.
     """
     if num_experts is None:
-        mlp = partial(TSPMLP.as_mlp_submodule,
+        mlp = partial(TSPMLP.as_mlp_submodule, keep_weight_shards=keep_weight_shards,
                       submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
     else:
         megatron_moe = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts,
                                                        moe_grouped_gemm=moe_grouped_gemm)
         submodules = megatron_moe.keywords["submodules"]
         if expert_ring:
-            submodules = replace(submodules, experts=partial(TSPRingExperts, **submodules.experts.keywords))
+            submodules = replace(submodules, experts=partial(TSPRingExperts, keep_weight_shards=keep_weight_shards,
+                                                             **submodules.experts.keywords))
         mlp = partial(TSPMoELayer, submodules=submodules)  # Megatron's submodules, our layer class
     return ModuleSpec(
         module=TransformerLayer,
@@ -227,7 +244,7 @@ def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int
             input_layernorm=SequenceShardedNorm,
             self_attention=ModuleSpec(
                 module=TSPSelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal},
+                params={"attn_mask_type": AttnMaskType.causal, "keep_weight_shards": keep_weight_shards},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
                     core_attention=select_core_attention,
@@ -263,16 +280,19 @@ def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
 
 
 def get_gpt_decoder_block_tsp_spec(config: TransformerConfig, vp_stage: Optional[int] = None,
-                                   pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+                                   pp_rank: Optional[int] = None,
+                                   keep_weight_shards: bool = False) -> TransformerBlockSubmodules:
     """The decoder block of this pipeline (and virtual pipeline) stage: dense or MoE TSP layers by
     ``--moe-layer-freq``, and a sequence-sharded final norm (Megatron's default final norm refuses sequence
     parallelism without Apex/TE). Experts sharded over the TSP axis (expert-tensor-parallel size > 1, which
     the TSP validation allows only with ``--tsp-expert-ring``) run by the expert ring.
+    ``keep_weight_shards``: ``--tsp-keep-weight-shards``.
     """
-    dense = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm)
+    dense = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm, keep_weight_shards=keep_weight_shards)
     moe = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm, num_experts=config.num_moe_experts,
                                  moe_grouped_gemm=config.moe_grouped_gemm,
-                                 expert_ring=config.expert_tensor_parallel_size > 1) if config.num_moe_experts else None
+                                 expert_ring=config.expert_tensor_parallel_size > 1,
+                                 keep_weight_shards=keep_weight_shards) if config.num_moe_experts else None
     layers = [moe if is_moe else dense for is_moe in moe_layer_pattern(config)]
     first = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)

@@ -45,6 +45,7 @@ class Case:
     rotary_percent: float | None = None  # None: no RoPE
     qkv_bias: bool = False
     qk_norm: str | None = None  # "layer" (with bias) or "rms"
+    keep_weights: bool = False  # --tsp-keep-weight-shards
 
     @property
     def hidden(self) -> int:
@@ -63,6 +64,10 @@ def _cases(tsp_size: int) -> list[Case]:
              qkv_bias=True, qk_norm="rms"),
         Case(heads=2 * d, kv_heads=d, head_dim=8, batch=2, seq_len=16, dtype=torch.float64, rotary_percent=0.5),
         Case(heads=4, kv_heads=4, head_dim=8, batch=2, seq_len=16, dtype=torch.bfloat16, qkv_bias=True),
+        Case(heads=2 * d, kv_heads=d, head_dim=8, batch=3, seq_len=24, rotary_percent=1.0, qkv_bias=True,
+             keep_weights=True),
+        Case(heads=4, kv_heads=4, head_dim=8, batch=1, seq_len=16, dtype=torch.float64, rotary_percent=0.5,
+             qk_norm="layer", keep_weights=True),
     ]
 
 
@@ -144,7 +149,7 @@ def _expected_bytes(case: Case, tsp_size: int) -> tuple[dict[str, Fraction], dic
     weights = (2 + 2 / g) * h * h + ((1 + 2 / g) * h if case.qkv_bias else 0)
     kv = 2 * case.batch * case.seq_len * h / g
     forward = {"broadcast": weights * elem * share, "all_gather": kv * elem * share}
-    backward = {"broadcast": weights * elem * share, "all_gather": kv * elem * share,
+    backward = {"broadcast": 0 if case.keep_weights else weights * elem * share, "all_gather": kv * elem * share,
                 "reduce_scatter": kv * elem * share, "reduce": weights * acc * share}
     return forward, backward
 
@@ -184,7 +189,7 @@ def _run_cases(rank: int, tsp_size: int) -> None:
             with comm_bytes() as forward_bytes:
                 out = tsp_attention(x, qkv_weight, qkv_bias, proj_weight, positions,
                                     gathered_positions(case.seq_len, tsp_size), group, case.heads, case.kv_heads,
-                                    rotary_freqs=rotary, qk_norm=qk_norm)
+                                    rotary_freqs=rotary, qk_norm=qk_norm, keep_weights=case.keep_weights)
             with comm_bytes() as backward_bytes:
                 out.backward(w["grad_out"][positions])
 
@@ -213,8 +218,9 @@ def _run_cases(rank: int, tsp_size: int) -> None:
                {op: n for op, n in expected_forward.items() if n}, case
         assert {op: n for op, n in backward_bytes.bytes_by_op.items() if n} == \
                {op: n for op, n in expected_backward.items() if n}, case
-        # two weight slots; one bucket's grads being reduced while the next is packed
-        assert dict(residency.peak) == {"weight": min(tsp_size, 2), "grad": min(tsp_size, 2)}, case
+        # two weight slots (D when kept); one bucket's grads being reduced while the next is packed
+        weight_slots = tsp_size if case.keep_weights else min(tsp_size, 2)
+        assert dict(residency.peak) == {"weight": weight_slots, "grad": min(tsp_size, 2)}, case
 
 
 @pytest.mark.multiprocess

@@ -2,9 +2,9 @@
 
 ``--tsp-report-comm-bytes`` counts every TSP collective (comm.py's per-rank convention) over the whole run;
 ``megatron_tsp.cost`` predicts the same per layer and micro-batch. The counted runs are the loss-parity runs
-themselves (test_loss_parity, 10 iterations), at three shapes: D=4 with MHA, D=2 with GQA and full
-recompute (whose backward repeats the forward's collectives), and D=2 MoE with the expert ring. The bar is
-1%; in fact they agree exactly.
+themselves (test_loss_parity, 10 iterations), at four shapes: D=4 with MHA, D=2 with GQA and full
+recompute (whose backward repeats the forward's collectives), D=2 with weight shards kept for backward, and
+D=2 MoE with the expert ring. The bar is 1%; in fact they agree exactly.
 """
 
 from __future__ import annotations
@@ -29,22 +29,25 @@ TINY_MOE = replace(TINY, experts=4, topk=2, expert_ffn=256, shared_expert_ffn=12
 # Transfers of Megatron's own modules, which comm.py does not see: MoE dispatch and the shared expert.
 MEGATRON_OWN = {"MoE dispatch/combine", "shared expert"}
 
-CASES = {  # loss-parity case: (model, layout, recompute); micro-batches per step = 2 / DP
-    "tsp4": (TINY, Layout(kind="TSP", tensor=4), "none"),
-    "tsp2_gqa_recompute_full": (replace(TINY, kv_groups=2), Layout(kind="TSP", tensor=2), "full"),
+FP32 = Workload(micro_batch=2, seq_len=128, param_bytes=4, act_bytes=4)
+CASES = {  # loss-parity case: (model, layout, workload); micro-batches per step = 2 / DP
+    "tsp4": (TINY, Layout(kind="TSP", tensor=4), FP32),
+    "tsp2_gqa_recompute_full": (replace(TINY, kv_groups=2), Layout(kind="TSP", tensor=2),
+                                replace(FP32, recompute="full")),
+    "tsp2_recompute_selective_keep_weight_shards": (TINY, Layout(kind="TSP", tensor=2),
+                                                    replace(FP32, recompute="selective", tsp_keep_weights=True)),
     "moe_tsp2_ep2_expert_ring_shared_expert": (TINY_MOE, Layout(kind="TSP", tensor=2, data=2, expert=2,
-                                                                expert_ring=True), "none"),
+                                                                expert_ring=True), FP32),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_counted_bytes_match_the_cost_model(name: str) -> None:
-    model, layout, recompute = CASES[name]
+    model, layout, work = CASES[name]
     run = tsp_run(name)
     assert run.returncode == 0, run.output[-4000:]
     counted = json.loads(_REPORT.search(run.output).group(1))
 
-    work = Workload(micro_batch=2, seq_len=128, param_bytes=4, act_bytes=4, recompute=recompute)
     transfers = tuple(t for t in layer_comm(model, work, layout, moe=bool(model.experts)).transfers
                       if t.what not in MEGATRON_OWN)
     steps = ITERATIONS * (2 // layout.data)

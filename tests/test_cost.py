@@ -20,6 +20,7 @@ from megatron_tsp.cost import (
     Workload,
     bytes_by_op,
     layer_comm,
+    layer_kept_weight_bytes,
     memory,
     pipeline_stages,
     stage_params,
@@ -222,6 +223,25 @@ def test_candidates_respect_divisibility() -> None:
     assert not any(layout.kind == "TP" and layout.tensor > 1 for layout in moe_layouts)  # MoE + TP needs SP
     assert all(layout.expert * layout.expert_tensor == 8 // layout.pipeline for layout in moe_layouts)
     assert {layout.expert_ring for layout in moe_layouts if layout.kind == "TSP"} == {False, True}
+
+
+def test_kept_weight_shards_leave_backward_without_weight_traffic() -> None:
+    """--tsp-keep-weight-shards: backward drops exactly the weight broadcast and the weight ring (mlp.py and
+    attention.py docstrings); each layer keeps its whole W_layer*e from forward to backward instead."""
+    model, d = _SHAPES[0][0], 4
+    work = Workload(micro_batch=2, seq_len=64, param_bytes=2, act_bytes=2)
+    kept_work = replace(work, tsp_keep_weights=True)
+    layout = Layout("TSP", tensor=d)
+    backward, kept_backward = (bytes_by_op(layer_comm(model, w, layout, moe=False).backward) for w in (work, kept_work))
+    share = Fraction(d - 1, d)
+    assert backward["broadcast"] == model.attention_weights() * 2 * share and "broadcast" not in kept_backward
+    assert backward["ring_send"] - kept_backward["ring_send"] == model.mlp_weights(model.ffn) * 2 * share
+    assert {op: n for op, n in backward.items() if op not in ("broadcast", "ring_send")} == \
+           {op: n for op, n in kept_backward.items() if op != "ring_send"}
+    assert layer_kept_weight_bytes(model, kept_work, layout, moe=False) == \
+           (model.attention_weights() + model.mlp_weights(model.ffn)) * 2
+    assert layer_kept_weight_bytes(model, kept_work, Layout("TP+SP", tensor=d), moe=False) == 0
+    assert memory(model, kept_work, layout).activations > memory(model, work, layout).activations
 
 
 def test_expert_ring_shards_experts_and_circulates_them() -> None:

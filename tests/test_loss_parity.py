@@ -81,7 +81,9 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
     "tsp2_gqa_recompute_full": (2, ("--tsp-size", "2", "--recompute-granularity", "full", "--recompute-method",
                                     "uniform", "--recompute-num-layers", "1"),
                                 ("--group-query-attention", "--num-query-groups", "2"), 1),
-    "tsp2_recompute_selective": (2, ("--tsp-size", "2", "--recompute-granularity", "selective"), (), 1),
+    # Weight shards kept from forward to backward instead of fetched again (--tsp-keep-weight-shards).
+    "tsp2_recompute_selective_keep_weight_shards": (2, ("--tsp-size", "2", "--recompute-granularity", "selective",
+                                                        "--tsp-keep-weight-shards"), (), 1),
     "tsp2_pp2_virtual": (4, ("--tsp-size", "2"), VPP, 2),
     "tsp2_dp2_distopt_overlap": (4, ("--tsp-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
                                      "--overlap-param-gather"), (), 1),

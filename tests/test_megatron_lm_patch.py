@@ -46,7 +46,8 @@ try:
 except TSPConfigError as error:
     report["no_spec_error"] = str(error)
 
-sys.argv = ["pretrain_gpt.py", *base, "--spec", "megatron_tsp.specs", "get_gpt_decoder_block_tsp_spec"]
+sys.argv = ["pretrain_gpt.py", *base, "--spec", "megatron_tsp.specs", "get_gpt_decoder_block_tsp_spec",
+            "--tsp-keep-weight-shards"]
 args = parse_args()
 validate_args(args, {})
 report["layout"] = [args.tsp_size, args.tensor_model_parallel_size, args.sequence_parallel, args.data_parallel_size]
@@ -59,6 +60,10 @@ def block_spec(config, vp_stage=None, pp_rank=None):
     return stage_spec
 report["block_spec"] = [_get_block_submodules("config", block_spec, 1, 3) is stage_spec, calls]
 report["spec_is_the_tsp_block_function"] = import_module(args.spec).__name__
+from megatron.training.arguments import core_transformer_config_from_args
+tsp_block = _get_block_submodules(core_transformer_config_from_args(args), import_module(args.spec), None, 0)
+report["tsp_block_keeps_weight_shards"] = [
+    layer.submodules.self_attention.params["keep_weight_shards"] for layer in tsp_block.layer_specs]
 
 dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{rendezvous}")
 from megatron.core.utils import get_batch_on_this_cp_rank
@@ -99,6 +104,7 @@ def test_patched_megatron_runs_every_tsp_hook(patched_megatron: Path, tmp_path: 
     assert report["layout"] == [2, 2, True, 2]  # TSP=2 in the tensor-parallel slot, SP on, DP = 4 / 2
     assert report["block_spec"] == [True, [["config", 1, 3]]]
     assert report["spec_is_the_tsp_block_function"] == "get_gpt_decoder_block_tsp_spec"
+    assert report["tsp_block_keeps_weight_shards"] == [True, True]  # the TSP flag reaches each layer's spec
     zigzag = [0, 1, 6, 7, 2, 3, 4, 5]  # 2D = 4 chunks of 2 tokens, in order 0, 3, 1, 2
     assert report["zigzag"] == [[zigzag]] * 3 + [None]
     assert report["own_entry_point"] == [2, 2, True]

@@ -29,6 +29,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     hidden: int = 32
     ffn: int = 64
+    keep_weights: bool = False  # --tsp-keep-weight-shards
 
 
 CASES = [
@@ -39,6 +40,8 @@ CASES = [
     Case(F.gelu, gated=False, bias=True, batch=2, seq_len=24),  # plain GELU
     Case(F.gelu, gated=False, bias=False, batch=3, seq_len=16, dtype=torch.float64),
     Case(F.silu, gated=True, bias=True, batch=2, seq_len=16, dtype=torch.bfloat16),
+    Case(F.silu, gated=True, bias=True, batch=3, seq_len=24, keep_weights=True),
+    Case(F.gelu, gated=False, bias=False, batch=2, seq_len=16, dtype=torch.float64, keep_weights=True),
 ]
 
 
@@ -86,7 +89,8 @@ def _expected_bytes(case: Case, tsp_size: int) -> tuple[Fraction, Fraction]:
     matrices = 3 if case.gated else 2
     weights = matrices * ffn_multiple * case.hidden ** 2 + ((matrices - 1) * case.ffn if case.bias else 0)
     elem = torch.empty(0, dtype=case.dtype).element_size()
-    return weights * elem * share, weights * (elem + max(elem, 4)) * share
+    backward_weights = 0 if case.keep_weights else elem  # kept shards are not circulated again
+    return weights * elem * share, weights * (backward_weights + max(elem, 4)) * share
 
 
 def _run_cases(rank: int, tsp_size: int) -> None:
@@ -108,7 +112,7 @@ def _run_cases(rank: int, tsp_size: int) -> None:
         with track_shard_residency() as residency:
             with comm_bytes() as forward_bytes:
                 out = tsp_mlp(x, fc1_weight, fc1_bias, fc2_weight, group, activation=case.activation,
-                              gated=case.gated)
+                              gated=case.gated, keep_weights=case.keep_weights)
             with comm_bytes() as backward_bytes:
                 out.backward(w["grad_out"][positions])
 
@@ -129,8 +133,8 @@ def _run_cases(rank: int, tsp_size: int) -> None:
         assert forward_bytes.total() == expected_forward and backward_bytes.total() == expected_backward, case
         assert {op for op, n in (forward_bytes.bytes_by_op | backward_bytes.bytes_by_op).items() if n} <= \
                {"ring_send"}
-        # two weight slots; the accumulator being sent and the one being received
-        expected_peak = {} if tsp_size == 1 else {"weight": 2, "grad": 2}
+        # two weight slots (D when kept); the accumulator being sent and the one being received
+        expected_peak = {} if tsp_size == 1 else {"weight": tsp_size if case.keep_weights else 2, "grad": 2}
         assert dict(residency.peak) == expected_peak, case
 
 

@@ -29,8 +29,10 @@ from megatron_tsp.mesh import megatron_order
 from megatron_tsp.zigzag import zigzag_batch
 
 TSP_SPEC = ["megatron_tsp.specs", "get_gpt_decoder_block_tsp_spec"]
-# This process's TSP degree, set by validate(): the batch hook runs inside megatron.core, which has no args.
+# Set by validate() for the hooks that run inside megatron.core, which has no args: this process's TSP degree
+# and the TSP flags the TSP block spec takes.
 _tsp_size = 1
+_tsp_spec_options: dict[str, Any] = {}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -56,6 +58,7 @@ def validate(args: argparse.Namespace) -> None:
     patches.install(cpu=False)  # pg_collection.tsp; the CPU-only patches belong to megatron-tsp's entry point
     global _tsp_size
     _tsp_size = args.tsp_size
+    _tsp_spec_options["keep_weight_shards"] = args.tsp_keep_weight_shards
 
 
 def mesh_order(args: argparse.Namespace, megatron_default: str) -> str:
@@ -72,8 +75,10 @@ def build_block_spec(config: Any, spec: Any, vp_stage: Optional[int], pp_rank: O
     """Call a block-spec function named by ``--spec`` with the stage's config; pass anything else through.
 
     Megatron's ``--spec`` hands the named object to the model as is; the TSP decoder block depends on the
-    pipeline stage (``--moe-layer-freq`` patterns, layer offsets), so ``--spec`` names a function.
+    pipeline stage (``--moe-layer-freq`` patterns, layer offsets), so ``--spec`` names a function. The TSP
+    one also gets the TSP flags it takes (``--tsp-keep-weight-shards``).
     """
     if callable(spec) and not isinstance(spec, type):
-        return spec(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        options = _tsp_spec_options if spec.__qualname__ == TSP_SPEC[1] and spec.__module__ == TSP_SPEC[0] else {}
+        return spec(config, vp_stage=vp_stage, pp_rank=pp_rank, **options)
     return spec
