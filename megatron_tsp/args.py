@@ -38,6 +38,11 @@ def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Keep the weight shards each TSP layer fetched in forward until its backward (all D "
                             "shards of a layer per rank) instead of fetching them again: backward moves only "
                             "activations and grads, for W_layer bytes per layer of extra memory.")
+    group.add_argument("--tsp-output-layer", choices=("vocab-ring", "megatron"), default="vocab-ring",
+                       help="vocab-ring: the output layer and loss circulate the output weight's vocabulary shards "
+                            "and each rank scores only its own tokens (never S x V/D logits per rank); megatron: "
+                            "Megatron's output layer over all-gathered hidden states (fewer bytes when "
+                            "micro-batch x sequence is below about the vocabulary size).")
     group.add_argument("--tsp-report-comm-bytes", action="store_true",
                        help="Count the bytes of every TSP collective during training and print the totals per "
                             "op (rank 0) when training ends, to check against megatron_tsp.cost.")

@@ -200,6 +200,9 @@ class Workload:
     # --tsp-keep-weight-shards: TSP layers keep the D weight shards forward fetched until their backward
     # (W_layer*e per layer, see layer_kept_weight_bytes), so backward moves no weights.
     tsp_keep_weights: bool = False
+    # --tsp-output-layer: TSP's output layer and loss by the vocabulary ring (output.py; True, the default)
+    # or Megatron's output layer over gathered hidden states (False).
+    tsp_vocab_ring: bool = True
 
     @property
     def grad_bytes(self) -> int:
@@ -439,8 +442,10 @@ def edge_comm(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -
 
     Vocab-parallel embedding: reduce_scatter to the sequence shard (SP kinds; its backward all_gathers the
     grad) or all_reduce (TP). Output layer: all_gather of the final norm output, re-gathered in backward
-    with a reduce_scatter of its grad (SP kinds), or one backward all_reduce (TP). PP: each stage sends its
-    output activation forward and its input grad backward ([S/shard, B, h], exposed).
+    with a reduce_scatter of its grad (SP kinds), or one backward all_reduce (TP); TSP's vocabulary ring
+    (output.py) instead circulates the output weight (:func:`tsp_mlp_comm`'s terms with W = V*h) and
+    all_gathers the fp32 per-token losses. PP: each stage sends its output activation forward and its
+    input grad backward ([S/shard, B, h], exposed).
     """
     t, span = layout.tensor, layout.tensor
     x = work.tokens * Fraction(model.hidden * work.act_bytes, layout.context)
@@ -452,7 +457,14 @@ def edge_comm(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -
                             backward=_transfers(("embedding", "all_gather", x * share, t, span, False)))
                   if sequence_parallel else
                   LayerComm(forward=_transfers(("embedding", "all_reduce", 2 * x * share, t, span, False))))
-    if stage.output:
+    if stage.output and layout.kind == "TSP" and work.tsp_vocab_ring:
+        weights = model.padded_vocab(t) * model.hidden * share
+        circulate = ("output weights", "ring_send", weights * work.param_bytes, 2, span, True, t - 1)
+        accumulate = ("output weight grads", "ring_send", weights * work.grad_bytes, 2, span, True, t - 1)
+        losses = ("losses", "all_gather", work.tokens * 4 * share, t, span, False)
+        edges += LayerComm(forward=_transfers(circulate, losses),
+                           backward=_transfers(circulate, accumulate))
+    elif stage.output:
         edges += (LayerComm(forward=_transfers(("output layer", "all_gather", x * share, t, span, False)),
                             backward=_transfers(("output layer", "all_gather", x * share, t, span, True),
                                                 ("output layer", "reduce_scatter", x * share, t, span, True)))
@@ -617,9 +629,15 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
 def logits_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
     """The output layer's working set: logits [S/c, B, V/t] in fp32 (vocab-parallel cross entropy) plus
     their bf16 grad, the gathered final-norm output (SP kinds) and the input grad [S/c, B, h] (BASELINES.md:
-    s x V/D fp32 logits are what Megatron materialises; TSP uses Megatron's output layer unchanged)."""
+    s x V/D fp32 logits are what Megatron materialises). TSP's vocabulary ring holds one shard's logits of
+    the local tokens, [S/D, B, V/D] fp32 plus their grad, two weight slots and two fp32 grad accumulators
+    of V/D x h, and the fp32 input-grad accumulator [S/D, B, h]."""
     tokens = Fraction(work.tokens, layout.context)
     vocab = Fraction(model.padded_vocab(layout.tensor), layout.tensor)
+    if layout.kind == "TSP" and work.tsp_vocab_ring:
+        local = tokens / layout.tensor
+        slots = 2 * (work.param_bytes + work.grad_bytes) * vocab * model.hidden
+        return local * (vocab * (4 + work.act_bytes) + model.hidden * (4 + work.act_bytes)) + slots
     gathered = 1 if layout.sequence_shard > layout.context else 0
     return tokens * (vocab * (4 + work.act_bytes) + (1 + gathered) * model.hidden * work.act_bytes)
 
@@ -746,9 +764,11 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
 
 
 def output_layer_flops(model: ModelShape, work: Workload, layout: Layout) -> LayerFlops:
-    """The output GEMM: 2*B*S*h*V/(t*c) forward, twice that backward."""
+    """The output GEMM: 2*B*S*h*V/(t*c) forward, twice that backward (three times for TSP's vocabulary
+    ring, which recomputes each shard's logits)."""
     forward = 2.0 * work.tokens * model.hidden * model.padded_vocab(layout.tensor) / (layout.tensor * layout.context)
-    return LayerFlops(forward, 2 * forward)
+    recomputes = layout.kind == "TSP" and work.tsp_vocab_ring
+    return LayerFlops(forward, (3 if recomputes else 2) * forward)
 
 
 def _seconds(flops: LayerFlops, comm: LayerComm, hw: Hardware) -> float:

@@ -15,11 +15,8 @@ experts; each rank runs its own dispatched tokens (sorted by expert, ``tokens_pe
 expert) through every slice, so tokens never leave their rank for the experts' sake. A rank with no tokens
 for an expert still forwards that expert's weights and accumulators.
 
-Ring order: rank p sends to p+1 and receives from p-1, so at step s it holds the shard of rank (p-s) mod D.
-Backward circulates the weights again, each rank computing its own shard's term first (hiding the first
-hop). A grad accumulator for owner o starts at o+1 (step 1), trails the weights by one step so that its
-transfer overlaps the next step's compute, and after the last step takes a final hop into o. Weights and
-accumulators each take D-1 hops; at most two weight shards and two accumulators are in flight per rank.
+The shards circulate by ``weight_ring.py`` (ring order, double buffering, grad accumulators that travel
+with the shards and arrive at their owner holding the sum over all ranks).
 
 Communication per rank per layer, bytes, for W = the weight elements of the whole layer (3*F*h^2 gated,
 2*F*h^2 not, plus the fc1 bias; for experts, summed over the rank's local experts), e the weight element
@@ -45,8 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_tsp.comm import ShardLayout, ring_exchange, shard_buffer
 from megatron_tsp.grads import weight_grad_for_autograd
+from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
 
 __all__ = ["TSPMLPFunction", "tsp_expert_mlps", "tsp_mlp"]
 
@@ -108,27 +105,13 @@ class TSPMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, spec: _MLPSpec, *own_shard: Tensor) -> Tensor:
-        layout = ShardLayout([t.shape for t in own_shard])
-        tsp_size = dist.get_world_size(spec.tsp_group)
-        weight_dtype = own_shard[0].dtype
-        # Two slots (send from one while receiving into the other), or one per shard when they are kept.
-        num_slots = tsp_size if spec.keep_weights else 2
-        if tsp_size > 1:
-            slots = [shard_buffer(layout.numel, weight_dtype, x.device, "weight") for _ in range(num_slots)]
-            layout.pack(own_shard, slots[0])
-
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        shard = own_shard
-        for ring_step in range(tsp_size):  # holds the shard of rank (p - ring_step) mod D
-            if ring_step + 1 < tsp_size:
-                next_shard = ring_exchange(slots[ring_step % num_slots], slots[(ring_step + 1) % num_slots],
-                                           spec.tsp_group)
-            out += _shard_mlp(x, shard, spec)
-            if ring_step + 1 < tsp_size:
-                shard = layout.unpack(next_shard.wait())
 
+        def add_shard_output(shard: list[Tensor], owner: int) -> None:
+            out.add_(_shard_mlp(x, shard, spec))
+
+        ctx.kept_shards = visit_shards(own_shard, spec.tsp_group, add_shard_output, keep=spec.keep_weights)
         ctx.spec = spec
-        ctx.kept_shards = slots if spec.keep_weights and tsp_size > 1 else None  # slot s: owner (p - s) mod D
         ctx.save_for_backward(x, *own_shard)
         return out.to(x.dtype)
 
@@ -136,44 +119,15 @@ class TSPMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         spec: _MLPSpec = ctx.spec
         x, *own_shard = ctx.saved_tensors
-        layout = ShardLayout([t.shape for t in own_shard])
-        tsp_size = dist.get_world_size(spec.tsp_group)
-        weight_dtype = own_shard[0].dtype
-        acc_dtype = torch.promote_types(weight_dtype, torch.float32)
         kept, ctx.kept_shards = ctx.kept_shards, None  # freed with this frame
-        if tsp_size > 1 and kept is None:
-            slots = [shard_buffer(layout.numel, weight_dtype, x.device, "weight") for _ in range(2)]
-            next_shard = ring_exchange(layout.pack(own_shard, slots[0]), slots[1], spec.tsp_group)
+        grad_x = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
-        # Own term first: it overlaps the first weight hop, and the owner's total is completed last.
-        grad_x, grad_shard = _shard_grads(x, own_shard, grad_out, spec)
-        grad_x = grad_x.to(torch.promote_types(x.dtype, torch.float32))
-        own_grads = [g.to(acc_dtype) for g in grad_shard]
-        outgoing_acc = None  # accumulator filled at the previous step, on its way to rank p+1
-        for ring_step in range(1, tsp_size):  # holds the weights of owner (p - ring_step) mod D
-            if kept is not None:
-                shard = layout.unpack(kept[ring_step])
-            else:
-                shard = layout.unpack(next_shard.wait())
-                if ring_step + 1 < tsp_size:
-                    next_shard = ring_exchange(slots[ring_step % 2], slots[(ring_step + 1) % 2], spec.tsp_group)
-            acc = shard_buffer(layout.numel, acc_dtype, x.device, "grad")
-            if outgoing_acc is None:  # rank o+1 starts owner o's accumulator
-                acc.zero_()
-            else:
-                incoming_acc = ring_exchange(outgoing_acc, acc, spec.tsp_group)
-            grad_x_step, grad_shard = _shard_grads(x, shard, grad_out, spec)
-            grad_x += grad_x_step
-            if outgoing_acc is not None:
-                incoming_acc.wait()
-            for acc_part, grad in zip(layout.unpack(acc), grad_shard):
-                acc_part += grad
-            outgoing_acc = acc
-        if tsp_size > 1:  # the last accumulator filled here belongs to rank p+1; ours arrives from p-1
-            own_acc = shard_buffer(layout.numel, acc_dtype, x.device, "grad")
-            ring_exchange(outgoing_acc, own_acc, spec.tsp_group).wait()
-            own_grads = [total + arrived for total, arrived in zip(own_grads, layout.unpack(own_acc))]
+        def shard_grads(shard: list[Tensor], owner: int) -> list[Tensor]:
+            grad_x_shard, grads = _shard_grads(x, shard, grad_out, spec)
+            grad_x.add_(grad_x_shard)
+            return grads
 
+        own_grads = gather_shard_grads(own_shard, spec.tsp_group, shard_grads, kept)
         grad_shard = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]
         return grad_x.to(x.dtype), None, *grad_shard
 

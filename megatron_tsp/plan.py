@@ -61,6 +61,7 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
     parser.add_argument("--moe-router-topk", type=int, default=2)
     parser.add_argument("--moe-layer-freq", type=int, default=1)
     parser.add_argument("--recompute-granularity", choices=("full", "selective"))
+    parser.add_argument("--tsp-output-layer", choices=("vocab-ring", "megatron"), default="vocab-ring")
     return parser.parse_known_args(list(argv))[0]
 
 
@@ -194,7 +195,8 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
         f"workload: seq {work.seq_len}, micro-batch {work.micro_batch}, global batch {global_batch}, "
         f"{work.param_bytes}-byte params, {'distributed ' if work.distributed_optimizer else ''}Adam, "
         f"TSP attention kernel: {'dense mask (reference)' if work.tsp_dense_mask else 'zigzag prefix/diagonal'}"
-        + (", TSP weight shards kept for backward" if work.tsp_keep_weights else ""),
+        + (", TSP weight shards kept for backward" if work.tsp_keep_weights else "")
+        + f", TSP output layer: {'vocabulary ring' if work.tsp_vocab_ring else 'Megatron'}",
         f"hardware: {gpus} x {hw.name}, {hw.memory_bytes / GiB:.1f} GiB, {hw.matmul_flops / 1e12:.0f} TFLOP/s "
         f"matmul, {hw.node_bandwidth / 1e9:.0f} GB/s in node",
         "",
@@ -292,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "zigzag prefix/diagonal kernel")
     parser.add_argument("--tsp-keep-weight-shards", action="store_true",
                         help="cost TSP keeping forward's weight shards for backward (also read from the config)")
+    parser.add_argument("--tsp-output-layer", choices=("vocab-ring", "megatron"),
+                        help="cost TSP with this output layer (default: the config's, else vocab-ring)")
     parser.add_argument("--plot", help="write a PNG of memory and bytes against sequence length here")
     parser.add_argument("--all", action="store_true", help="print every candidate layout, not the first 25")
     args = parser.parse_args(argv)
@@ -304,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     work = Workload(micro_batch=micro_batch, seq_len=args.seq_length, param_bytes=2 if sixteen_bit else 4,
                     act_bytes=2 if sixteen_bit else 4, recompute="none" if recompute == "auto" else recompute,
                     distributed_optimizer=flags.use_distributed_optimizer, tsp_dense_mask=args.dense_mask_attention,
-                    tsp_keep_weights=args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards)
+                    tsp_keep_weights=args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards,
+                    tsp_vocab_ring=(args.tsp_output_layer or flags.tsp_output_layer) == "vocab-ring")
     global_batch = flags.global_batch_size or micro_batch * args.gpus
     hw = GPUS[args.gpu]
     candidates = plan(model, work, args.gpus, hw, global_batch, auto_recompute=recompute == "auto")

@@ -43,7 +43,7 @@ from megatron.training.utils import get_blend_and_blend_per_split  # noqa: E402
 from megatron_tsp.args import TSPConfigError, add_tsp_args, configure_tsp, expand_config  # noqa: E402
 from megatron_tsp.comm import comm_bytes  # noqa: E402
 from megatron_tsp.mesh import initialize_model_parallel  # noqa: E402
-from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec  # noqa: E402
+from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec, tsp_output_loss  # noqa: E402
 from megatron_tsp.zigzag import zigzag_batch  # noqa: E402
 
 # Transformer Engine is optional: Megatron's TE layer spec is used automatically (on GPUs) when installed.
@@ -120,7 +120,10 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def forward_step(data_iterator: Iterator[dict], model: GPTModel):
     """Megatron forward step: run the model on the next micro-batch and hand back the loss function."""
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
-    output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
+    args = get_args()
+    vocab_ring = args.tsp_size > 1 and args.tsp_output_layer == "vocab-ring"
+    output_tensor = model(tokens, position_ids, attention_mask, labels=labels,
+                          output_processor=tsp_output_loss if vocab_ring else None)
     return output_tensor, partial(loss_func, loss_mask)
 
 

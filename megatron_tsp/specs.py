@@ -46,6 +46,7 @@ from megatron_tsp.attention import QKNorm, tsp_attention
 from megatron_tsp.kernels import select_core_attention
 from megatron_tsp.mlp import tsp_expert_mlps, tsp_mlp
 from megatron_tsp.norm import SequenceShardedNorm
+from megatron_tsp.output import tsp_vocab_parallel_loss
 from megatron_tsp.zigzag import gathered_positions, local_positions
 
 
@@ -216,6 +217,25 @@ class TSPMoELayer(MoELayer):
                 pg_collection=_tokens_stay_local(pg_collection))
             if self.use_shared_expert and self.shared_expert_overlap:
                 self.token_dispatcher.set_shared_experts(self.shared_experts)
+
+
+def tsp_output_loss(*, hidden_states: torch.Tensor, output_layer: ColumnParallelLinear,
+                    output_weight: Optional[torch.Tensor], labels: Optional[torch.Tensor], config: TransformerConfig,
+                    runtime_gather_output: Optional[bool] = None, **unused: Any) -> torch.Tensor:
+    """GPTModel's ``output_processor`` (megatron-core 0.19.2) for ``--tsp-output-layer vocab-ring``: the
+    per-token language-model loss ``[b, s]`` by the vocabulary ring (``output.py``) from the rank's
+    ``[s/D, b, h]`` final hidden states, instead of Megatron's output layer over gathered hidden states.
+    Without labels (generation) the logits come from Megatron's output layer, as GPTModel returns them.
+    """
+    if labels is None:
+        logits, _ = output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)
+        return logits.transpose(0, 1).contiguous()
+    if config.use_mup or output_layer.bias is not None:
+        raise ValueError("--tsp-output-layer vocab-ring does not support MuP logit scaling or an output-layer "
+                         "bias; use --tsp-output-layer megatron")
+    weight = output_layer.weight if output_weight is None else output_weight
+    return tsp_vocab_parallel_loss(hidden_states, weight, labels, output_layer.tp_group,
+                                   tied_to_embedding=output_weight is not None)
 
 
 def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int] = None,

@@ -1,7 +1,7 @@
 """Bytes the TSP collectives move in real training (Megatron's loop, CPU ranks) against the cost model.
 
 ``--tsp-report-comm-bytes`` counts every TSP collective (comm.py's per-rank convention) over the whole run;
-``megatron_tsp.cost`` predicts the same per layer and micro-batch. The counted runs are the loss-parity runs
+``megatron_tsp.cost`` predicts the same per layer and micro-batch, plus the output layer's vocabulary ring. The counted runs are the loss-parity runs
 themselves (test_loss_parity, 10 iterations), at four shapes: D=4 with MHA, D=2 with GQA and full
 recompute (whose backward repeats the forward's collectives), D=2 with weight shards kept for backward, and
 D=2 MoE with the expert ring. The bar is 1%; in fact they agree exactly.
@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 
-from megatron_tsp.cost import Layout, ModelShape, Workload, bytes_by_op, layer_comm
+from megatron_tsp.cost import Layout, ModelShape, Workload, bytes_by_op, edge_comm, layer_comm, pipeline_stages
 from tests.test_loss_parity import tsp_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
@@ -26,8 +26,9 @@ _REPORT = re.compile(r"megatron-tsp comm bytes per rank over \d+ iterations: (\{
 # a global batch of 4; the MoE cases add tests.pretrain_runs.MOE (4 experts of ffn 256, top-2).
 TINY = ModelShape(hidden=64, layers=2, heads=4, kv_groups=4, head_dim=16, ffn=256, vocab=1024)
 TINY_MOE = replace(TINY, experts=4, topk=2, expert_ffn=256, shared_expert_ffn=128)
-# Transfers of Megatron's own modules, which comm.py does not see: MoE dispatch and the shared expert.
-MEGATRON_OWN = {"MoE dispatch/combine", "shared expert"}
+# Transfers of Megatron's own modules, which comm.py does not see: the embedding, MoE dispatch, the shared
+# expert.
+MEGATRON_OWN = {"embedding", "MoE dispatch/combine", "shared expert"}
 
 FP32 = Workload(micro_batch=2, seq_len=128, param_bytes=4, act_bytes=4)
 CASES = {  # loss-parity case: (model, layout, workload); micro-batches per step = 2 / DP
@@ -48,10 +49,13 @@ def test_counted_bytes_match_the_cost_model(name: str) -> None:
     assert run.returncode == 0, run.output[-4000:]
     counted = json.loads(_REPORT.search(run.output).group(1))
 
-    transfers = tuple(t for t in layer_comm(model, work, layout, moe=bool(model.experts)).transfers
+    # Per micro-batch: every layer, and the model's edges (the output layer's vocabulary ring).
+    (stage,) = pipeline_stages(model, layout)
+    layers = layer_comm(model, work, layout, moe=bool(model.experts)).transfers * model.layers
+    transfers = tuple(t for t in layers + edge_comm(model, work, layout, stage).transfers
                       if t.what not in MEGATRON_OWN)
     steps = ITERATIONS * (2 // layout.data)
-    expected = {op: float(nbytes * model.layers * steps) for op, nbytes in bytes_by_op(transfers).items()}
+    expected = {op: float(nbytes * steps) for op, nbytes in bytes_by_op(transfers).items()}
 
     assert counted.keys() == expected.keys()
     for op, nbytes in expected.items():

@@ -50,8 +50,16 @@ def tsp_run(name: str) -> PretrainRun:
     return pretrain(ranks, *ITERS, *shared, *tsp_flags, *COUNT_BYTES, config=case_config(name))
 
 
+@functools.cache
+def tied_config() -> Path:
+    """The tiny config with the output layer tied to the input embedding (it unties them)."""
+    path = Path(tempfile.mkdtemp()) / "tiny_gpt_cpu_tied.yaml"
+    path.write_text(TINY_CONFIG.read_text().replace("untie-embeddings-and-output-weights: true\n", ""))
+    return path
+
+
 def case_config(name: str) -> Path:
-    return biased_config() if "biases" in name else TINY_CONFIG
+    return biased_config() if "biases" in name else tied_config() if "tied" in name else TINY_CONFIG
 
 
 def assert_same_curve(run: PretrainRun, ref: PretrainRun, params_norm: bool = True) -> None:
@@ -84,9 +92,12 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
     # Weight shards kept from forward to backward instead of fetched again (--tsp-keep-weight-shards).
     "tsp2_recompute_selective_keep_weight_shards": (2, ("--tsp-size", "2", "--recompute-granularity", "selective",
                                                         "--tsp-keep-weight-shards"), (), 1),
-    "tsp2_pp2_virtual": (4, ("--tsp-size", "2"), VPP, 2),
-    "tsp2_dp2_distopt_overlap": (4, ("--tsp-size", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
-                                     "--overlap-param-gather"), (), 1),
+    # The output weight is the embedding's, on the other pipeline stage (grads summed between the two).
+    "tsp2_pp2_virtual_tied_embeddings": (4, ("--tsp-size", "2"), VPP, 2),
+    # Megatron's output layer over gathered hidden states instead of the vocabulary ring.
+    "tsp2_dp2_distopt_overlap_megatron_output": (4, ("--tsp-size", "2", "--use-distributed-optimizer",
+                                                     "--overlap-grad-reduce", "--overlap-param-gather",
+                                                     "--tsp-output-layer", "megatron"), (), 1),
 
     "moe_tsp2_ep2_dp2_shared_expert": (4, ("--tsp-size", "2"), (*MOE, *SHARED_EXPERT), 2),
     # Experts sharded over the TSP axis and run by the ring (expert-TP 2, expert-DP 1), same reference.

@@ -1,0 +1,143 @@
+"""TSP output layer and loss: vocabulary shards circulate, each rank scores its own tokens against all of them.
+
+Rank p of a TSP group of size D holds its tokens' final hidden states ``hidden [S/D, B, h]`` (zigzag order)
+and vocabulary shard p of the output weight, in Megatron's vocab-parallel layout: ``weight [V/D, h]``, rows
+``[p*V/D, (p+1)*V/D)`` of the (padded) vocabulary. Megatron's TP+SP output layer all-gathers the hidden
+states and holds fp32 logits ``[S, B, V/D]`` per rank; here the weight shards travel instead
+(``weight_ring.py``) and a rank never holds more than one shard's logits of its own tokens,
+``[S/D, B, V/D]``.
+
+Forward: for each shard, the logits of the local tokens (fp32), folded into a running log-sum-exp and the
+target token's logit; per-token loss = log-sum-exp - target logit. Backward: the shards circulate again;
+each recomputes its logits, turns them into (softmax - one-hot) x dloss, adds that times the shard to the
+input grad and hands back the shard's weight grad, which travels to its owner.
+
+Communication per rank per micro-batch, bytes, for W = V*h output-weight elements (e, e_acc as in
+``mlp.py``): forward ring_send W*e*(D-1)/D; backward ring_send W*(e + e_acc)*(D-1)/D. Plus an all_gather
+of the per-token fp32 losses, B*S*4*(D-1)/D, so that Megatron's loss function sees the whole sequence.
+Fewer bytes than gathering the hidden states (3 x B*S*h*a*(D-1)/D with its backward) once B*S exceeds about
+V*(2e + e_acc)/(3a) tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_tsp.comm import all_gather_seq
+from megatron_tsp.grads import weight_grad_for_autograd
+from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
+
+__all__ = ["TSPVocabLossFunction", "tsp_vocab_parallel_loss"]
+
+
+@dataclass(frozen=True)
+class _VocabSpec:
+    tsp_group: dist.ProcessGroup
+    shard_rows: int  # V/D
+    # The weight is also the input embedding: its grad must go through autograd, where the embedding's
+    # part is added to it, not straight into Megatron's main_grad (grads.py).
+    tied_to_embedding: bool
+
+
+def _loss_dtype(hidden: Tensor) -> torch.dtype:
+    """Logits and losses in fp32 (fp64 for fp64 models), as Megatron's vocab-parallel cross entropy."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
+def _shard_logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    """Logits of the local tokens for one vocabulary shard: ``[S/D, B, h]`` x ``[V/D, h]`` -> ``[S/D, B, V/D]``."""
+    return F.linear(hidden, weight).to(_loss_dtype(hidden))
+
+
+def _targets_in_shard(labels: Tensor, owner: int, spec: _VocabSpec) -> tuple[Tensor, Tensor]:
+    """(mask of the tokens whose label falls in owner's shard, their row in it, 0 elsewhere), ``[S/D, B]``."""
+    rows = labels - owner * spec.shard_rows
+    inside = (rows >= 0) & (rows < spec.shard_rows)
+    return inside, torch.where(inside, rows, 0)
+
+
+class TSPVocabLossFunction(torch.autograd.Function):
+    """Cross entropy of the local tokens by the vocabulary ring; see the module docstring.
+
+    Inputs: hidden ``[S/D, B, h]``, labels ``[S/D, B]`` (vocabulary ids), spec, weight ``[V/D, h]`` (this
+    rank's shard). Output: per-token losses ``[S/D, B]``, fp32 (fp64 for fp64 models).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, labels: Tensor, spec: _VocabSpec, weight: Tensor) -> Tensor:
+        dtype = _loss_dtype(hidden)
+        running_max = torch.full(labels.shape, -torch.inf, dtype=dtype, device=hidden.device)
+        sum_exp = torch.zeros(labels.shape, dtype=dtype, device=hidden.device)
+        target_logit = torch.zeros(labels.shape, dtype=dtype, device=hidden.device)
+
+        def fold_shard(shard: list[Tensor], owner: int) -> None:
+            logits = _shard_logits(hidden, shard[0])
+            inside, rows = _targets_in_shard(labels, owner, spec)
+            target_logit.add_(torch.where(inside, logits.gather(-1, rows.unsqueeze(-1)).squeeze(-1), 0.0))
+            new_max = torch.maximum(running_max, logits.amax(dim=-1))
+            sum_exp.mul_(torch.exp(running_max - new_max)).add_(torch.exp(logits - new_max.unsqueeze(-1)).sum(-1))
+            running_max.copy_(new_max)
+
+        visit_shards([weight], spec.tsp_group, fold_shard)
+        log_sum_exp = running_max + torch.log(sum_exp)
+        ctx.spec = spec
+        ctx.save_for_backward(hidden, labels, weight, log_sum_exp)
+        return log_sum_exp - target_logit
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+        spec: _VocabSpec = ctx.spec
+        hidden, labels, weight, log_sum_exp = ctx.saved_tensors
+        grad_hidden = torch.zeros(hidden.shape, dtype=_loss_dtype(hidden), device=hidden.device)
+
+        def shard_grads(shard: list[Tensor], owner: int) -> list[Tensor]:
+            shard_weight = shard[0]
+            grad_logits = torch.exp(_shard_logits(hidden, shard_weight) - log_sum_exp.unsqueeze(-1))  # softmax
+            inside, rows = _targets_in_shard(labels, owner, spec)
+            grad_logits.scatter_add_(-1, rows.unsqueeze(-1), -inside.unsqueeze(-1).to(grad_logits.dtype))  # - one-hot
+            grad_logits = (grad_logits * grad_loss.unsqueeze(-1)).to(hidden.dtype)
+            grad_hidden.add_(grad_logits @ shard_weight)
+            return [grad_logits.flatten(0, -2).t() @ hidden.flatten(0, -2)]
+
+        (own_grad,) = gather_shard_grads([weight], spec.tsp_group, shard_grads)
+        grad_weight = own_grad.to(weight.dtype) if spec.tied_to_embedding else weight_grad_for_autograd(weight, own_grad)
+        return grad_hidden.to(hidden.dtype), None, None, grad_weight
+
+
+class _GatherLosses(torch.autograd.Function):
+    """All-gather per-token losses ``[S/D, B]`` -> ``[S, B]``; backward keeps this rank's rows. Every rank
+    evaluates the same loss function on the gathered losses, so each rank's grad of its own rows is already
+    the whole grad (summing over ranks would count it D times)."""
+
+    @staticmethod
+    def forward(ctx, losses: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.rows, ctx.rank = losses.shape[0], dist.get_rank(group)
+        return all_gather_seq(losses, group).wait()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
+
+
+def tsp_vocab_parallel_loss(hidden: Tensor, weight: Tensor, labels: Tensor, tsp_group: dist.ProcessGroup, *,
+                            tied_to_embedding: bool = False) -> Tensor:
+    """Per-token cross entropy of a sequence-sharded model: hidden ``[S/D, B, h]`` (rank p's tokens, rows
+    p*S/D.. of the sequence as the batch orders it), weight ``[V/D, h]`` (vocab shard p), labels ``[B, S]``
+    (the whole sequence, as Megatron passes them) -> losses ``[B, S]`` (fp32 or fp64, Megatron's
+    ``compute_language_model_loss`` shape), equal on every rank of the group. ``tied_to_embedding``: the
+    weight is the input embedding's too.
+    """
+    rank, tokens = dist.get_rank(tsp_group), hidden.shape[0]
+    if labels.shape != (hidden.shape[1], tokens * dist.get_world_size(tsp_group)):
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)} of a "
+                         f"TSP group of {dist.get_world_size(tsp_group)}: expected [B, S] = "
+                         f"[{hidden.shape[1]}, {tokens * dist.get_world_size(tsp_group)}]")
+    local_labels = labels.t()[rank * tokens:(rank + 1) * tokens]  # [S/D, B]
+    spec = _VocabSpec(tsp_group=tsp_group, shard_rows=weight.shape[0], tied_to_embedding=tied_to_embedding)
+    losses = TSPVocabLossFunction.apply(hidden, local_labels, spec, weight)
+    return _GatherLosses.apply(losses, tsp_group).t().contiguous()
