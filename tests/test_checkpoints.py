@@ -77,8 +77,12 @@ def test_plain_tp2_checkpoint_continues_at_tsp4() -> None:
 
 def test_resume_at_the_same_layout_is_bit_identical() -> None:
     run, uninterrupted = resumed(saved("tsp2"), "tsp2"), tsp_run("tsp2")
-    # Identical at the printed precision (rel=1e-12 only absorbs the float arithmetic of pretrain_runs).
-    assert run.losses == pytest.approx(uninterrupted.losses[SAVED_AT:], rel=1e-12)
+    # Identical at the printed precision (rel=1e-12 only absorbs the float arithmetic of pretrain_runs),
+    # except the resumed run's second loss: Megatron prints the mean of a run's first two iterations (7
+    # significant digits), and undoing that (pretrain_runs._parse) can be off by 3 half-units of the print.
+    expected = uninterrupted.losses[SAVED_AT:]
+    assert run.losses[1] == pytest.approx(expected[1], abs=1.5e-6)
+    assert run.losses[:1] + run.losses[2:] == pytest.approx(expected[:1] + expected[2:], rel=1e-12)
     assert run.grad_norms == uninterrupted.grad_norms[SAVED_AT:]
 
 

@@ -119,10 +119,11 @@ def test_validation_rejects_a_world_the_layout_does_not_fit() -> None:
 # Model built on one rank of the stated layout (fake process group, meta device)
 
 
-def expected_rank_params(flags: dict[str, Any], first_stage: bool, last_stage: bool, layers: int) -> int:
+def expected_rank_params(flags: dict[str, Any], first_stage: bool, last_stage: bool, layers: int,
+                         expert_ring: bool = False) -> int:
     """Parameters one rank holds, from the YAML alone: the TP-shard layout TSP uses (weights of attention,
     MLP, embedding and output layer split D ways; norms and the router replicated; experts whole, split
-    over expert parallelism)."""
+    over expert parallelism, or with ``expert_ring`` each also split D ways)."""
     assert flags.get("disable-bias-linear") is True, "extend this count for linear biases"
     d = flags["tsp-size"]
     ep = flags.get("expert-model-parallel-size", 1)
@@ -142,7 +143,8 @@ def expected_rank_params(flags: dict[str, Any], first_stage: bool, last_stage: b
         assert flags.get("moe-layer-freq", 1) == 1, "extend this count for mixed dense/MoE layers"
         assert flags.get("expert-tensor-parallel-size", 1) == 1
         moe_ffn = flags.get("moe-ffn-hidden-size", flags["ffn-hidden-size"])
-        mlp = h + experts * h + experts // ep * (gate * moe_ffn * h + moe_ffn * h)  # norm + router + experts
+        expert_shards = d if expert_ring else 1
+        mlp = h + experts * h + experts // ep * (gate * moe_ffn * h + moe_ffn * h) // expert_shards  # norm, router
     else:
         ffn = flags["ffn-hidden-size"]
         mlp = h + gate * ffn // d * h + h * (ffn // d)  # norm + fc1 + fc2
@@ -189,8 +191,9 @@ def run_forked(fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0) -> 
     return value
 
 
-def build_on_rank(path: Path, world: int, rank: int, layers: int) -> dict[str, Any]:
-    """In a forked child: rank ``rank`` of a ``world``-rank fake job builds its model chunk on meta."""
+def build_on_rank(path: Path, world: int, rank: int, layers: int, *extra: str) -> dict[str, Any]:
+    """In a forked child: rank ``rank`` of a ``world``-rank fake job builds its model chunk on meta (config
+    plus ``extra`` flags)."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -204,7 +207,7 @@ def build_on_rank(path: Path, world: int, rank: int, layers: int) -> dict[str, A
 
     # CPU initialisation: the GPU path allocates on torch.cuda.current_device(), which the meta device
     # context cannot override.
-    args = parse_and_validate(path, world, rank, "--num-layers", str(layers), "--use-cpu-initialization")
+    args = parse_and_validate(path, world, rank, "--num-layers", str(layers), "--use-cpu-initialization", *extra)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     set_global_variables(args)  # get_args() for the model provider; builds the tokenizer, pads the vocab
     initialize_model_parallel(
@@ -248,3 +251,15 @@ def test_model_shards_per_rank(path: Path) -> None:
         assert built["count"] == expected, (
             f"{path.name} rank {rank}/{gpus}: {built['count']:,} parameters built, {expected:,} expected "
             f"(padded vocab {built['padded_vocab']})")
+
+
+def test_mixtral_with_the_expert_ring_holds_an_eighth_of_each_expert() -> None:
+    """--tsp-expert-ring on the Mixtral config at its 64 GPUs: experts sharded over the 8 TSP ranks (expert-TP
+    8, still EP 8), so each rank builds 1/8 of its expert's weights (the ring's modules included)."""
+    path = ROOT / "configs" / "mixtral_8x7b.yaml"
+    gpus, flags = stated_gpus(path), flags_of(path)
+    built = run_forked(build_on_rank, path, gpus, gpus - 1, LAYERS_PER_STAGE, "--tsp-expert-ring",
+                       "--expert-tensor-parallel-size", "8")  # the config pins it to 1
+    assert built["not_meta"] == []
+    assert built["count"] == expected_rank_params(flags, built["first"], built["last"], LAYERS_PER_STAGE,
+                                                  expert_ring=True)
