@@ -8,7 +8,10 @@ package (and ``cpu.py`` beside it) to be re-checked.
 - ``patches/megatron-core-0.19.2.patch`` (repository root): source hooks for users of a Megatron-LM checkout,
   each a call into :mod:`megatron_tsp.megatron_compat.megatron_lm`, which lists them; applied by the user,
   never at runtime.
-- The expert-bias tag correction is not a patch: ``specs.TSPMoELayer`` makes it when the layer is built.
+- Not patches, but leaning on megatron-core 0.19.2 behaviour, all in ``specs.py``: the expert-bias tag
+  correction (``TSPMoELayer``, at build time); the expert ring's token dispatcher, rebuilt on a view of
+  the process groups without an expert-tensor-parallel group (read as size 1 by ``utils.get_pg_size``);
+  the vocabulary-ring loss, plugged in as GPTModel's ``output_processor``.
 - ``cpu.py`` (torch-level, not Megatron): ``torch.cuda`` stand-ins and ``torch.compile`` disabled on CPU.
 """
 
