@@ -1,8 +1,9 @@
 """Checkpoints across layouts with Megatron's torch_dist format: a TSP=D checkpoint is a TP=D checkpoint.
 
 Every run trains the tiny GPT for the 10 iterations of test_loss_parity (the lr schedule depends on
---train-iters); a saving run stops after iteration 5 (--exit-interval 5), a loading run continues with
-iterations 6-10. TSP at any degree, plain TP=2 and TSP=1 train identically (test_loss_parity), so a reload
+--train-iters); checkpoints are taken after iteration 5, by test_loss_parity's TSP=2 and TSP=4 runs
+themselves or by a saving run that stops there (--exit-interval 5); a loading run continues from iteration 5
+(--ckpt-step 5) with iterations 6-10. TSP at any degree, plain TP=2 and TSP=1 train identically (test_loss_parity), so a reload
 at any of them must continue like the uninterrupted TSP=1 run, which is test_loss_parity's reference run
 (shared, not rerun). Resuming at the saving layout with its RNG state is checked bit for bit at TSP=2.
 
@@ -13,17 +14,24 @@ cannot reload it at all (DistributedOptimizer.state_dict asserts one Adam step o
 from __future__ import annotations
 
 import functools
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.pretrain_runs import MOE, PRINTED_NORM_TOLERANCE, TINY_CONFIG, PretrainRun, pretrain
-from tests.test_loss_parity import EXPERT_RING, ITERS, SHARED_EXPERT, reference, tsp_run
+from tests.test_loss_parity import (
+    CHECKPOINTS,
+    EXPERT_RING,
+    ITERS,
+    SAVED_AT,
+    SAVING_RUNS,
+    SHARED_EXPERT,
+    reference,
+    tsp_run,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
-SAVED_AT = 5
 LAYOUTS = {  # name: (ranks, flags)
     "tsp1": (1, ("--tsp-size", "1")),
     "tsp2": (2, ("--tsp-size", "2")),
@@ -34,7 +42,6 @@ LAYOUTS = {  # name: (ranks, flags)
     "moe_tsp2_ep2_expert_ring": (4, (*EXPERT_RING, *MOE, *SHARED_EXPERT)),
     "moe_tsp1_ep2": (2, ("--tsp-size", "1", *MOE, *SHARED_EXPERT)),
 }
-ROOT = Path(tempfile.mkdtemp(prefix="tsp_ckpt_"))
 
 
 def ok(run: PretrainRun, iterations: int) -> PretrainRun:
@@ -45,8 +52,11 @@ def ok(run: PretrainRun, iterations: int) -> PretrainRun:
 @functools.cache
 def saved(layout: str) -> Path:
     """A checkpoint after iteration 5, written at ``layout``."""
+    path = CHECKPOINTS / layout
+    if layout in SAVING_RUNS:  # test_loss_parity's run of this layout saved it
+        ok(tsp_run(layout), 10)
+        return path
     ranks, flags = LAYOUTS[layout]
-    path = ROOT / layout
     ok(pretrain(ranks, *ITERS, *flags, "--exit-interval", str(SAVED_AT), "--save", str(path),
                 "--save-interval", "100"), SAVED_AT)
     return path
@@ -55,7 +65,8 @@ def saved(layout: str) -> Path:
 def resumed(checkpoint: Path, layout: str, *extra: str) -> PretrainRun:
     """Iterations 6-10 at ``layout`` from ``checkpoint``."""
     ranks, flags = LAYOUTS[layout]
-    return ok(pretrain(ranks, *ITERS, *flags, "--load", str(checkpoint), *extra), 10 - SAVED_AT)
+    return ok(pretrain(ranks, *ITERS, *flags, "--load", str(checkpoint), "--ckpt-step", str(SAVED_AT), *extra),
+              10 - SAVED_AT)
 
 
 def assert_continues(run: PretrainRun, uninterrupted: PretrainRun) -> None:

@@ -6,8 +6,8 @@ Megatron seeds each pipeline stage differently (seed + 100 * stage); MoE runs wi
 expert-parallel size, because expert initial weights depend on it.
 
 The runs are cached (:func:`tsp_run`, :func:`reference`) and shared with the tests that read other things
-off the same training: the byte counters (test_comm_measured) and the uninterrupted runs checkpoints must
-continue like (test_checkpoints). Every TSP run counts its collectives (``--tsp-report-comm-bytes`` does not
+off the same training: the byte counters (test_comm_measured), and the checkpoints some of them save and
+the uninterrupted runs those must continue like (test_checkpoints). Every TSP run counts its collectives (``--tsp-report-comm-bytes`` does not
 change the numbers, which these curves also prove).
 """
 
@@ -25,6 +25,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
 ITERS = ("--train-iters", "10", "--log-params-norm")
 COUNT_BYTES = ("--tsp-report-comm-bytes",)
+# These runs also save a checkpoint after this iteration, which test_checkpoints continues from.
+SAVED_AT = 5
+SAVING_RUNS = ("tsp2", "tsp4")
+CHECKPOINTS = Path(tempfile.mkdtemp(prefix="tsp_ckpt_"))
 
 
 @functools.cache
@@ -45,9 +49,11 @@ def reference(ranks: int, config: Path, *flags: str) -> PretrainRun:
 
 @functools.cache
 def tsp_run(name: str) -> PretrainRun:
-    """The TSP run of case ``name`` (10 iterations, collectives counted)."""
+    """The TSP run of case ``name`` (10 iterations, collectives counted; :data:`SAVING_RUNS` also save into
+    ``CHECKPOINTS / name`` every :data:`SAVED_AT` iterations)."""
     ranks, tsp_flags, shared, _ = CASES[name]
-    return pretrain(ranks, *ITERS, *shared, *tsp_flags, *COUNT_BYTES, config=case_config(name))
+    save = ("--save", str(CHECKPOINTS / name), "--save-interval", str(SAVED_AT)) if name in SAVING_RUNS else ()
+    return pretrain(ranks, *ITERS, *shared, *tsp_flags, *COUNT_BYTES, *save, config=case_config(name))
 
 
 @functools.cache

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.pretrain_runs import PRINTED_NORM_TOLERANCE, TINY_CONFIG, pretrain, run_command
+from tests.multiprocess import free_port
+from tests.pretrain_runs import PRINTED_NORM_TOLERANCE, REPO, TINY_CONFIG, run_command
 from tests.test_loss_parity import reference
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
@@ -33,9 +37,19 @@ def test_cpu_data_parallel_matches_one_rank() -> None:
 
 
 def test_bad_configuration_fails_on_every_rank_before_any_collective() -> None:
-    run = pretrain(2, "--tsp-size", "2", "--seq-length", "102", "--max-position-embeddings", "102",
-                   timeout_s=120)
-    assert run.returncode != 0
+    """Each rank of a 2-rank job runs alone, with its own rendezvous port: had validation waited for a
+    process group, it would hang for the missing peer; instead each exits at once with the message.
+    (Under torchrun the first failing rank gets the others killed, possibly before they print.)"""
+    flags = ["--config", str(TINY_CONFIG), "--tsp-size", "2", "--seq-length", "102", "--max-position-embeddings",
+             "102"]
+    ranks = []
     for rank in (0, 1):
-        assert (f"[rank {rank}] megatron-tsp configuration error: --seq-length 102 is not divisible"
-                in run.output), run.output[-3000:]
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+        ranks.append(subprocess.Popen([sys.executable, "-m", "megatron_tsp.pretrain_gpt", *flags], cwd=REPO,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for rank, proc in enumerate(ranks):
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert f"[rank {rank}] megatron-tsp configuration error: --seq-length 102 is not divisible" in output, \
+            output[-3000:]
