@@ -17,6 +17,9 @@ import yaml
 from megatron_tsp.mesh import DEFAULT_ORDER, megatron_order
 
 
+OUTPUT_LAYERS = ("vocab-ring", "megatron")  # --tsp-output-layer; the first is the default
+
+
 class TSPConfigError(ValueError):
     """A configuration TSP cannot run; the message names the flag and the fix."""
 
@@ -38,7 +41,7 @@ def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Keep the weight shards each TSP layer fetched in forward until its backward (all D "
                             "shards of a layer per rank) instead of fetching them again: backward moves only "
                             "activations and grads, for W_layer bytes per layer of extra memory.")
-    group.add_argument("--tsp-output-layer", choices=("vocab-ring", "megatron"), default="vocab-ring",
+    group.add_argument("--tsp-output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0],
                        help="vocab-ring: the output layer and loss circulate the output weight's vocabulary shards "
                             "and each rank scores only its own tokens (never S x V/D logits per rank); megatron: "
                             "Megatron's output layer over all-gathered hidden states (fewer bytes when "
@@ -114,7 +117,7 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
         _check(world_size % (ep * pp) == 0,
                f"world size {world_size} is not divisible by --expert-model-parallel-size {ep} x "
                f"--pipeline-model-parallel-size {pp}; change --expert-model-parallel-size")
-    ring = getattr(args, "tsp_expert_ring", False)
+    ring = args.tsp_expert_ring
     _check(not ring or d > 1, "--tsp-expert-ring needs --tsp-size > 1 (it shards experts over the TSP axis); "
                               "drop --tsp-expert-ring or raise --tsp-size")
     if d == 1:
@@ -212,7 +215,7 @@ def apply_tsp_layout(args: argparse.Namespace) -> None:
         return
     args.tensor_model_parallel_size = args.tsp_size
     args.sequence_parallel = True
-    if getattr(args, "tsp_expert_ring", False):
+    if args.tsp_expert_ring:
         args.expert_tensor_parallel_size = args.tsp_size
     elif args.expert_tensor_parallel_size is None:
         args.expert_tensor_parallel_size = 1

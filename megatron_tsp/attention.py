@@ -28,8 +28,8 @@ bucket r is done with them; bucket r's weight-grad reduce runs while bucket r+1 
 Memory: forward saves only the local input ``x`` (plus the replicated q/k-norm params, the local rotary
 angles and the positions). Backward recomputes each bucket's local q/k/v (one qkv GEMM per bucket, on
 weights it re-fetches anyway) and re-gathers its K/V. Two weight shards (a two-slot buffer; D with
-``keep_weights``) are alive at a time, and two buckets' full-sequence K/V (the one attended and the next in flight), plus in backward the
-grad of one.
+``keep_weights``) are alive at a time, and two buckets' full-sequence K/V (the one attended and the next in
+flight), plus in backward the grad of one.
 """
 
 from __future__ import annotations
@@ -140,9 +140,11 @@ def _project_qkv(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, norm_pa
     return q, k, v
 
 
-def _fetch_bucket(bucket: int, own_shard: list[Tensor], layout: ShardLayout, slot: Tensor,
+def _fetch_bucket(bucket: int, own_shard: list[Tensor], layout: ShardLayout, slots: list[Tensor],
                   spec: _BucketSpec) -> Pending:
-    """Start broadcasting head bucket ``bucket``'s packed [Wqkv, bqkv, Wo] from its owner into ``slot``."""
+    """Start broadcasting head bucket ``bucket``'s packed [Wqkv, bqkv, Wo] from its owner into its slot,
+    ``slots[bucket mod len(slots)]`` (two slots take turns; with one slot per bucket each keeps its own)."""
+    slot = slots[bucket % len(slots)]
     if dist.get_rank(spec.tsp_group) == bucket:
         layout.pack(own_shard, slot)
     return broadcast(slot, owner=bucket, group=spec.tsp_group)
@@ -211,15 +213,14 @@ class TSPAttentionFunction(torch.autograd.Function):
         layout = ShardLayout([t.shape for t in own_shard])
         norm_params = [q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias]
         tsp_size = dist.get_world_size(spec.tsp_group)
-        # Bucket r's weights go to slot r mod the slot count: two slots, or one per bucket when they are kept.
-        num_slots = tsp_size if spec.keep_weights else min(tsp_size, 2)
+        num_slots = tsp_size if spec.keep_weights else min(tsp_size, 2)  # one per bucket when they are kept
         slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(num_slots)]
 
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        bucket = _start_bucket(_fetch_bucket(0, own_shard, layout, slots[0], spec), x, norm_params,
+        bucket = _start_bucket(_fetch_bucket(0, own_shard, layout, slots, spec), x, norm_params,
                                rotary_freqs, layout, spec)
         if tsp_size > 1:
-            fetch = _fetch_bucket(1, own_shard, layout, slots[1], spec)
+            fetch = _fetch_bucket(1, own_shard, layout, slots, spec)
         for head_bucket in range(tsp_size):
             q, kv_gather, bucket_proj_weight = bucket
             if head_bucket + 1 < tsp_size:  # the next bucket's K/V travel while this bucket's attention computes
@@ -228,7 +229,7 @@ class TSPAttentionFunction(torch.autograd.Function):
             attn = spec.core_attention(q, full_k, full_v, q_positions, k_positions, spec.softmax_scale)
             out += F.linear(attn, bucket_proj_weight)
             if head_bucket + 2 < tsp_size:  # with two slots, this bucket's slot is free again
-                fetch = _fetch_bucket(head_bucket + 2, own_shard, layout, slots[(head_bucket + 2) % num_slots], spec)
+                fetch = _fetch_bucket(head_bucket + 2, own_shard, layout, slots, spec)
 
         ctx.spec = spec
         ctx.kept_weights = slots if spec.keep_weights else None
@@ -253,7 +254,7 @@ class TSPAttentionFunction(torch.autograd.Function):
         def fetch_bucket(bucket: int) -> Pending:
             if kept is not None:
                 return Pending(kept[bucket], [])
-            return _fetch_bucket(bucket, own_shard, layout, slots[bucket % 2], spec)
+            return _fetch_bucket(bucket, own_shard, layout, slots, spec)
 
         grad_x = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         grad_norm = [None if p is None else torch.zeros_like(p, dtype=acc_dtype) for p in norm_params]

@@ -353,19 +353,28 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
                             ("attention weight grads", "reduce", weights * work.grad_bytes, d, d, True, d)))
 
 
-def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int, copies: int = 1,
-                 what: str = "MLP") -> LayerComm:
-    """TSP MLP ring per layer (mlp.py): W = MLP weights incl. the fc1 bias (times ``copies``: the expert ring
-    carries a rank's local experts in one message), D-1 hops of W/D each.
+def _weight_ring_comm(what: str, weights: int, work: Workload, d: int, kept: bool) -> LayerComm:
+    """A weight ring (weight_ring.py) over ``weights`` elements, D-1 hops of W/D each.
 
-    forward: ring_send W*e*(D-1)/D. backward: ring_send W*e*(D-1)/D (weights re-circulated, unless kept)
-    plus W*e_acc*(D-1)/D (grad accumulators). All hidden behind the shards' GEMMs (double buffering).
+    forward: ring_send W*e*(D-1)/D. backward: ring_send W*e*(D-1)/D (weights re-circulated, unless
+    ``kept``) plus W*e_acc*(D-1)/D (grad accumulators). All hidden behind the shards' GEMMs (double
+    buffering).
     """
-    weights = copies * model.mlp_weights(ffn) * _share(d)
-    circulate = (f"{what} weights", "ring_send", weights * work.param_bytes, 2, d, True, d - 1)
-    accumulate = (f"{what} weight grads", "ring_send", weights * work.grad_bytes, 2, d, True, d - 1)
-    recirculate = () if work.tsp_keep_weights else (circulate,)
+    elements = weights * _share(d)
+    circulate = (f"{what} weights", "ring_send", elements * work.param_bytes, 2, d, True, d - 1)
+    accumulate = (f"{what} weight grads", "ring_send", elements * work.grad_bytes, 2, d, True, d - 1)
+    recirculate = () if kept else (circulate,)
     return LayerComm(forward=_transfers(circulate), backward=_transfers(*recirculate, accumulate))
+
+
+def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int) -> LayerComm:
+    """TSP MLP ring per layer (mlp.py): :func:`_weight_ring_comm` with W = MLP weights incl. the fc1 bias."""
+    return _weight_ring_comm("MLP", model.mlp_weights(ffn), work, d, work.tsp_keep_weights)
+
+
+def _local_expert_weights(model: ModelShape, layout: Layout) -> int:
+    """Elements of a rank's E/EP local experts (whole), the weights the expert ring circulates in one message."""
+    return model.experts // layout.expert * model.mlp_weights(model.expert_ffn)
 
 
 def _tensor_parallel_block(x: Fraction, t: int, sequence_parallel: bool, what: str) -> LayerComm:
@@ -400,13 +409,14 @@ def _context_ring(model: ModelShape, work: Workload, layout: Layout) -> LayerCom
 def _moe_comm(model: ModelShape, work: Workload, layout: Layout, x: Fraction) -> LayerComm:
     """Megatron's MoE layer: all_to_all dispatch and combine of each local token's top-k copies over EP
     (exposed), and a shared expert run as a tensor-parallel (SP) MLP on the tensor axis. With the expert
-    ring, the rank's E/EP local experts circulate over the TSP axis (:func:`tsp_mlp_comm`)."""
+    ring, the rank's E/EP local experts circulate over the TSP axis (:func:`_weight_ring_comm`)."""
     routed = work.tokens * Fraction(model.topk, layout.sequence_shard) * model.hidden * work.act_bytes
     ep = layout.expert
     dispatch = ("MoE dispatch/combine", "all_to_all", 2 * routed * _share(ep), ep, ep, False, 2)
     moe = LayerComm(forward=_transfers(dispatch), backward=_transfers(dispatch))
     if layout.expert_ring:
-        moe += tsp_mlp_comm(model, work, layout.tensor, model.expert_ffn, model.experts // ep, "expert")
+        moe += _weight_ring_comm("expert", _local_expert_weights(model, layout), work, layout.tensor,
+                                 work.tsp_keep_weights)
     if model.shared_expert_ffn:
         moe += _tensor_parallel_block(x, layout.tensor, True, "shared expert")
     return moe
@@ -443,8 +453,8 @@ def edge_comm(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -
     Vocab-parallel embedding: reduce_scatter to the sequence shard (SP kinds; its backward all_gathers the
     grad) or all_reduce (TP). Output layer: all_gather of the final norm output, re-gathered in backward
     with a reduce_scatter of its grad (SP kinds), or one backward all_reduce (TP); TSP's vocabulary ring
-    (output.py) instead circulates the output weight (:func:`tsp_mlp_comm`'s terms with W = V*h) and
-    all_gathers the fp32 per-token losses. PP: each stage sends its output activation forward and its
+    (output.py) instead circulates the output weight (:func:`_weight_ring_comm` with W = V*h, never kept)
+    and all_gathers the fp32 per-token losses. PP: each stage sends its output activation forward and its
     input grad backward ([S/shard, B, h], exposed).
     """
     t, span = layout.tensor, layout.tensor
@@ -458,12 +468,8 @@ def edge_comm(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -
                   if sequence_parallel else
                   LayerComm(forward=_transfers(("embedding", "all_reduce", 2 * x * share, t, span, False))))
     if stage.output and layout.kind == "TSP" and work.tsp_vocab_ring:
-        weights = model.padded_vocab(t) * model.hidden * share
-        circulate = ("output weights", "ring_send", weights * work.param_bytes, 2, span, True, t - 1)
-        accumulate = ("output weight grads", "ring_send", weights * work.grad_bytes, 2, span, True, t - 1)
-        losses = ("losses", "all_gather", work.tokens * 4 * share, t, span, False)
-        edges += LayerComm(forward=_transfers(circulate, losses),
-                           backward=_transfers(circulate, accumulate))
+        edges += _weight_ring_comm("output", model.padded_vocab(t) * model.hidden, work, t, kept=False)
+        edges += LayerComm(forward=_transfers(("losses", "all_gather", work.tokens * 4 * share, t, span, False)))
     elif stage.output:
         edges += (LayerComm(forward=_transfers(("output layer", "all_gather", x * share, t, span, False)),
                             backward=_transfers(("output layer", "all_gather", x * share, t, span, True),
@@ -583,7 +589,7 @@ def layer_kept_weight_bytes(model: ModelShape, work: Workload, layout: Layout, m
     if not moe:
         weights += model.mlp_weights(model.ffn)
     elif layout.expert_ring:
-        weights += model.experts // layout.expert * model.mlp_weights(model.expert_ffn)
+        weights += _local_expert_weights(model, layout)
     return Fraction(weights * work.param_bytes)
 
 
@@ -620,9 +626,8 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
         mlp = (2 * _mlp_activation_elements(model, model.ffn) * local_tokens * a / t
                + slots * Fraction(model.mlp_weights(model.ffn), t))
     elif layout.expert_ring:
-        local_experts = model.experts // layout.expert
         mlp = (2 * _mlp_activation_elements(model, model.expert_ffn) * model.topk * local_tokens * a / t
-               + slots * Fraction(local_experts * model.mlp_weights(model.expert_ffn), t))
+               + slots * Fraction(_local_expert_weights(model, layout), t))
     return 4 * local_tokens * model.hidden + max(attention, mlp)
 
 

@@ -78,7 +78,7 @@ def _slice_mlp(x: Tensor, weights: Sequence[Tensor], spec: _MLPSpec) -> Tensor:
 def _shard_mlp(x: Tensor, shard: Sequence[Tensor], spec: _MLPSpec) -> Tensor:
     """One shard's output for this rank's tokens: each MLP's rows of x through that MLP's slice."""
     n = spec.tensors_per_mlp
-    if len(spec.tokens_per_mlp) == 1:
+    if len(spec.tokens_per_mlp) == 1:  # the dense MLP: no split and no concatenating copy
         return _slice_mlp(x, shard, spec)
     return torch.cat([_slice_mlp(rows, shard[i * n:(i + 1) * n], spec)
                       for i, rows in enumerate(x.split(spec.tokens_per_mlp))])

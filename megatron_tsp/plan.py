@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from megatron_tsp.args import config_to_argv
+from megatron_tsp.args import OUTPUT_LAYERS, config_to_argv
 from megatron_tsp.cost import KINDS, Hardware, Layout, ModelShape, StepCost, Workload, step_cost
 
 GiB = 2**30
@@ -61,7 +61,7 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
     parser.add_argument("--moe-router-topk", type=int, default=2)
     parser.add_argument("--moe-layer-freq", type=int, default=1)
     parser.add_argument("--recompute-granularity", choices=("full", "selective"))
-    parser.add_argument("--tsp-output-layer", choices=("vocab-ring", "megatron"), default="vocab-ring")
+    parser.add_argument("--tsp-output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0])
     return parser.parse_known_args(list(argv))[0]
 
 
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "zigzag prefix/diagonal kernel")
     parser.add_argument("--tsp-keep-weight-shards", action="store_true",
                         help="cost TSP keeping forward's weight shards for backward (also read from the config)")
-    parser.add_argument("--tsp-output-layer", choices=("vocab-ring", "megatron"),
+    parser.add_argument("--tsp-output-layer", choices=OUTPUT_LAYERS,
                         help="cost TSP with this output layer (default: the config's, else vocab-ring)")
     parser.add_argument("--plot", help="write a PNG of memory and bytes against sequence length here")
     parser.add_argument("--all", action="store_true", help="print every candidate layout, not the first 25")

@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from megatron_tsp.args import OUTPUT_LAYERS
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -38,7 +40,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ffn", type=int, default=16384)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seqs", default="16384,32768,65536,131072")
-    parser.add_argument("--output-layer", choices=("vocab-ring", "megatron"), default="vocab-ring")
+    parser.add_argument("--output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0])
     parser.add_argument("--keep-weight-shards", action="store_true")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--out", type=Path, help="write the results here (JSON list)")

@@ -78,7 +78,9 @@ def build_block_spec(config: Any, spec: Any, vp_stage: Optional[int], pp_rank: O
     pipeline stage (``--moe-layer-freq`` patterns, layer offsets), so ``--spec`` names a function. The TSP
     one also gets the TSP flags it takes (``--tsp-keep-weight-shards``).
     """
+    from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec  # Megatron's model modules are loaded by now
+
     if callable(spec) and not isinstance(spec, type):
-        options = _tsp_spec_options if spec.__qualname__ == TSP_SPEC[1] and spec.__module__ == TSP_SPEC[0] else {}
+        options = _tsp_spec_options if spec is get_gpt_decoder_block_tsp_spec else {}
         return spec(config, vp_stage=vp_stage, pp_rank=pp_rank, **options)
     return spec
