@@ -27,7 +27,7 @@ ITERS = ("--train-iters", "10", "--log-params-norm")
 COUNT_BYTES = ("--tsp-report-comm-bytes",)
 # These runs also save a checkpoint after this iteration, which test_checkpoints continues from.
 SAVED_AT = 5
-SAVING_RUNS = ("tsp2", "tsp4")
+SAVING_RUNS = ("tsp2", "tsp4", "tsp2_dp2_distopt_overlap_megatron_output")
 CHECKPOINTS = Path(tempfile.mkdtemp(prefix="tsp_ckpt_"))
 
 

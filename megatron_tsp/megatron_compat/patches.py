@@ -90,6 +90,61 @@ def _int_split_sizes(original: staticmethod) -> staticmethod:
     return staticmethod(forward)
 
 
+def _uses_torch_adam_steps(optimizer: Any) -> bool:
+    """Megatron's distributed optimizer runs torch's Adam, which keeps a per-parameter 'step' tensor, only when
+    neither Apex nor Transformer Engine is importable (their fused Adam keeps the step in the param group)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return not distrib_optimizer.HAVE_APEX_OR_TE and not optimizer.ddp_config.use_megatron_fsdp
+
+
+def _allocate_state_before_loading(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def sharded_state_dict(self, model_sharded_state_dict={}, is_loading=False, sharding_type=None,  # noqa: B006
+                           metadata=None):
+        if is_loading and _uses_torch_adam_steps(self) and not self.optimizer.state:
+            # Megatron builds the loading state dict from state_dict(), which reads the Adam step from the
+            # per-parameter states, which do not exist before the first step. Allocate them (placeholders at
+            # step 0, every value overwritten by the load) through Megatron's own allocating path.
+            groups = [{**{key: value for key, value in group.items() if key != "params"}, "step": 0}
+                      for group in self.optimizer.state_dict()["param_groups"]]
+            self.load_state_dict({"optimizer": {"param_groups": groups}})
+        return original(self, model_sharded_state_dict, is_loading, sharding_type, metadata)
+
+    return sharded_state_dict
+
+
+def _own_step_per_parameter(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def load_state_dict(self, state_dict):
+        original(self, state_dict)
+        if _uses_torch_adam_steps(self):
+            # Megatron puts one step tensor object into every parameter's state; torch's Adam increments each
+            # parameter's step in place, so a shared tensor would advance once per parameter per iteration and
+            # corrupt the bias correction of every step after a resume.
+            for state in self.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+    return load_state_dict
+
+
+def _copy_loaded_state(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if _uses_torch_adam_steps(self):
+            # Megatron has already set the step from the checkpoint's param groups. The per-parameter step
+            # the formats hand over here is missing (fully reshardable: KeyError) or the placeholder the
+            # loading state dict was built from (dp_reshardable: step 0). None is the copy loop's "leave as is".
+            tensors = {**tensors, "step": None}
+        # The default (dp_reshardable) loader copies without no_grad, which fails on fp32 main params: they
+        # are views of the model params, leaves that require grad.
+        with torch.no_grad():
+            original(self, model_param, tensors)
+
+    return _set_main_param_and_optimizer_states
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.process_groups_config", "ProcessGroupCollection.use_mpu_process_groups", False,
           "expose the tsp axis as `pg_collection.tsp` on every collection Megatron builds from its "
@@ -110,6 +165,18 @@ PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.tensor_parallel.mappings", "_AllToAll.forward", True,
           "MoE all-to-all split sizes stay torch tensors off CUDA; gloo's all_to_all_single needs Python ints",
           _int_split_sizes),
+    Patch("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.sharded_state_dict", False,
+          "with torch's Adam (no Apex/TE) loading a distributed-optimizer checkpoint asserts on the empty "
+          "per-parameter states before the first step", _allocate_state_before_loading),
+    Patch("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.load_state_dict", False,
+          "with torch's Adam (no Apex/TE) the loaded step is one tensor shared by every parameter, which Adam "
+          "then increments once per parameter", _own_step_per_parameter),
+    Patch("megatron.core.optimizer.distrib_optimizer",
+          "DistributedOptimizer._set_main_param_and_optimizer_states", False,
+          "with torch's Adam (no Apex/TE) the loaders copy a per-parameter step that is missing (fully "
+          "reshardable format: KeyError) or a stale placeholder (default format: resets the step to 0); with "
+          "fp32 params the default format's loader copies into leaves that require grad outside no_grad",
+          _copy_loaded_state),
 )
 
 
