@@ -1,8 +1,11 @@
-"""Time TSP's core attention per head bucket, forward + backward: the zigzag backend vs the dense-mask reference.
+"""Time TSP's core attention per head bucket, forward + backward: the zigzag backend vs the dense-mask reference,
+and TSP's whole attention vs Megatron TP's.
 
 One rank's call (rank 0; zigzag gives every rank the same work): q ``[S/D, B, nq, hd]`` against the gathered
 K/V ``[S, B, nkv, hd]``. Prints the median wall time of each kernel, run round-robin (and the peak memory
-on CUDA).
+on CUDA). A TSP rank makes D such calls per layer (one per head bucket); a TP rank makes one square causal
+call over the whole sequence with the same heads (SDPA, default dispatch), the same FLOPs: the last line
+compares the two.
 
     .venv/bin/python scripts/bench_attention_kernel.py --seq-len 4096 --tsp-size 4
 """
@@ -15,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_tsp.kernels import causal_attention, math_part_kernel, zigzag_causal_attention
@@ -62,6 +66,16 @@ def main() -> None:
     positions = (local_positions(seq_len, tsp_size, 0, device), gathered_positions(seq_len, tsp_size, device))
     scale = args.head_dim ** -0.5
 
+    # TP's per-rank call: all S queries of the same heads; positions are ignored, the inputs are the same size
+    tp_query = torch.randn(seq_len, args.batch, args.heads, args.head_dim, generator=gen, device=device)
+    tp_inputs = [t.to(dtype).requires_grad_() for t in (tp_query, k, v)]
+    tp_grad_out = torch.randn(seq_len, args.batch, args.heads * args.head_dim, generator=gen, device=device)
+
+    def tp_square_causal(q: Tensor, k: Tensor, v: Tensor, *_: object) -> Tensor:
+        out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (q, k, v)), is_causal=True,
+                                             scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+        return out.permute(2, 0, 1, 3).flatten(2)
+
     kernels: dict[str, Kernel] = {"dense-mask reference (causal_attention)": causal_attention,
                                   "zigzag, default part kernel": zigzag_causal_attention}
     if device.type == "cpu":  # the default there is the fused kernel; show the portable one too
@@ -71,18 +85,26 @@ def main() -> None:
           f"B={args.batch}, heads {args.heads}/{args.kv_heads} per bucket, hd={args.head_dim}; "
           f"fwd+bwd of one rank's call, median of {args.repeats}")
     # Round-robin over the kernels, so that load from other processes hits them alike; step 0 is warm-up.
-    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in kernels}
+    tp_name = "TP: one square causal SDPA call over S"
+    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in (*kernels, tp_name)}
     for step in range(args.repeats + 1):
         for name, kernel in kernels.items():
             result = _fwd_bwd(kernel, inputs, grad_out, positions, scale)
             if step:
                 runs[name].append(result)
+        result = _fwd_bwd(tp_square_causal, tp_inputs, tp_grad_out.to(dtype), positions, scale)
+        if step:
+            runs[tp_name].append(result)
     reference = statistics.median(seconds for seconds, _ in runs[next(iter(kernels))])
     for name, results in runs.items():
         seconds = statistics.median(seconds for seconds, _ in results)
         peak = max(peak for _, peak in results)
         memory = f", peak {peak / 2**20:.0f} MiB" if peak else ""
         print(f"  {name:42s} {seconds * 1e3:9.1f} ms  ({reference / seconds:.2f}x the reference's speed){memory}")
+    tsp_layer, tp_layer = (tsp_size * statistics.median(s for s, _ in runs["zigzag, default part kernel"]),
+                           statistics.median(s for s, _ in runs[tp_name]))
+    print(f"per layer: TSP {tsp_size} bucket calls {tsp_layer * 1e3:.1f} ms vs TP's call {tp_layer * 1e3:.1f} ms: "
+          f"{tsp_layer / tp_layer:.2f}x TP's time")
 
 if __name__ == "__main__":
     main()

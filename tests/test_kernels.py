@@ -12,12 +12,17 @@ from torch.profiler import ProfilerActivity, profile
 
 from megatron_tsp.kernels import (
     FUSED_CPU,
+    FUSED_CUDNN,
+    PART_KERNEL_ENV,
     PartKernel,
     causal_attention,
+    cudnn,
+    default_part_kernel,
     math_part_kernel,
     select_core_attention,
     zigzag_causal_attention,
 )
+from megatron_tsp.kernels.zigzag import _check_against_math
 from megatron_tsp.zigzag import gathered_positions, local_positions
 from tests.numerics import TOLERANCE, assert_rel_close
 
@@ -77,6 +82,63 @@ def test_matches_dense_reference(kernel: str, seq_len: int, heads: int, kv_heads
 
 def test_default_backend() -> None:
     assert select_core_attention(config=None, layer_number=1) is zigzag_causal_attention
+    assert default_part_kernel(torch.empty(1, 2, 4, 64)) is FUSED_CPU
+    # no GPU: the math kernel, also for a dtype and head dim cuDNN would take on one
+    assert default_part_kernel(torch.empty(1, 2, 4, 64, dtype=torch.bfloat16, device="meta")) not in (
+        FUSED_CPU, FUSED_CUDNN)
+
+
+def test_part_kernel_check_catches_a_wrong_kernel() -> None:
+    """The check run before cuDNN's first use on a device passes a correct low-precision kernel (aten's CPU
+    one here) and refuses one whose log-sum-exp is off by 0.5, naming the way out."""
+    cpu = torch.device("cpu")
+    with torch.no_grad():  # as in the first forward of a layer under full activation recompute
+        assert _check_against_math(FUSED_CPU, "CPU", cpu, torch.bfloat16, 64) < 0.05
+    shifted = PartKernel(lambda *args: (lambda out, lse: (out, lse + 0.5))(*FUSED_CPU.forward(*args)),
+                         FUSED_CPU.backward)
+    with pytest.raises(RuntimeError, match=f"disagrees with the exact math kernel.*{PART_KERNEL_ENV}=math"):
+        _check_against_math(shifted, "shifted", cpu, torch.bfloat16, 64)
+
+
+def test_cudnn_part_kernel_calls_on_meta_tensors() -> None:
+    """The aten cuDNN ops take the arguments as cudnn.py passes them (GQA, strided row slices) and give the
+    PartKernel shapes; numbers need a GPU (test_cudnn_part_kernel_matches_reference)."""
+    batch, heads, kv_heads, rows, keys, head_dim = 2, 4, 2, 8, 24, 64
+    q = torch.empty(batch, heads, 2 * rows, head_dim, dtype=torch.bfloat16, device="meta")[:, :, rows:]
+    k, v = torch.empty(2, batch, kv_heads, keys, head_dim, dtype=torch.bfloat16, device="meta")
+    for causal in (False, True):
+        out, lse = cudnn.forward(q, k, v, causal, 0.125)
+        assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, q.shape[:-1], torch.float32)
+        grads = cudnn.backward(torch.empty_like(out), q, k, v, out, lse, causal, 0.125)
+        assert [(g.shape, g.dtype) for g in grads] == [(t.shape, t.dtype) for t in (q, k, v)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (cuDNN fused attention)")
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("tsp_size", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_cudnn_part_kernel_matches_reference(heads: int, kv_heads: int, tsp_size: int, dtype: torch.dtype,
+                                             head_dim: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    seq_len, device = 2048, torch.device("cuda")
+    q_bhsd = torch.empty(1, heads, 1, head_dim, dtype=dtype, device=device)
+    assert default_part_kernel(q_bhsd) is FUSED_CUDNN  # after passing the check on this device
+    monkeypatch.setenv(PART_KERNEL_ENV, "math")
+    assert default_part_kernel(q_bhsd) is not FUSED_CUDNN
+    gen = torch.Generator(device).manual_seed(tsp_size)
+    q, grad_out = (torch.randn(seq_len // tsp_size, 2, heads, head_dim, generator=gen, device=device)
+                   for _ in range(2))
+    k, v = torch.randn(2, seq_len, 2, kv_heads, head_dim, generator=gen, device=device)
+    k_positions = gathered_positions(seq_len, tsp_size, device)
+    for rank in range(tsp_size):
+        q_positions = local_positions(seq_len, tsp_size, rank, device)
+        results = []
+        for kernel, precision in ((None, torch.float32), (FUSED_CUDNN, dtype)):
+            inputs = [t.to(precision).requires_grad_() for t in (q, k, v)]
+            results.append(_output_and_grads(kernel, *inputs, grad_out.flatten(2).to(precision), q_positions,
+                                             k_positions))
+        for name, want, got in zip(("output", "dq", "dk", "dv"), *results, strict=True):
+            assert_rel_close(got.float(), want, 3e-2, f"rank {rank} {name}")
 
 
 def _peak_bytes(fn: Callable[[], None]) -> int:

@@ -5,7 +5,8 @@ query attend to every key at a global position <= its own. Two local backends:
 
 - ``zigzag_causal_attention`` (default, ``zigzag.py``): TSP's zigzag layout only; each local query chunk is a
   non-causal prefix plus a causal diagonal, merged by log-sum-exp, with an exact custom backward. No
-  ``[S/D, S]`` mask, and no work on future keys.
+  ``[S/D, S]`` mask, and no work on future keys. Its parts run on aten's fused CPU kernel, cuDNN on NVIDIA
+  GPUs (``cudnn.py``), or an exact math kernel.
 - ``causal_attention`` (``local.py``): any position order, torch SDPA with a dense boolean ``[S/D, S]``
   mask; the reference the fast path is tested against.
 
@@ -19,13 +20,24 @@ from typing import Protocol
 from torch import Tensor
 
 from megatron_tsp.kernels.local import causal_attention
-from megatron_tsp.kernels.zigzag import FUSED_CPU, PartKernel, math_part_kernel, zigzag_causal_attention
+from megatron_tsp.kernels.zigzag import (
+    FUSED_CPU,
+    FUSED_CUDNN,
+    PART_KERNEL_ENV,
+    PartKernel,
+    default_part_kernel,
+    math_part_kernel,
+    zigzag_causal_attention,
+)
 
 __all__ = [
     "FUSED_CPU",
+    "FUSED_CUDNN",
+    "PART_KERNEL_ENV",
     "CausalAttention",
     "PartKernel",
     "causal_attention",
+    "default_part_kernel",
     "math_part_kernel",
     "select_core_attention",
     "zigzag_causal_attention",

@@ -16,13 +16,15 @@ full softmax, and the flash-attention identity dS = P * (dP - rowsum(dO * O)) wi
 share of dQ, dK, dV. (Differentiating through the merge instead would need a differentiable LSE from the part
 kernel and would keep every part's probabilities alive until backward.)
 
-Part kernels (:class:`PartKernel`): on CPU, :data:`FUSED_CPU` (aten's flash kernel, the one SDPA runs there);
-elsewhere :func:`math_part_kernel`, exact and memory-bounded but untuned. A fused CUDA part kernel (cuDNN or
-flash attention, LSE out and in) is not written yet: it needs a GPU to validate.
+Part kernels (:class:`PartKernel`, chosen by :func:`default_part_kernel`): on CPU, :data:`FUSED_CPU` (aten's
+flash kernel, the one SDPA runs there); on NVIDIA GPUs in fp16/bf16, :data:`FUSED_CUDNN` (``cudnn.py``), checked
+against the math kernel on the device before its first use; otherwise :func:`math_part_kernel`, exact and
+memory-bounded but untuned. ``MEGATRON_TSP_PART_KERNEL=math`` forces the math kernel everywhere but on CPU.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -30,9 +32,11 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from megatron_tsp.zigzag import inverse_zigzag_permutation, zigzag_permutation
+from megatron_tsp.kernels import cudnn
+from megatron_tsp.zigzag import gathered_positions, inverse_zigzag_permutation, local_positions, zigzag_permutation
 
-__all__ = ["FUSED_CPU", "PartKernel", "math_part_kernel", "zigzag_causal_attention"]
+__all__ = ["FUSED_CPU", "FUSED_CUDNN", "PART_KERNEL_ENV", "PartKernel", "default_part_kernel", "math_part_kernel",
+           "zigzag_causal_attention"]
 
 PartForward = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 PartBackward = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor, Tensor]]
@@ -136,6 +140,54 @@ def math_part_kernel(block_elements: int = 1 << 24) -> PartKernel:
                       partial(_math_backward, block_elements=block_elements))
 
 
+FUSED_CUDNN = PartKernel(cudnn.forward, cudnn.backward)
+"""NVIDIA GPU parts (fp16/bf16, head dim <= 128) by cuDNN's fused attention."""
+
+PART_KERNEL_ENV = "MEGATRON_TSP_PART_KERNEL"
+_CHECKED: set[tuple[torch.device, torch.dtype, int]] = set()
+
+
+def default_part_kernel(q: Tensor) -> PartKernel:
+    """The part kernel for queries like ``q`` (``[b, nq, sq, hd]``); see the module docstring."""
+    if q.device.type == "cpu":
+        return FUSED_CPU
+    if os.environ.get(PART_KERNEL_ENV, "auto") != "math" and cudnn.supports(q):
+        key = (q.device, q.dtype, q.shape[-1])
+        if key not in _CHECKED:
+            _check_against_math(FUSED_CUDNN, "cuDNN", *key)
+            _CHECKED.add(key)
+        return FUSED_CUDNN
+    return math_part_kernel()
+
+
+def _check_against_math(kernel: PartKernel, name: str, device: torch.device, dtype: torch.dtype,
+                        head_dim: int) -> float:
+    """Raise unless ``kernel`` in ``dtype`` gives the math kernel's fp32 output and q/k/v grads, up to ``dtype``'s
+    rounding, on a small GQA problem of every rank of a TSP group of 2: a wrong LSE, mask or argument would be
+    off by order one. Returns the largest error relative to the largest value."""
+    seq_len, tsp_size, worst = 512, 2, 0.0
+    gen = torch.Generator(device).manual_seed(0)  # not the global generator: training's draws stay the same
+    q, grad_out = (torch.randn(seq_len // tsp_size, 2, 4, head_dim, generator=gen, device=device) for _ in range(2))
+    k, v = torch.randn(2, seq_len, 2, 2, head_dim, generator=gen, device=device)
+    for rank in range(tsp_size):
+        positions = (local_positions(seq_len, tsp_size, rank, device), gathered_positions(seq_len, tsp_size, device))
+        results = []
+        for part_kernel, precision in ((math_part_kernel(), torch.float32), (kernel, dtype)):
+            inputs = [t.to(precision).requires_grad_() for t in (q, k, v)]
+            with torch.enable_grad():  # first use may come in a no-grad forward (activation recompute)
+                out = zigzag_causal_attention(*inputs, *positions, head_dim**-0.5, part_kernel=part_kernel)
+                grads = torch.autograd.grad(out, inputs, grad_out.flatten(2).to(precision))
+            results.append([t.float() for t in (out, *grads)])
+        for want, got in zip(*results, strict=True):
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+    if not worst < 0.05:
+        raise RuntimeError(f"the {name} attention part kernel (torch {torch.__version__}, cuDNN "
+                           f"{torch.backends.cudnn.version()}) disagrees with the exact math kernel on {device} in "
+                           f"{dtype}, head dim {head_dim} (max error {worst:.3g} of the largest value): set "
+                           f"{PART_KERNEL_ENV}=math to run TSP attention with the exact math kernel, and report this")
+    return worst
+
+
 Plan = list[tuple[slice, list[tuple[slice, bool]]]]
 
 
@@ -220,7 +272,7 @@ def zigzag_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor
     q ``[S/D, b, nq, hd]`` (rank p's local tokens), k/v ``[S, b, nkv, hd]`` (gathered in rank order), nq a
     multiple of nkv; q_positions ``zigzag.local_positions(S, D, p)``, k_positions
     ``zigzag.gathered_positions(S, D)`` (checked). Returns ``[S/D, b, nq*hd]``. ``part_kernel``: default
-    :data:`FUSED_CPU` on CPU, :func:`math_part_kernel` elsewhere.
+    :func:`default_part_kernel`'s.
 
     Memory per call, beyond inputs, grads and output, for c = S/(2D), element size e, accumulation size a
     (= e for fp32/fp64), is linear in S: forward, the natural-order K/V copy (2*b*S*nkv*hd*e, the gathered
@@ -233,10 +285,11 @@ def zigzag_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor
     if heads % k.shape[2] != 0:
         raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({k.shape[2]})")
     tsp_size, tsp_rank = _zigzag_layout(q_positions, k_positions)
-    kernel = part_kernel or (FUSED_CPU if q.device.type == "cpu" else math_part_kernel())
+    q_heads_first = q.permute(1, 2, 0, 3)
+    kernel = part_kernel or default_part_kernel(q_heads_first)
     natural = inverse_zigzag_permutation(k.shape[0], tsp_size, k.device)
     # natural order and the kernels' [b, heads, s, hd] layout in one copy; autograd scatters dK/dV back
     k_natural, v_natural = (t.permute(1, 2, 0, 3).index_select(2, natural) for t in (k, v))
     plan = _chunk_plan(local_len // 2, tsp_size, tsp_rank)
-    out = _ZigzagAttentionFunction.apply(q.permute(1, 2, 0, 3), k_natural, v_natural, plan, softmax_scale, kernel)
+    out = _ZigzagAttentionFunction.apply(q_heads_first, k_natural, v_natural, plan, softmax_scale, kernel)
     return out.permute(2, 0, 1, 3).reshape(local_len, batch, heads * head_dim)
