@@ -2,9 +2,10 @@
 
 Method (BASELINES.md): torch's fake process group stands in for the other D-1 ranks, so every collective
 is a no-op while every buffer is real; what is measured is one rank's memory and compute (communication
-faked). The model is built by megatron-tsp's own layer spec and output processor (TSP attention, MLP ring,
-vocabulary-ring loss), in bf16 with fp32 grad buffers (Megatron DDP) and full recompute, micro-batch 1: the
-settings of ``../shared/tools/megatron_tp_baseline.py``, which measures Megatron's TP+SP the same way. Run
+faked), and the FLOP rate achieved (the cost model's executed FLOPs over the step time, against the
+device's measured bf16 matmul rate). The model is built by megatron-tsp's own layer spec and output processor
+(TSP attention, MLP ring, vocabulary-ring loss), in bf16 with fp32 grad buffers (Megatron DDP) and full
+recompute, micro-batch 1: the settings of ``../shared/tools/megatron_tp_baseline.py``, which measures Megatron's TP+SP the same way. Run
 both in the same device call so that the ratios compare like with like.
 
 Prints one JSON line per case and writes them all to ``--out``. The numbers of received shards are
@@ -112,6 +113,7 @@ def measure(args: argparse.Namespace, seq: int, device: torch.device) -> dict:
         train_step(model, args, seq, device)
         synchronize(device)
         record["step_s"] = time.perf_counter() - start
+        record["achieved_TFLOPs"] = step_flops(args, seq) / record["step_s"] / 1e12
         if device.type == "cuda":
             record["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
             record["peak_plus_adam_GiB"] = record["peak_GiB"] + 12 * params / 2**30  # fp32 master + 2 moments
@@ -119,6 +121,20 @@ def measure(args: argparse.Namespace, seq: int, device: torch.device) -> dict:
     except torch.OutOfMemoryError:
         record["error"] = "OOM"
     return record
+
+
+def step_flops(args: argparse.Namespace, seq: int) -> float:
+    """FLOPs the rank executes in one step by the cost model (recomputes included): layers and output layer."""
+    from megatron_tsp import cost
+
+    model = cost.ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads,
+                            kv_groups=args.kv_groups or args.heads, head_dim=args.hidden // args.heads,
+                            ffn=args.ffn, vocab=args.vocab)
+    work = cost.Workload(1, seq, recompute="full", tsp_vocab_ring=args.output_layer == "vocab-ring")
+    layout = cost.Layout("TSP", tensor=args.tsp)
+    layer, output = cost.layer_flops(model, work, layout, moe=False), cost.output_layer_flops(model, work, layout)
+    return sum(args.layers * getattr(layer, phase) + getattr(output, phase)
+               for phase in ("forward", "backward", "recompute"))
 
 
 def matmul_tflops(device: torch.device) -> float:

@@ -25,6 +25,7 @@ def test_bench_gpu_smoke_on_cpu(tmp_path: Path, extra: tuple[str, ...]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     records = json.loads(out.read_text())
     assert [r["seq"] for r in records] == [64, 128] and all(r["step_s"] > 0 for r in records)
+    assert records[1]["achieved_TFLOPs"] * records[1]["step_s"] > records[0]["achieved_TFLOPs"] * records[0]["step_s"]
     # One rank of D = 4: per layer two norms and a quarter of qkv, proj, fc1 (gated) and fc2; a quarter of the
     # embedding and of the (untied) output layer; the final norm.
     h, ffn, vocab, d = 64, 128, 256, 4
