@@ -90,7 +90,8 @@ def test_default_backend() -> None:
 
 def test_part_kernel_check_catches_a_wrong_kernel() -> None:
     """The check run before cuDNN's first use on a device passes a correct low-precision kernel (aten's CPU
-    one here) and refuses one whose log-sum-exp is off by 0.5, naming the way out."""
+    one here), refuses one whose log-sum-exp is off by 0.5 and turns a kernel's failure into the same
+    message, naming the way out."""
     cpu = torch.device("cpu")
     with torch.no_grad():  # as in the first forward of a layer under full activation recompute
         assert _check_against_math(FUSED_CPU, "CPU", cpu, torch.bfloat16, 64) < 0.05
@@ -98,6 +99,12 @@ def test_part_kernel_check_catches_a_wrong_kernel() -> None:
                          FUSED_CPU.backward)
     with pytest.raises(RuntimeError, match=f"disagrees with the exact math kernel.*{PART_KERNEL_ENV}=math"):
         _check_against_math(shifted, "shifted", cpu, torch.bfloat16, 64)
+
+    def unavailable(*args: object) -> None:
+        raise RuntimeError("PyTorch was not compiled with cuDNN Flash Attention enabled!")
+
+    with pytest.raises(RuntimeError, match=f"failed .*not compiled.*{PART_KERNEL_ENV}=math"):
+        _check_against_math(PartKernel(unavailable, FUSED_CPU.backward), "missing", cpu, torch.bfloat16, 64)
 
 
 def test_cudnn_part_kernel_calls_on_meta_tensors() -> None:

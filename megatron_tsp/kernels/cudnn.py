@@ -29,7 +29,8 @@ _MAX_HEAD_DIM = 128  # cuDNN's fused attention (forward and backward) on Ampere 
 def supports(q: Tensor) -> bool:
     """Whether cuDNN's fused attention takes queries like ``q`` (``[b, nq, sq, hd]``)."""
     head_dim = q.shape[-1]
-    return q.is_cuda and q.dtype in _DTYPES and head_dim % 8 == 0 and head_dim <= _MAX_HEAD_DIM
+    on_nvidia = q.is_cuda and torch.version.hip is None  # ROCm builds report AMD GPUs as cuda, without cuDNN
+    return on_nvidia and q.dtype in _DTYPES and head_dim % 8 == 0 and head_dim <= _MAX_HEAD_DIM
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:

@@ -169,22 +169,26 @@ def _check_against_math(kernel: PartKernel, name: str, device: torch.device, dty
     gen = torch.Generator(device).manual_seed(0)  # not the global generator: training's draws stay the same
     q, grad_out = (torch.randn(seq_len // tsp_size, 2, 4, head_dim, generator=gen, device=device) for _ in range(2))
     k, v = torch.randn(2, seq_len, 2, 2, head_dim, generator=gen, device=device)
+    where = (f"the {name} attention part kernel (torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}) "
+             f"on {device} in {dtype}, head dim {head_dim}")
+    way_out = f"set {PART_KERNEL_ENV}=math to run TSP attention with the exact math kernel, and report this"
     for rank in range(tsp_size):
         positions = (local_positions(seq_len, tsp_size, rank, device), gathered_positions(seq_len, tsp_size, device))
         results = []
         for part_kernel, precision in ((math_part_kernel(), torch.float32), (kernel, dtype)):
             inputs = [t.to(precision).requires_grad_() for t in (q, k, v)]
-            with torch.enable_grad():  # first use may come in a no-grad forward (activation recompute)
-                out = zigzag_causal_attention(*inputs, *positions, head_dim**-0.5, part_kernel=part_kernel)
-                grads = torch.autograd.grad(out, inputs, grad_out.flatten(2).to(precision))
+            try:
+                with torch.enable_grad():  # first use may come in a no-grad forward (activation recompute)
+                    out = zigzag_causal_attention(*inputs, *positions, head_dim**-0.5, part_kernel=part_kernel)
+                    grads = torch.autograd.grad(out, inputs, grad_out.flatten(2).to(precision))
+            except RuntimeError as error:  # e.g. a torch or cuDNN build without this kernel
+                raise RuntimeError(f"{where} failed ({error}): {way_out}") from error
             results.append([t.float() for t in (out, *grads)])
         for want, got in zip(*results, strict=True):
             worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
     if not worst < 0.05:
-        raise RuntimeError(f"the {name} attention part kernel (torch {torch.__version__}, cuDNN "
-                           f"{torch.backends.cudnn.version()}) disagrees with the exact math kernel on {device} in "
-                           f"{dtype}, head dim {head_dim} (max error {worst:.3g} of the largest value): set "
-                           f"{PART_KERNEL_ENV}=math to run TSP attention with the exact math kernel, and report this")
+        raise RuntimeError(f"{where} disagrees with the exact math kernel (max error {worst:.3g} of the largest "
+                           f"value): {way_out}")
     return worst
 
 
