@@ -5,8 +5,8 @@ is a no-op while every buffer is real; what is measured is one rank's memory and
 faked), and the FLOP rate achieved (the cost model's executed FLOPs over the step time, against the
 device's measured bf16 matmul rate). The model is built by megatron-tsp's own layer spec and output processor
 (TSP attention, MLP ring, vocabulary-ring loss), in bf16 with fp32 grad buffers (Megatron DDP) and full
-recompute, micro-batch 1: the settings of ``../shared/tools/megatron_tp_baseline.py``, which measures Megatron's TP+SP the same way. Run
-both in the same device call so that the ratios compare like with like.
+recompute, micro-batch 1: the settings of ``../shared/tools/megatron_tp_baseline.py``, which measures
+Megatron's TP+SP the same way. Run both in the same device call so that the ratios compare like with like.
 
 Prints one JSON line per case and writes them all to ``--out``. The numbers of received shards are
 garbage under the fake group (nothing is received); shapes, memory and FLOPs are those of a real rank.

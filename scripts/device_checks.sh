@@ -18,7 +18,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 seqs=${SEQS:-16384,32768,65536,131072}
 status=0
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())"
+  python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version())"
 } > "$out/device.txt" 2>&1
 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py > "$out/kernel_tests.txt" 2>&1 || status=1
 tail -3 "$out/kernel_tests.txt"

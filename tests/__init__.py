@@ -1,1 +1,2 @@
-"""megatron-tsp tests (a package, so that pytest and the modules that share cached runs import each test module once)."""
+"""megatron-tsp tests: a package, so that pytest and the modules sharing cached runs import each test
+module once."""

@@ -48,6 +48,6 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     # non-contiguous LSE gives wrong grads (a caveat torch's own ring attention notes), so copy the rows (K/V
     # slices keep their strides: whole rows of the natural-order K/V).
     grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        grad_out.contiguous(), q.contiguous(), k, v, out.contiguous(), lse.contiguous().unsqueeze(-1), no_dropout, no_dropout,
-        None, None, None, q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+        grad_out.contiguous(), q.contiguous(), k, v, out.contiguous(), lse.contiguous().unsqueeze(-1),
+        no_dropout, no_dropout, None, None, None, q.shape[2], k.shape[2], 0.0, causal, scale=scale)
     return grad_q, grad_k, grad_v
