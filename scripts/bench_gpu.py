@@ -3,7 +3,9 @@
 Method (BASELINES.md): torch's fake process group stands in for the other D-1 ranks, so every collective
 is a no-op while every buffer is real; what is measured is one rank's memory and compute (communication
 faked), and the FLOP rate achieved (the cost model's executed FLOPs over the step time, against the
-device's measured bf16 matmul rate). The model is built by megatron-tsp's own layer spec and output processor
+device's measured bf16 matmul rate). Each record also carries the cost model's peak for the same run
+(``model_peak_GiB``, without optimizer state), to compare with the measured ``peak_GiB`` (on CPU: the
+allocator's peak during the warm-up step, from the torch profiler). The model is built by megatron-tsp's own layer spec and output processor
 (TSP attention, MLP ring, vocabulary-ring loss), in bf16 with fp32 grad buffers (Megatron DDP) and full
 recompute, micro-batch 1: the settings of ``../shared/tools/megatron_tp_baseline.py``, which measures
 Megatron's TP+SP the same way. Run both in the same device call so that the ratios compare like with like.
@@ -28,7 +30,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from megatron_tsp import cost
 from megatron_tsp.args import OUTPUT_LAYERS
+from megatron_tsp.megatron_compat import peak_allocated_bytes
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,11 +104,20 @@ def measure(args: argparse.Namespace, seq: int, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    built = []
+
+    def build_and_warm_up() -> None:
+        built.append(build_model(args, seq, device))
+        train_step(built[0], args, seq, device)
+
     try:
-        model = build_model(args, seq, device)
+        if device.type == "cpu":  # the peak of the warm-up step, which allocates like the timed one
+            record["peak_GiB"] = peak_allocated_bytes(build_and_warm_up) / 2**30
+        else:
+            build_and_warm_up()
+        model = built.pop()
         params = sum(p.numel() for p in model.parameters())
         record["params_per_rank"] = params
-        train_step(model, args, seq, device)
         synchronize(device)
         model.zero_grad_buffer()
         if device.type == "cuda":
@@ -116,22 +129,29 @@ def measure(args: argparse.Namespace, seq: int, device: torch.device) -> dict:
         record["achieved_TFLOPs"] = step_flops(args, seq) / record["step_s"] / 1e12
         if device.type == "cuda":
             record["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-            record["peak_plus_adam_GiB"] = record["peak_GiB"] + 12 * params / 2**30  # fp32 master + 2 moments
+        record["peak_plus_adam_GiB"] = record["peak_GiB"] + 12 * params / 2**30  # fp32 master + 2 moments
+        predicted = cost.memory(*cost_inputs(args, seq))
+        record["model_peak_GiB"] = (predicted.total - predicted.optimizer) / 2**30  # cost.py's, without Adam
         del model
     except torch.OutOfMemoryError:
         record["error"] = "OOM"
     return record
 
 
-def step_flops(args: argparse.Namespace, seq: int) -> float:
-    """FLOPs the rank executes in one step by the cost model (recomputes included): layers and output layer."""
-    from megatron_tsp import cost
-
+def cost_inputs(args: argparse.Namespace, seq: int) -> tuple[cost.ModelShape, cost.Workload, cost.Layout]:
+    """This run as the cost model describes it (``megatron_tsp.cost``)."""
+    element = 2 if args.dtype == "bf16" else 4
     model = cost.ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads,
                             kv_groups=args.kv_groups or args.heads, head_dim=args.hidden // args.heads,
                             ffn=args.ffn, vocab=args.vocab)
-    work = cost.Workload(1, seq, recompute="full", tsp_vocab_ring=args.output_layer == "vocab-ring")
-    layout = cost.Layout("TSP", tensor=args.tsp)
+    work = cost.Workload(1, seq, param_bytes=element, act_bytes=element, recompute="full",
+                         tsp_keep_weights=args.keep_weight_shards, tsp_vocab_ring=args.output_layer == "vocab-ring")
+    return model, work, cost.Layout("TSP", tensor=args.tsp)
+
+
+def step_flops(args: argparse.Namespace, seq: int) -> float:
+    """FLOPs the rank executes in one step by the cost model (recomputes included): layers and output layer."""
+    model, work, layout = cost_inputs(args, seq)
     layer, output = cost.layer_flops(model, work, layout, moe=False), cost.output_layer_flops(model, work, layout)
     return sum(args.layers * getattr(layer, phase) + getattr(output, phase)
                for phase in ("forward", "backward", "recompute"))

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import pytest
 import torch
 from torch import Tensor
-from torch.profiler import ProfilerActivity, profile
 
 from megatron_tsp.kernels import (
     FUSED_CPU,
@@ -23,6 +21,7 @@ from megatron_tsp.kernels import (
     zigzag_causal_attention,
 )
 from megatron_tsp.kernels.zigzag import _check_against_math
+from megatron_tsp.megatron_compat import peak_allocated_bytes
 from megatron_tsp.zigzag import gathered_positions, local_positions
 from tests.numerics import TOLERANCE, assert_rel_close
 
@@ -148,19 +147,6 @@ def test_cudnn_part_kernel_matches_reference(heads: int, kv_heads: int, tsp_size
             assert_rel_close(got.float(), want, 3e-2, f"rank {rank} {name}")
 
 
-def _peak_bytes(fn: Callable[[], None]) -> int:
-    """Peak CPU bytes allocated while ``fn()`` runs (kernel-internal scratch included), above the start."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    allocations = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                         key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in allocations:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 def test_never_a_dense_mask() -> None:
     """Forward + backward peak of either part kernel stays below half of one [S/D, S] boolean mask, which the
     reference does allocate. K/V (256 KB each) are tiny next to S^2/D here, so a mask-sized tensor would show.
@@ -173,9 +159,9 @@ def test_never_a_dense_mask() -> None:
     def run(part_kernel: PartKernel | None) -> None:
         _output_and_grads(part_kernel, q, k, v, grad_out, q_positions, k_positions)
 
-    assert _peak_bytes(partial(run, None)) >= mask_bytes  # the measurement sees the reference's mask
+    assert peak_allocated_bytes(partial(run, None)) >= mask_bytes  # the measurement sees the reference's mask
     for part_kernel in (FUSED_CPU, math_part_kernel(block_elements=1 << 18)):
-        assert _peak_bytes(partial(run, part_kernel)) < mask_bytes // 2
+        assert peak_allocated_bytes(partial(run, part_kernel)) < mask_bytes // 2
 
 
 def test_rejects_other_layouts() -> None:

@@ -3,7 +3,12 @@
 import torch
 
 from megatron_tsp.megatron_compat import patches
-from megatron_tsp.megatron_compat.cpu import CPU_MEGATRON_FLAGS, cuda_to_cpu, install_cuda_stand_ins
+from megatron_tsp.megatron_compat.cpu import (
+    CPU_MEGATRON_FLAGS,
+    cuda_to_cpu,
+    install_cuda_stand_ins,
+    peak_allocated_bytes,
+)
 
 
 def running_on_cpu() -> bool:
@@ -18,4 +23,5 @@ def prepare_megatron() -> None:
     patches.install(cpu=running_on_cpu())
 
 
-__all__ = ["CPU_MEGATRON_FLAGS", "cuda_to_cpu", "patches", "prepare_megatron", "running_on_cpu"]
+__all__ = ["CPU_MEGATRON_FLAGS", "cuda_to_cpu", "patches", "peak_allocated_bytes", "prepare_megatron",
+           "running_on_cpu"]

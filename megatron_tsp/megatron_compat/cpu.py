@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.profiler import ProfilerActivity, profile
 
 _CPU = torch.device("cpu")
 
@@ -188,3 +189,18 @@ def _backward_apply_on_cpu(self, *args: Any) -> Any:
 
 def _wrap_custom_backward() -> None:
     torch.autograd.function.BackwardCFunction.apply = _backward_apply_on_cpu
+
+
+def peak_allocated_bytes(fn: Callable[[], None]) -> int:
+    """Peak bytes of tensor memory allocated on the CPU while ``fn()`` runs, above what was allocated before
+    (kernel scratch included): the CPU's counterpart of ``torch.cuda.max_memory_allocated``, from the torch
+    profiler's allocator events, for benchmarks and tests."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                         key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in allocations:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
