@@ -604,8 +604,11 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     TP+SP/TPxCP: the gathered input and the gathered output grad, 2 x [S/c, B, h]. CP: the K/V chunk in
     flight and the next one, with their dK/dV (4 x the rank's local K/V). TSP (derived from attention.py and
     mlp.py): an fp32 [S/D, B, h] accumulator (output in forward, input grad in backward) plus the larger of
-    - attention: two buckets' full-sequence K/V (the one differentiated and the next in flight) and the
-      grad of one (3 x 2BS*nkv*hd/D elements), two weight slots
+    - attention: two buckets' full-sequence K/V (the one differentiated and the next in flight), and inside
+      the zigzag kernel's backward (kernels/zigzag.py) its natural-order copy of the K/V, its dK/dV
+      accumulators (in >= fp32), one part's dK/dV, and the dK/dV scattered back to rank order: 5 x a + 1 x
+      max(a, 4) bytes per element of one bucket's K/V (2BS*nkv*hd/D; 3 x a before the kernel's own buffers were
+      counted: the CPU measurement in docs/benchmarks.md found the gap), two weight slots
       (e) and two weight-grad buffers (e_acc: the bucket being packed and the previous one being reduced)
       of W_attn/D, and with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
     - MLP (dense layers): one shard's fc1 output, activation, product and their grads for the local tokens,
@@ -618,7 +621,8 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
         return gathers + 4 * Fraction(work.tokens, c) * Fraction(model.kv_width, t) * a * (c > 1)
     local_tokens = Fraction(work.tokens, t)
     slots = 2 * (work.param_bytes + work.grad_bytes)
-    attention = 3 * work.tokens * Fraction(model.kv_width, t) * a + slots * Fraction(model.attention_weights(), t)
+    bucket_kv = work.tokens * Fraction(model.kv_width, t)
+    attention = bucket_kv * (5 * a + max(a, 4)) + slots * Fraction(model.attention_weights(), t)
     if work.tsp_dense_mask:
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
     mlp = Fraction(0)
