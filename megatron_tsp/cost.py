@@ -598,6 +598,12 @@ def layer_input_bytes(model: ModelShape, work: Workload, layout: Layout) -> Frac
     return Fraction(work.tokens, layout.sequence_shard) * model.hidden * work.act_bytes
 
 
+def _two_slot_bytes(work: Workload, shard_elements: Fraction) -> Fraction:
+    """Two weight slots and two grad buffers (accumulation dtype) of one shard: what every two-buffer TSP
+    schedule (attention's head buckets, the MLP/expert/vocabulary weight rings) holds while it runs."""
+    return 2 * (work.param_bytes + work.grad_bytes) * shard_elements
+
+
 def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
     """Buffers alive during one layer's backward besides its activations and their gradients.
 
@@ -607,8 +613,8 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     - attention: two buckets' full-sequence K/V (the one differentiated and the next in flight), and inside
       the zigzag kernel's backward (kernels/zigzag.py) its natural-order copy of the K/V, its dK/dV
       accumulators (in >= fp32), one part's dK/dV, and the dK/dV scattered back to rank order: 5 x a + 1 x
-      max(a, 4) bytes per element of one bucket's K/V (2BS*nkv*hd/D; 3 x a before the kernel's own buffers were
-      counted: the CPU measurement in docs/benchmarks.md found the gap), two weight slots
+      max(a, 4) bytes per element of one bucket's K/V (2BS*nkv*hd/D; docs/benchmarks.md compares the whole
+      working set with a measured one), two weight slots
       (e) and two weight-grad buffers (e_acc: the bucket being packed and the previous one being reduced)
       of W_attn/D, and with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
     - MLP (dense layers): one shard's fc1 output, activation, product and their grads for the local tokens,
@@ -620,18 +626,17 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
         gathers = 2 * Fraction(work.tokens, c) * model.hidden * a if layout.kind in ("TP+SP", "TPxCP") else 0
         return gathers + 4 * Fraction(work.tokens, c) * Fraction(model.kv_width, t) * a * (c > 1)
     local_tokens = Fraction(work.tokens, t)
-    slots = 2 * (work.param_bytes + work.grad_bytes)
     bucket_kv = work.tokens * Fraction(model.kv_width, t)
-    attention = bucket_kv * (5 * a + max(a, 4)) + slots * Fraction(model.attention_weights(), t)
+    attention = bucket_kv * (5 * a + max(a, 4)) + _two_slot_bytes(work, Fraction(model.attention_weights(), t))
     if work.tsp_dense_mask:
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
     mlp = Fraction(0)
     if not moe:
         mlp = (2 * _mlp_activation_elements(model, model.ffn) * local_tokens * a / t
-               + slots * Fraction(model.mlp_weights(model.ffn), t))
+               + _two_slot_bytes(work, Fraction(model.mlp_weights(model.ffn), t)))
     elif layout.expert_ring:
         mlp = (2 * _mlp_activation_elements(model, model.expert_ffn) * model.topk * local_tokens * a / t
-               + slots * Fraction(_local_expert_weights(model, layout), t))
+               + _two_slot_bytes(work, Fraction(_local_expert_weights(model, layout), t)))
     return 4 * local_tokens * model.hidden + max(attention, mlp)
 
 
@@ -645,8 +650,8 @@ def logits_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
     vocab = Fraction(model.padded_vocab(layout.tensor), layout.tensor)
     if layout.kind == "TSP" and work.tsp_vocab_ring:
         local = tokens / layout.tensor
-        slots = 2 * (work.param_bytes + work.grad_bytes) * vocab * model.hidden
-        return local * (vocab * (4 + work.act_bytes) + model.hidden * (4 + work.act_bytes)) + slots
+        return (local * (vocab * (4 + work.act_bytes) + model.hidden * (4 + work.act_bytes))
+                + _two_slot_bytes(work, vocab * model.hidden))
     gathered = 1 if layout.sequence_shard > layout.context else 0
     return tokens * (vocab * (4 + work.act_bytes) + (1 + gathered) * model.hidden * work.act_bytes)
 
