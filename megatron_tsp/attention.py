@@ -168,17 +168,46 @@ def _recompute_bucket(fetch: Pending, x: Tensor, norm_params: list[Tensor | None
     grads land on them, not on the Function's inputs, which must get exactly one grad each), and the
     pending all-gather of its K/V (a detached copy, whose grad comes back by reduce-scatter).
 
-    Returns (leaf x, [leaf qkv weight, leaf qkv bias or None, leaf proj weight], leaf q/k-norm params,
-    (q, k, v), pending K/V gather).
+    Returns (leaf x, [leaf qkv weight, leaf qkv bias or None, proj weight], leaf q/k-norm params,
+    (q, k, v), pending K/V gather). The output projection's grads are computed by hand (no graph).
     """
-    weights = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
+    qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
     with torch.enable_grad():
         leaf_x = x.detach().requires_grad_()
-        leaf_weights = [None if w is None else w.detach().requires_grad_() for w in weights]
+        leaf_qkv = [None if w is None else w.detach().requires_grad_() for w in (qkv_weight, qkv_bias)]
         leaf_norm = [None if p is None else p.detach().requires_grad_() for p in norm_params]
-        q, k, v = _project_qkv(leaf_x, leaf_weights[0], leaf_weights[1], leaf_norm, rotary_freqs, spec)
+        q, k, v = _project_qkv(leaf_x, *leaf_qkv, leaf_norm, rotary_freqs, spec)
     kv_gather = all_gather_seq(torch.cat((k, v), dim=2).detach(), spec.tsp_group)
-    return leaf_x, leaf_weights, leaf_norm, (q, k, v), kv_gather
+    return leaf_x, [*leaf_qkv, proj_weight], leaf_norm, (q, k, v), kv_gather
+
+
+def _bucket_backward(recomputed: tuple, grad_out: Tensor, grad_x: Tensor, grad_norm: list[Tensor | None],
+                     q_positions: Tensor, k_positions: Tensor, spec: _BucketSpec) -> list[Tensor]:
+    """One head bucket's grads from this rank's tokens: its attention recomputed on the gathered K/V, the
+    output projection differentiated by hand (its output is never needed), dK/dV reduce-scattered to the
+    tokens' owners (the gather's transpose), then the local q/k/v projection's grads. Adds the input and
+    q/k-norm grads into ``grad_x`` and ``grad_norm``; returns the bucket's weight grads in pack order. A
+    function of its own so that its temporaries (dK/dV ``[S, B, 2*nkv/D, hd]``, the input grad) are freed
+    when it returns, not held through the next bucket's kernel."""
+    leaf_x, (leaf_qkv_weight, leaf_qkv_bias, proj_weight), leaf_norm, (q, k, v), kv_gather = recomputed
+    with torch.enable_grad():
+        full_kv = kv_gather.wait().requires_grad_()
+        full_k, full_v = full_kv.chunk(2, dim=2)
+        attn = spec.core_attention(q, full_k, full_v, q_positions, k_positions, spec.softmax_scale)
+    # out = attn @ proj_weight^T: grad_attn = grad_out @ proj_weight, grad_proj = grad_out^T @ attn
+    grad_proj_weight = grad_out.flatten(0, 1).t() @ attn.flatten(0, 1)
+    grad_q, grad_full_kv = torch.autograd.grad(attn, [q, full_kv], grad_out @ proj_weight)
+    grad_k, grad_v = reduce_scatter_seq(grad_full_kv, spec.tsp_group).wait().chunk(2, dim=2)
+    local_leaves = [leaf_x, leaf_qkv_weight, leaf_qkv_bias] + leaf_norm
+    local_grads = iter(torch.autograd.grad([q, k, v], [t for t in local_leaves if t is not None],
+                                           [grad_q, grad_k, grad_v]))
+    grad_x_bucket, grad_qkv_weight, grad_qkv_bias, *grad_norm_bucket = [
+        None if t is None else next(local_grads) for t in local_leaves]
+    grad_x += grad_x_bucket
+    for total, part in zip(grad_norm, grad_norm_bucket):
+        if total is not None:
+            total += part
+    return [g for g in (grad_qkv_weight, grad_qkv_bias, grad_proj_weight) if g is not None]
 
 
 def _qkv_bias_proj(parts: list[Tensor], spec: _BucketSpec) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -264,32 +293,16 @@ class TSPAttentionFunction(torch.autograd.Function):
         if tsp_size > 1:
             fetch = fetch_bucket(1)
         for head_bucket in range(tsp_size):
-            leaf_x, (leaf_qkv_weight, leaf_qkv_bias, leaf_proj_weight), leaf_norm, (q, k, v), kv_gather = bucket
+            recomputed = bucket
             if head_bucket + 1 < tsp_size:  # the next bucket's K/V travel while this bucket's grads compute
                 bucket = _recompute_bucket(fetch, x, norm_params, rotary_freqs, layout, spec)
-            with torch.enable_grad():
-                full_kv = kv_gather.wait().requires_grad_()
-                full_k, full_v = full_kv.chunk(2, dim=2)
-                attn = spec.core_attention(q, full_k, full_v, q_positions, k_positions, spec.softmax_scale)
-                out = F.linear(attn, leaf_proj_weight)
-                grad_q, grad_full_kv, grad_proj_weight = torch.autograd.grad(
-                    out, [q, full_kv, leaf_proj_weight], grad_out)
-                # dK/dV from every rank's queries go back to the tokens' owners (transpose of the gather)
-                grad_k, grad_v = reduce_scatter_seq(grad_full_kv, spec.tsp_group).wait().chunk(2, dim=2)
-                local_leaves = [leaf_x, leaf_qkv_weight, leaf_qkv_bias] + leaf_norm
-                local_grads = torch.autograd.grad(
-                    [q, k, v], [t for t in local_leaves if t is not None], [grad_q, grad_k, grad_v])
-            grads_by_leaf = iter(local_grads)
-            grad_x_bucket, grad_qkv_weight, grad_qkv_bias, *grad_norm_bucket = [
-                None if t is None else next(grads_by_leaf) for t in local_leaves]
-            grad_x += grad_x_bucket
-            for total, part in zip(grad_norm, grad_norm_bucket):
-                if total is not None:
-                    total += part
+            bucket_grads = _bucket_backward(recomputed, grad_out, grad_x, grad_norm, q_positions, k_positions,
+                                            spec)
+            del recomputed  # this bucket's q/k/v graph
 
             # This bucket's partial weight grads (local tokens) are summed into owner r, in acc_dtype.
-            bucket_grads = [g for g in (grad_qkv_weight, grad_qkv_bias, grad_proj_weight) if g is not None]
             grad_buffer = layout.pack(bucket_grads, shard_buffer(layout.numel, acc_dtype, x.device, "grad"))
+            del bucket_grads
             if weight_grad_reduce is not None:  # the previous bucket's reduce overlapped this bucket
                 own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout)
             weight_grad_reduce = (head_bucket, reduce(grad_buffer, owner=head_bucket, group=spec.tsp_group))

@@ -598,10 +598,13 @@ def layer_input_bytes(model: ModelShape, work: Workload, layout: Layout) -> Frac
     return Fraction(work.tokens, layout.sequence_shard) * model.hidden * work.act_bytes
 
 
-def _two_slot_bytes(work: Workload, shard_elements: Fraction) -> Fraction:
-    """Two weight slots and two grad buffers (accumulation dtype) of one shard: what every two-buffer TSP
-    schedule (attention's head buckets, the MLP/expert/vocabulary weight rings) holds while it runs."""
-    return 2 * (work.param_bytes + work.grad_bytes) * shard_elements
+def _ring_buffer_bytes(work: Workload, shard_elements: Fraction) -> Fraction:
+    """What every TSP weight schedule (attention's head buckets, the MLP/expert/vocabulary weight rings)
+    holds per W/D-element shard while its backward runs (attention.py, weight_ring.py): two weight slots
+    (e), three grad buffers in the accumulation dtype (e_acc: the rank's own shard's running total, the
+    buffer being filled and the one on its way to its owner) and the grads autograd has just returned for
+    the shard being processed (e)."""
+    return 3 * (work.param_bytes + work.grad_bytes) * shard_elements
 
 
 def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
@@ -609,17 +612,19 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
 
     TP+SP/TPxCP: the gathered input and the gathered output grad, 2 x [S/c, B, h]. CP: the K/V chunk in
     flight and the next one, with their dK/dV (4 x the rank's local K/V). TSP (derived from attention.py and
-    mlp.py): an fp32 [S/D, B, h] accumulator (output in forward, input grad in backward) plus the larger of
-    - attention: two buckets' full-sequence K/V (the one differentiated and the next in flight), and inside
-      the zigzag kernel's backward (kernels/zigzag.py) its natural-order copy of the K/V, its dK/dV
-      accumulators (in >= fp32), one part's dK/dV, and the dK/dV scattered back to rank order: 5 x a + 1 x
-      max(a, 4) bytes per element of one bucket's K/V (2BS*nkv*hd/D; docs/benchmarks.md compares the whole
-      working set with a measured one), two weight slots
-      (e) and two weight-grad buffers (e_acc: the bucket being packed and the previous one being reduced)
-      of W_attn/D, and with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
+    mlp.py, checked against the allocator in docs/benchmarks.md): an fp32 [S/D, B, h] accumulator (output in
+    forward, input grad in backward) plus the larger of
+    - attention: per element of one bucket's full-sequence K/V (2BS*nkv*hd/D), 5 x a + max(a, 4) bytes:
+      two buckets' K/V (the one differentiated and the next in flight), and inside the zigzag kernel's
+      backward (kernels/zigzag.py) its natural-order copy, its dK/dV accumulators (>= fp32), one part's
+      dK/dV and the dK/dV scattered back to rank order; per local token, the same two buckets' local
+      projections, (nq + 2nkv)*hd/D, with their rotated q and k, (nq + nkv)*hd/D, in a; the differentiated
+      bucket's attention output and its grad (a) and the kernel's dQ accumulator (>= fp32), nq*hd/D each;
+      the ring buffers (:func:`_ring_buffer_bytes`) of W_attn/D; with the local kernel's dense mask
+      S*S/D bytes as bool plus S*S/D*a additive;
     - MLP (dense layers): one shard's fc1 output, activation, product and their grads for the local tokens,
-      two weight slots and two travelling grad accumulators of W_mlp/D; with the expert ring, the same for
-      the top-k copies of the local tokens and the local experts' W (MoE layers).
+      and the ring buffers of W_mlp/D; with the expert ring, the same for the top-k copies of the local
+      tokens and the local experts' W (MoE layers).
     """
     a, t, c = work.act_bytes, layout.tensor, layout.context
     if layout.kind != "TSP":
@@ -627,16 +632,20 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
         return gathers + 4 * Fraction(work.tokens, c) * Fraction(model.kv_width, t) * a * (c > 1)
     local_tokens = Fraction(work.tokens, t)
     bucket_kv = work.tokens * Fraction(model.kv_width, t)
-    attention = bucket_kv * (5 * a + max(a, 4)) + _two_slot_bytes(work, Fraction(model.attention_weights(), t))
+    head = local_tokens * Fraction(model.head_dim, t)  # x nq: a bucket's local q (its nq/D heads)
+    local_projections = 2 * head * (2 * model.heads + 3 * model.kv_groups) * a
+    differentiated = head * model.heads * (2 * a + max(a, 4))
+    attention = (bucket_kv * (5 * a + max(a, 4)) + local_projections + differentiated
+                 + _ring_buffer_bytes(work, Fraction(model.attention_weights(), t)))
     if work.tsp_dense_mask:
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
     mlp = Fraction(0)
     if not moe:
         mlp = (2 * _mlp_activation_elements(model, model.ffn) * local_tokens * a / t
-               + _two_slot_bytes(work, Fraction(model.mlp_weights(model.ffn), t)))
+               + _ring_buffer_bytes(work, Fraction(model.mlp_weights(model.ffn), t)))
     elif layout.expert_ring:
         mlp = (2 * _mlp_activation_elements(model, model.expert_ffn) * model.topk * local_tokens * a / t
-               + _two_slot_bytes(work, Fraction(_local_expert_weights(model, layout), t)))
+               + _ring_buffer_bytes(work, Fraction(_local_expert_weights(model, layout), t)))
     return 4 * local_tokens * model.hidden + max(attention, mlp)
 
 
@@ -644,14 +653,14 @@ def logits_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
     """The output layer's working set: logits [S/c, B, V/t] in fp32 (vocab-parallel cross entropy) plus
     their bf16 grad, the gathered final-norm output (SP kinds) and the input grad [S/c, B, h] (BASELINES.md:
     s x V/D fp32 logits are what Megatron materialises). TSP's vocabulary ring holds one shard's logits of
-    the local tokens, [S/D, B, V/D] fp32 plus their grad, two weight slots and two fp32 grad accumulators
-    of V/D x h, and the fp32 input-grad accumulator [S/D, B, h]."""
+    the local tokens, [S/D, B, V/D] fp32 plus their grad, the ring buffers (:func:`_ring_buffer_bytes`) of
+    V/D x h, and the fp32 input-grad accumulator [S/D, B, h]."""
     tokens = Fraction(work.tokens, layout.context)
     vocab = Fraction(model.padded_vocab(layout.tensor), layout.tensor)
     if layout.kind == "TSP" and work.tsp_vocab_ring:
         local = tokens / layout.tensor
         return (local * (vocab * (4 + work.act_bytes) + model.hidden * (4 + work.act_bytes))
-                + _two_slot_bytes(work, vocab * model.hidden))
+                + _ring_buffer_bytes(work, vocab * model.hidden))
     gathered = 1 if layout.sequence_shard > layout.context else 0
     return tokens * (vocab * (4 + work.act_bytes) + (1 + gathered) * model.hidden * work.act_bytes)
 

@@ -96,6 +96,7 @@ def gather_shard_grads(own_shard: Sequence[Tensor], group: dist.ProcessGroup, sh
             incoming_acc.wait()
         for acc_part, grad in zip(layout.unpack(acc), grads):
             acc_part += grad
+        del grads  # not held while the next shard's grads are computed
         outgoing_acc = acc
     if size > 1:  # the last accumulator filled here belongs to rank p+1; ours arrives from p-1
         own_acc = shard_buffer(layout.numel, acc_dtype, device, "grad")

@@ -1,19 +1,29 @@
-"""Per-rank peak memory and step time of one TSP rank at degree D, measured on ONE device.
+"""Per-rank peak memory and step time of one TSP rank and one Megatron TP+SP rank at degree D, on ONE device.
 
 Method (BASELINES.md): torch's fake process group stands in for the other D-1 ranks, so every collective
 is a no-op while every buffer is real; what is measured is one rank's memory and compute (communication
 faked), and the FLOP rate achieved (the cost model's executed FLOPs over the step time, against the
 device's measured bf16 matmul rate). Each record also carries the cost model's peak for the same run
-(``model_peak_GiB``, without optimizer state), to compare with the measured ``peak_GiB`` (on CPU: the
-allocator's peak during the warm-up step, from the torch profiler). The model is built by megatron-tsp's own layer spec and output processor
-(TSP attention, MLP ring, vocabulary-ring loss), in bf16 with fp32 grad buffers (Megatron DDP) and full
-recompute, micro-batch 1: the settings of ``../shared/tools/megatron_tp_baseline.py``, which measures
-Megatron's TP+SP the same way. Run both in the same device call so that the ratios compare like with like.
+(``model_peak_GiB``, without optimizer state), to compare with the measured ``peak_GiB``. On CPU the
+measured peak is the allocator's during the warm-up step (torch profiler), and the model's constant
+``model_offset_GiB`` (fitted to a GPU's CUDA-context and allocator overheads) is to be subtracted.
 
-Prints one JSON line per case and writes them all to ``--out``. The numbers of received shards are
+Layouts (``--layouts``), both in the same process so that their ratio compares like with like:
+
+- ``tsp``: megatron-tsp's own layer spec and output processor (TSP attention, MLP ring, vocabulary-ring
+  loss by default);
+- ``tp_sp``: Megatron's own tensor parallelism with sequence parallelism: its local layer spec, with a
+  sequence-parallel RMSNorm (Megatron's torch norm refuses SP) and one causal SDPA call over the whole
+  sequence as core attention (Megatron's local core attention materialises the ``[S, S]`` scores), and
+  Megatron's own output layer and loss. These are the settings of ``../shared/tools/megatron_tp_baseline.py``,
+  which measured BASELINES.md's numbers.
+
+Both in bf16 (or fp32) with fp32 grad buffers (Megatron DDP), full recompute, micro-batch 1.
+
+Prints one JSON line per case, then the TSP / TP+SP ratios per length, and writes them all to ``--out``. The numbers of received shards are
 garbage under the fake group (nothing is received); shapes, memory and FLOPs are those of a real rank.
 
-    python scripts/bench_gpu.py --seqs 16384,32768,65536,131072 --out $OUT/tsp.json   # the paper's 7B, D=8
+    python scripts/bench_gpu.py --seqs 16384,32768,65536,131072 --out $OUT/bench_gpu.json   # the paper's 7B, D=8
 """
 
 from __future__ import annotations
@@ -24,15 +34,34 @@ import gc
 import json
 import time
 from pathlib import Path
+from typing import Any, Optional
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.testing._internal.distributed.fake_pg import FakeStore
+from megatron_tsp.megatron_compat import cuda_to_cpu, peak_allocated_bytes, prepare_megatron
 
-from megatron_tsp import cost
-from megatron_tsp.args import OUTPUT_LAYERS
-from megatron_tsp.megatron_compat import peak_allocated_bytes
+prepare_megatron()  # before Megatron's model modules; on CPU (smoke runs) also its torch.cuda stand-ins
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from megatron.core import tensor_parallel  # noqa: E402
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
+from megatron.core.transformer.spec_utils import ModuleSpec  # noqa: E402
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules  # noqa: E402
+from megatron.core.transformer.transformer_layer import TransformerLayer  # noqa: E402
+from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: E402
+
+from megatron_tsp import cost  # noqa: E402
+from megatron_tsp.args import OUTPUT_LAYERS  # noqa: E402
+from megatron_tsp.mesh import initialize_model_parallel  # noqa: E402
+from megatron_tsp.norm import SequenceShardedNorm  # noqa: E402
+from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec, tsp_output_loss  # noqa: E402
+
+LAYOUTS = {"tsp": "TSP", "tp_sp": "TP+SP"}  # --layouts choice -> the cost model's layout kind
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,21 +74,48 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ffn", type=int, default=16384)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seqs", default="16384,32768,65536,131072")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {', '.join(LAYOUTS)}")
     parser.add_argument("--output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0])
     parser.add_argument("--keep-weight-shards", action="store_true")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--out", type=Path, help="write the results here (JSON list)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    args.layouts = args.layouts.split(",")
+    unknown = sorted(set(args.layouts) - set(LAYOUTS))
+    if unknown:
+        parser.error(f"--layouts: unknown {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}")
+    return args
 
 
-def build_model(args: argparse.Namespace, seq: int, device: torch.device):
-    """One TSP rank's GPT (rank 0 of the fake group), wrapped in Megatron DDP with fp32 grad buffers."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.transformer import TransformerConfig
+class CausalSDPA(MegatronModule):
+    """TP+SP's core attention: one causal SDPA call over the whole sequence for this rank's heads.
 
-    from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec
+    Megatron's core-attention interface: q ``[s, b, nq, hd]``, k/v ``[s, b, nkv, hd]`` -> ``[s, b, nq*hd]``.
+    """
 
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, softmax_scale: Optional[float] = None, **unused: Any) -> None:
+        super().__init__(config=config)
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+                **unused: Any) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in (query, key, value)), is_causal=True,
+                                             scale=self.softmax_scale, enable_gqa=key.shape[2] != query.shape[2])
+        return out.permute(2, 0, 1, 3).flatten(2)
+
+
+def tp_sp_block(config: TransformerConfig) -> TransformerBlockSubmodules:
+    """Megatron's local TP+SP layer with a sequence-parallel RMSNorm and :class:`CausalSDPA`."""
+    layer = get_gpt_layer_local_submodules()
+    layer.input_layernorm = layer.pre_mlp_layernorm = SequenceShardedNorm
+    layer.self_attention.submodules.core_attention = CausalSDPA
+    return TransformerBlockSubmodules(layer_specs=[ModuleSpec(module=TransformerLayer, submodules=layer)]
+                                      * config.num_layers, layer_norm=SequenceShardedNorm)
+
+
+def build_model(args: argparse.Namespace, layout: str, seq: int, device: torch.device) -> DistributedDataParallel:
+    """One rank's GPT (rank 0 of the fake group) in ``layout``, wrapped in Megatron DDP with fp32 grad buffers."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     config = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
@@ -71,7 +127,10 @@ def build_model(args: argparse.Namespace, seq: int, device: torch.device):
         gradient_accumulation_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
         use_cpu_initialization=device.type == "cpu")
-    block = get_gpt_decoder_block_tsp_spec(config, keep_weight_shards=args.keep_weight_shards)
+    if layout == "tsp":
+        block = get_gpt_decoder_block_tsp_spec(config, keep_weight_shards=args.keep_weight_shards)
+    else:
+        block = tp_sp_block(config)
     model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=args.vocab, max_sequence_length=seq,
                      position_embedding_type="rope", share_embeddings_and_output_weights=False).to(device)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
@@ -79,12 +138,11 @@ def build_model(args: argparse.Namespace, seq: int, device: torch.device):
     return DistributedDataParallel(config, ddp_config, model)
 
 
-def train_step(model, args: argparse.Namespace, seq: int, device: torch.device) -> None:
-    from megatron_tsp.specs import tsp_output_loss
-
+def train_step(model: DistributedDataParallel, args: argparse.Namespace, layout: str, seq: int,
+               device: torch.device) -> None:
     tokens = torch.randint(0, args.vocab, (1, seq), device=device)
     positions = torch.arange(seq, device=device).unsqueeze(0)
-    processor = tsp_output_loss if args.output_layer == "vocab-ring" else None
+    processor = tsp_output_loss if layout == "tsp" and args.output_layer == "vocab-ring" else None
     loss = model(tokens, positions, None, labels=tokens, output_processor=processor)
     loss.float().sum().backward()
 
@@ -94,12 +152,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(args: argparse.Namespace, seq: int, device: torch.device) -> dict:
+def measure(args: argparse.Namespace, layout: str, seq: int, device: torch.device) -> dict:
     """One warm-up step, then one timed step with the peak-memory counter reset."""
-    record = {"layout": f"tsp{args.tsp}", "seq": seq, "layers": args.layers, "hidden": args.hidden,
+    record = {"layout": layout, "D": args.tsp, "seq": seq, "layers": args.layers, "hidden": args.hidden,
               "heads": args.heads, "kv": args.kv_groups or args.heads, "ffn": args.ffn, "vocab": args.vocab,
-              "output_layer": args.output_layer, "keep_weight_shards": args.keep_weight_shards,
               "dtype": args.dtype}
+    if layout == "tsp":
+        record.update(output_layer=args.output_layer, keep_weight_shards=args.keep_weight_shards)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -107,8 +166,8 @@ def measure(args: argparse.Namespace, seq: int, device: torch.device) -> dict:
     built = []
 
     def build_and_warm_up() -> None:
-        built.append(build_model(args, seq, device))
-        train_step(built[0], args, seq, device)
+        built.append(build_model(args, layout, seq, device))
+        train_step(built[0], args, layout, seq, device)
 
     try:
         if device.type == "cpu":  # the peak of the warm-up step, which allocates like the timed one
@@ -123,22 +182,24 @@ def measure(args: argparse.Namespace, seq: int, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        train_step(model, args, seq, device)
+        train_step(model, args, layout, seq, device)
         synchronize(device)
         record["step_s"] = time.perf_counter() - start
-        record["achieved_TFLOPs"] = step_flops(args, seq) / record["step_s"] / 1e12
+        record["achieved_TFLOPs"] = step_flops(args, layout, seq) / record["step_s"] / 1e12
         if device.type == "cuda":
             record["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         record["peak_plus_adam_GiB"] = record["peak_GiB"] + 12 * params / 2**30  # fp32 master + 2 moments
-        predicted = cost.memory(*cost_inputs(args, seq))
+        predicted = cost.memory(*cost_inputs(args, layout, seq))
         record["model_peak_GiB"] = (predicted.total - predicted.optimizer) / 2**30  # cost.py's, without Adam
+        record["model_offset_GiB"] = cost.OFFSET_BYTES / 2**30  # in model_peak_GiB: fitted on a GPU, not on CPU
         del model
     except torch.OutOfMemoryError:
         record["error"] = "OOM"
     return record
 
 
-def cost_inputs(args: argparse.Namespace, seq: int) -> tuple[cost.ModelShape, cost.Workload, cost.Layout]:
+def cost_inputs(args: argparse.Namespace, layout: str, seq: int) -> tuple[cost.ModelShape, cost.Workload,
+                                                                          cost.Layout]:
     """This run as the cost model describes it (``megatron_tsp.cost``)."""
     element = 2 if args.dtype == "bf16" else 4
     model = cost.ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads,
@@ -146,15 +207,28 @@ def cost_inputs(args: argparse.Namespace, seq: int) -> tuple[cost.ModelShape, co
                             ffn=args.ffn, vocab=args.vocab)
     work = cost.Workload(1, seq, param_bytes=element, act_bytes=element, recompute="full",
                          tsp_keep_weights=args.keep_weight_shards, tsp_vocab_ring=args.output_layer == "vocab-ring")
-    return model, work, cost.Layout("TSP", tensor=args.tsp)
+    return model, work, cost.Layout(LAYOUTS[layout], tensor=args.tsp)
 
 
-def step_flops(args: argparse.Namespace, seq: int) -> float:
+def step_flops(args: argparse.Namespace, layout: str, seq: int) -> float:
     """FLOPs the rank executes in one step by the cost model (recomputes included): layers and output layer."""
-    model, work, layout = cost_inputs(args, seq)
-    layer, output = cost.layer_flops(model, work, layout, moe=False), cost.output_layer_flops(model, work, layout)
+    model, work, kind = cost_inputs(args, layout, seq)
+    layer, output = cost.layer_flops(model, work, kind, moe=False), cost.output_layer_flops(model, work, kind)
     return sum(args.layers * getattr(layer, phase) + getattr(output, phase)
                for phase in ("forward", "backward", "recompute"))
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """TSP over TP+SP, per sequence length measured in both layouts without error: peak memory (with and
+    without Adam state) and step time."""
+    by_case = {(r["layout"], r["seq"]): r for r in results if "error" not in r}
+    rows = []
+    for (layout, seq), tsp in by_case.items():
+        tp_sp = by_case.get(("tp_sp", seq))
+        if layout == "tsp" and tp_sp is not None:
+            rows.append({"seq": seq, **{f"tsp_over_tp_sp_{key}": tsp[key] / tp_sp[key]
+                                        for key in ("peak_GiB", "peak_plus_adam_GiB", "step_s")}})
+    return rows
 
 
 def matmul_tflops(device: torch.device) -> float:
@@ -173,25 +247,22 @@ def matmul_tflops(device: torch.device) -> float:
 
 def main() -> None:
     args = parse_args()
-    from megatron_tsp.megatron_compat import cuda_to_cpu, prepare_megatron
-
-    prepare_megatron()  # before Megatron's model modules; on CPU (smoke runs) also its torch.cuda stand-ins
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("fake", rank=0, world_size=args.tsp, store=FakeStore())
-    from megatron.core import tensor_parallel
-
-    from megatron_tsp.mesh import initialize_model_parallel
-
     initialize_model_parallel(tsp_size=args.tsp, create_gloo_process_groups=False)
     results = []
     with cuda_to_cpu() if device.type == "cpu" else contextlib.nullcontext():
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        for seq in (int(s) for s in args.seqs.split(",")):
-            record = measure(args, seq, device)
-            print(json.dumps(record), flush=True)
-            results.append(record)
+        for layout in args.layouts:
+            for seq in (int(s) for s in args.seqs.split(",")):
+                record = measure(args, layout, seq, device)
+                print(json.dumps(record), flush=True)
+                results.append(record)
+    for row in ratios(results):
+        print(json.dumps(row), flush=True)
+        results.append(row)
     if device.type == "cuda":
         results.append({"matmul_bf16_TFLOPs": matmul_tflops(device), "device": torch.cuda.get_device_name()})
         print(json.dumps(results[-1]), flush=True)

@@ -3,9 +3,10 @@
 #   1. tests/test_kernels.py, whose cuDNN part-kernel cases run only on a GPU;
 #   2. the attention-kernel benchmark at the shape of ../shared/reference/BASELINES.md (S = 128K, D = 8,
 #      4 heads of 128 per bucket, bf16): TSP's zigzag kernel against TP's square causal call;
-#   3. one TSP rank (scripts/bench_gpu.py) and Megatron's TP+SP (the shared harness, TP_BASELINE) on the
-#      paper's 7B at D = 8, SEQS, in the same call on the same GPU (LAYERS, HIDDEN, HEADS, FFN, VOCAB: another
-#      model for both, as the shared harness reads them).
+#   3. one TSP rank and one Megatron TP+SP rank (scripts/bench_gpu.py, both in one process), and Megatron's
+#      TP+SP and TP by the shared harness (TP_BASELINE) that measured BASELINES.md, on the paper's 7B at D = 8,
+#      SEQS, in the same call on the same GPU (LAYERS, HIDDEN, HEADS, FFN, VOCAB: another model for all, as
+#      the shared harness reads them).
 # Wheels in .whl/ (megatron-core, which the GPU image lacks) are installed first.
 set -uo pipefail
 out=${OUT:?set OUT to the results folder}
@@ -25,6 +26,6 @@ tail -3 "$out/kernel_tests.txt"
 python3 scripts/bench_attention_kernel.py --seq-len "${ATTENTION_SEQ:-131072}" --tsp-size 8 --heads 4 --kv-heads 4 \
     --head-dim 128 --dtype bfloat16 --repeats 3 --no-reference 2>&1 | tee "$out/attention_kernel.txt" || status=1
 python3 scripts/bench_gpu.py --seqs "$seqs" --layers "${LAYERS:-32}" --hidden "${HIDDEN:-4096}" --heads "${HEADS:-32}" \
-    --ffn "${FFN:-16384}" --vocab "${VOCAB:-32000}" --out "$out/tsp.json" || status=1
+    --ffn "${FFN:-16384}" --vocab "${VOCAB:-32000}" --out "$out/bench_gpu.json" || status=1
 SEQS="$seqs" NAME=tp_baseline OUT="$out" python3 "${TP_BASELINE:-../shared/tools/megatron_tp_baseline.py}" || status=1
 exit $status
