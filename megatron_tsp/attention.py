@@ -25,11 +25,13 @@ Overlap: bucket r+1's K/V all-gather (the largest transfer at long context) is i
 attention computes, forward and backward; bucket r+2's weights are fetched into bucket r's slot once
 bucket r is done with them; bucket r's weight-grad reduce runs while bucket r+1 computes.
 
-Memory: forward saves only the local input ``x`` (plus the replicated q/k-norm params, the local rotary
-angles and the positions). Backward recomputes each bucket's local q/k/v (one qkv GEMM per bucket, on
-weights it re-fetches anyway) and re-gathers its K/V. Two weight shards (a two-slot buffer; D with
-``keep_weights``) are alive at a time, and two buckets' full-sequence K/V (the one attended and the next in
-flight), plus in backward the grad of one.
+Memory: forward saves the local input ``x`` (plus the replicated q/k-norm params, the local rotary angles
+and the positions) and, when it will be differentiated, each bucket's core-attention output and its
+log-sum-exp (``[S/D, B, h]`` and ``[B, nq, S/D]`` per layer in all), so that backward runs only the
+attention kernel's backward, never its forward. Backward recomputes each bucket's local q/k/v (one qkv GEMM
+per bucket, on weights it re-fetches anyway) and re-gathers its K/V. Two weight shards (a two-slot buffer;
+D with ``keep_weights``) are alive at a time, and two buckets' full-sequence K/V (the one attended and the
+next in flight), plus in backward the grad of one.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from megatron_tsp.comm import (
     shard_buffer,
 )
 from megatron_tsp.grads import weight_grad_for_autograd
-from megatron_tsp.kernels import CausalAttention, zigzag_causal_attention
+from megatron_tsp.kernels import ZIGZAG, AttentionBackend
 
 __all__ = [
     "QKNorm",
@@ -120,8 +122,9 @@ class _BucketSpec:
     has_qkv_bias: bool
     norm_fn: HeadNormFn | None
     rotary_fn: RotaryFn
-    core_attention: CausalAttention
+    core_attention: AttentionBackend
     keep_weights: bool = False  # keep every bucket's fetched weights for backward (no re-fetch)
+    keep_attention: bool = False  # keep every bucket's attention output and LSE (this call is differentiated)
 
 
 def _project_qkv(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, norm_params: list[Tensor | None],
@@ -181,22 +184,25 @@ def _recompute_bucket(fetch: Pending, x: Tensor, norm_params: list[Tensor | None
     return leaf_x, [*leaf_qkv, proj_weight], leaf_norm, (q, k, v), kv_gather
 
 
-def _bucket_backward(recomputed: tuple, grad_out: Tensor, grad_x: Tensor, grad_norm: list[Tensor | None],
-                     q_positions: Tensor, k_positions: Tensor, spec: _BucketSpec) -> list[Tensor]:
-    """One head bucket's grads from this rank's tokens: its attention recomputed on the gathered K/V, the
-    output projection differentiated by hand (its output is never needed), dK/dV reduce-scattered to the
+def _bucket_backward(recomputed: tuple, kept_attention: tuple[Tensor, ...], grad_out: Tensor, grad_x: Tensor,
+                     grad_norm: list[Tensor | None], q_positions: Tensor, k_positions: Tensor,
+                     spec: _BucketSpec) -> list[Tensor]:
+    """One head bucket's grads from this rank's tokens: the output projection's and the core attention's
+    from forward's kept output and LSE (the attention is not recomputed), dK/dV reduce-scattered to the
     tokens' owners (the gather's transpose), then the local q/k/v projection's grads. Adds the input and
     q/k-norm grads into ``grad_x`` and ``grad_norm``; returns the bucket's weight grads in pack order. A
     function of its own so that its temporaries (dK/dV ``[S, B, 2*nkv/D, hd]``, the input grad) are freed
     when it returns, not held through the next bucket's kernel."""
     leaf_x, (leaf_qkv_weight, leaf_qkv_bias, proj_weight), leaf_norm, (q, k, v), kv_gather = recomputed
-    with torch.enable_grad():
-        full_kv = kv_gather.wait().requires_grad_()
-        full_k, full_v = full_kv.chunk(2, dim=2)
-        attn = spec.core_attention(q, full_k, full_v, q_positions, k_positions, spec.softmax_scale)
+    attn = kept_attention[0]  # [S/D, B, nq/D*hd]
     # out = attn @ proj_weight^T: grad_attn = grad_out @ proj_weight, grad_proj = grad_out^T @ attn
     grad_proj_weight = grad_out.flatten(0, 1).t() @ attn.flatten(0, 1)
-    grad_q, grad_full_kv = torch.autograd.grad(attn, [q, full_kv], grad_out @ proj_weight)
+    full_k, full_v = kv_gather.wait().chunk(2, dim=2)
+    grad_q, grad_full_k, grad_full_v = spec.core_attention.backward(
+        grad_out @ proj_weight, q, full_k, full_v, *kept_attention, q_positions, k_positions,
+        spec.softmax_scale)
+    grad_full_kv = torch.cat((grad_full_k, grad_full_v), dim=2)
+    del grad_full_k, grad_full_v
     grad_k, grad_v = reduce_scatter_seq(grad_full_kv, spec.tsp_group).wait().chunk(2, dim=2)
     local_leaves = [leaf_x, leaf_qkv_weight, leaf_qkv_bias] + leaf_norm
     local_grads = iter(torch.autograd.grad([q, k, v], [t for t in local_leaves if t is not None],
@@ -246,6 +252,7 @@ class TSPAttentionFunction(torch.autograd.Function):
         slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(num_slots)]
 
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        kept_attention: list[tuple[Tensor, ...]] = []  # per bucket: [S/D, B, nq/D*hd] output, its LSE
         bucket = _start_bucket(_fetch_bucket(0, own_shard, layout, slots, spec), x, norm_params,
                                rotary_freqs, layout, spec)
         if tsp_size > 1:
@@ -255,13 +262,17 @@ class TSPAttentionFunction(torch.autograd.Function):
             if head_bucket + 1 < tsp_size:  # the next bucket's K/V travel while this bucket's attention computes
                 bucket = _start_bucket(fetch, x, norm_params, rotary_freqs, layout, spec)
             full_k, full_v = kv_gather.wait().chunk(2, dim=2)  # [S, B, nkv/D, hd] each
-            attn = spec.core_attention(q, full_k, full_v, q_positions, k_positions, spec.softmax_scale)
+            attn, *saved = spec.core_attention.forward(q, full_k, full_v, q_positions, k_positions,
+                                                       spec.softmax_scale)
             out += F.linear(attn, bucket_proj_weight)
+            if spec.keep_attention:
+                kept_attention.append((attn, *saved))
             if head_bucket + 2 < tsp_size:  # with two slots, this bucket's slot is free again
                 fetch = _fetch_bucket(head_bucket + 2, own_shard, layout, slots, spec)
 
         ctx.spec = spec
         ctx.kept_weights = slots if spec.keep_weights else None
+        ctx.kept_attention = kept_attention
         ctx.save_for_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs, q_positions,
                               k_positions)
         return out.to(x.dtype)
@@ -277,6 +288,7 @@ class TSPAttentionFunction(torch.autograd.Function):
         tsp_size, tsp_rank = dist.get_world_size(spec.tsp_group), dist.get_rank(spec.tsp_group)
         acc_dtype = torch.promote_types(qkv_weight.dtype, torch.float32)
         kept, ctx.kept_weights = ctx.kept_weights, None  # freed with this frame
+        kept_attention, ctx.kept_attention = ctx.kept_attention, None  # each bucket's freed after its use
         if kept is None:
             slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(min(tsp_size, 2))]
 
@@ -296,8 +308,9 @@ class TSPAttentionFunction(torch.autograd.Function):
             recomputed = bucket
             if head_bucket + 1 < tsp_size:  # the next bucket's K/V travel while this bucket's grads compute
                 bucket = _recompute_bucket(fetch, x, norm_params, rotary_freqs, layout, spec)
-            bucket_grads = _bucket_backward(recomputed, grad_out, grad_x, grad_norm, q_positions, k_positions,
-                                            spec)
+            bucket_grads = _bucket_backward(recomputed, kept_attention[head_bucket], grad_out, grad_x, grad_norm,
+                                            q_positions, k_positions, spec)
+            kept_attention[head_bucket] = None
             del recomputed  # this bucket's q/k/v graph
 
             # This bucket's partial weight grads (local tokens) are summed into owner r, in acc_dtype.
@@ -322,7 +335,7 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
                   q_positions: Tensor, k_positions: Tensor, tsp_group: dist.ProcessGroup, num_heads: int,
                   num_kv_heads: int, *, softmax_scale: float | None = None, rotary_freqs: Tensor | None = None,
                   rotary_fn: RotaryFn = apply_rotary, qk_norm: QKNorm | None = None,
-                  core_attention: CausalAttention = zigzag_causal_attention, keep_weights: bool = False) -> Tensor:
+                  core_attention: AttentionBackend = ZIGZAG, keep_weights: bool = False) -> Tensor:
     """TSP self-attention of rank p's tokens: x ``[S/D, B, h]`` -> ``[S/D, B, h]`` (proj bias not added).
 
     ``qkv_weight``, ``qkv_bias``, ``proj_weight``: this rank's Megatron TP shards (module docstring);
@@ -345,11 +358,14 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
     if qkv_weight.shape != (expected_rows, x.shape[-1]) or proj_weight.shape != (x.shape[-1], heads * head_dim):
         raise ValueError(f"weight shards {tuple(qkv_weight.shape)}, {tuple(proj_weight.shape)} do not match "
                          f"Megatron's TP layout [{expected_rows}, {x.shape[-1]}], [{x.shape[-1]}, {heads * head_dim}]")
+    norm_params = [None] * 4 if qk_norm is None else [qk_norm.q_weight, qk_norm.q_bias, qk_norm.k_weight,
+                                                      qk_norm.k_bias]
+    differentiated = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, qkv_weight, qkv_bias, proj_weight, *norm_params))
     spec = _BucketSpec(tsp_group=tsp_group, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                        softmax_scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim),
                        has_qkv_bias=qkv_bias is not None, norm_fn=None if qk_norm is None else qk_norm.fn,
-                       rotary_fn=rotary_fn, core_attention=core_attention, keep_weights=keep_weights)
-    norm_params = [None] * 4 if qk_norm is None else [qk_norm.q_weight, qk_norm.q_bias, qk_norm.k_weight,
-                                                      qk_norm.k_bias]
+                       rotary_fn=rotary_fn, core_attention=core_attention, keep_weights=keep_weights,
+                       keep_attention=differentiated)
     return TSPAttentionFunction.apply(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs,
                                       q_positions, k_positions, spec)

@@ -23,8 +23,9 @@ Assumptions (stated once, used throughout)
 - Megatron's local layer spec with a fused SDPA kernel (no S^2 score matrix kept), dropout 0, RMSNorm.
 - Selective recompute (Megatron's default module, core attention) saves no memory with a fused kernel: the
   kernel keeps only q, k, v, output and the log-sum-exp either way. It re-runs the core attention forward.
-- TSP layers recompute attention and MLP inside their own backward (attention.py, mlp.py): their backward
-  costs 3 forwards, and Megatron's full recompute adds a fifth. Megatron's selective recompute does not
+- TSP layers recompute inside their own backward (attention.py, mlp.py): the MLP ring its forward (its
+  backward costs 3 forwards), attention only its local q/k/v projection (it keeps each head bucket's
+  core-attention output and LSE from forward). Megatron's full recompute adds a forward. Megatron's selective recompute does not
   reach into TSP layers.
 - Skipped (each < 1% of the totals it belongs to): biases and norms in FLOPs, the log-sum-exp, router
   logits and the RoPE angles TSP attention keeps in activations, the per-token scalar all-reduces of the
@@ -37,10 +38,11 @@ Peak memory model (``Memory``)
   DP x CP, experts over the expert-data-parallel ranks).
 - Stored activations: each layer keeps :func:`layer_saved_bytes` (no or selective recompute) or its input
   (full recompute), times the micro-batches in flight on the stage (1F1B: PP on the first stage); with
-  ``tsp_keep_weights`` and no full recompute also :func:`layer_kept_weight_bytes`.
+  no full recompute also :func:`layer_kept_attention_bytes` and, with ``tsp_keep_weights``,
+  :func:`layer_kept_weight_bytes`.
 - Working set, the larger of: one layer's backward, ``BACKWARD_FACTOR`` x its saved activations (the
   recomputed activations and their gradients) plus :func:`layer_transient_bytes` (plus the layer's kept
-  weights under full recompute); and the output layer's
+  attention outputs and weights under full recompute); and the output layer's
   :func:`logits_bytes`. Plus a constant ``OFFSET_BYTES``.
 
 Calibration against BASELINES.md (one H200, fake process group, D = 8, full recompute, micro-batch 1, no
@@ -100,6 +102,8 @@ __all__ = [
     "layer_comm",
     "layer_flops",
     "layer_input_bytes",
+    "layer_kept_attention_bytes",
+    "layer_kept_weight_bytes",
     "layer_saved_bytes",
     "layer_transient_bytes",
     "logits_bytes",
@@ -559,7 +563,8 @@ def layer_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bo
     Norm region: input norm in/out and pre-MLP norm in/out, 4*h per local token (under SP Megatron's
     column-parallel linears keep the sharded input and re-gather it). Megatron attention: q, k, v and
     output, (2nq + 2nkv)*hd/t per token of the context shard; MLP: :func:`_mlp_activation_elements`/t.
-    TSP attention and MLP keep only their input, the norm output already counted (attention.py, mlp.py).
+    TSP attention and MLP keep only their input, the norm output already counted (attention.py, mlp.py;
+    attention's kept core-attention outputs are :func:`layer_kept_attention_bytes`).
     MoE (all kinds): per local token, top-k copies of the dispatched input, expert activations (not with
     the expert ring, which recomputes them in backward like the dense ring) and expert output, plus a shared
     expert kept like a Megatron MLP of the tensor axis over the gathered tokens.
@@ -593,6 +598,16 @@ def layer_kept_weight_bytes(model: ModelShape, work: Workload, layout: Layout, m
     return Fraction(weights * work.param_bytes)
 
 
+def layer_kept_attention_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
+    """TSP attention's every head bucket's core-attention output and LSE, nq*hd elements in a plus nq in
+    >= fp32 per local token, alive from the layer's forward (or its recompute) to its backward, which then
+    needs no attention forward (attention.py). Zero for other layouts (their outputs are activations)."""
+    if layout.kind != "TSP":
+        return Fraction(0)
+    per_token = model.heads * (model.head_dim * work.act_bytes + max(work.act_bytes, 4))
+    return Fraction(work.tokens, layout.sequence_shard) * per_token
+
+
 def layer_input_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
     """What full recompute keeps per layer: its input [S/shard, B, h]."""
     return Fraction(work.tokens, layout.sequence_shard) * model.hidden * work.act_bytes
@@ -614,12 +629,13 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     flight and the next one, with their dK/dV (4 x the rank's local K/V). TSP (derived from attention.py and
     mlp.py, checked against the allocator in docs/benchmarks.md): an fp32 [S/D, B, h] accumulator (output in
     forward, input grad in backward) plus the larger of
-    - attention: per element of one bucket's full-sequence K/V (2BS*nkv*hd/D), 5 x a + max(a, 4) bytes:
+    - attention: per element of one bucket's full-sequence K/V (2BS*nkv*hd/D), 4 x a + max(a, 4) bytes:
       two buckets' K/V (the one differentiated and the next in flight), and inside the zigzag kernel's
-      backward (kernels/zigzag.py) its natural-order copy, its dK/dV accumulators (>= fp32), one part's
-      dK/dV and the dK/dV scattered back to rank order; per local token, the same two buckets' local
+      backward (kernels/zigzag.py) its natural-order copy, its dK/dV accumulators (>= fp32) and one part's
+      dK/dV (the copies of dK/dV back to rank order come after the natural-order copy is freed); per
+      local token, the same two buckets' local
       projections, (nq + 2nkv)*hd/D, with their rotated q and k, (nq + nkv)*hd/D, in a; the differentiated
-      bucket's attention output and its grad (a) and the kernel's dQ accumulator (>= fp32), nq*hd/D each;
+      bucket's attention-output grad (a) and the kernel's dQ accumulator (>= fp32), nq*hd/D each;
       the ring buffers (:func:`_ring_buffer_bytes`) of W_attn/D; with the local kernel's dense mask
       S*S/D bytes as bool plus S*S/D*a additive;
     - MLP (dense layers): one shard's fc1 output, activation, product and their grads for the local tokens,
@@ -634,8 +650,8 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     bucket_kv = work.tokens * Fraction(model.kv_width, t)
     head = local_tokens * Fraction(model.head_dim, t)  # x nq: a bucket's local q (its nq/D heads)
     local_projections = 2 * head * (2 * model.heads + 3 * model.kv_groups) * a
-    differentiated = head * model.heads * (2 * a + max(a, 4))
-    attention = (bucket_kv * (5 * a + max(a, 4)) + local_projections + differentiated
+    differentiated = head * model.heads * (a + max(a, 4))
+    attention = (bucket_kv * (4 * a + max(a, 4)) + local_projections + differentiated
                  + _ring_buffer_bytes(work, Fraction(model.attention_weights(), t)))
     if work.tsp_dense_mask:
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
@@ -693,7 +709,8 @@ def stage_memory(model: ModelShape, work: Workload, layout: Layout, stage: Stage
         if not count:
             continue
         saved = layer_saved_bytes(model, work, layout, moe)
-        kept = layer_kept_weight_bytes(model, work, layout, moe)  # every layer's, or (full) one layer's
+        # every layer's, or (full recompute) one layer's
+        kept = layer_kept_weight_bytes(model, work, layout, moe) + layer_kept_attention_bytes(model, work, layout)
         stored += stage.in_flight * count * (layer_input_bytes(model, work, layout) if full else saved + kept)
         backward = (Fraction(BACKWARD_FACTOR) - (0 if full else 1)) * saved
         working = max(working, backward + layer_transient_bytes(model, work, layout, moe) + kept * full)
@@ -758,8 +775,9 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
     """2 FLOPs per weight per token for the GEMMs, 2*B*S^2*nq*hd for causal core attention (half of QK^T and
     AV), split evenly over t*c ranks (TSP: D ranks, the zigzag split balances causal work).
 
-    Backward is 2 forwards; TSP attention and the MLP ring (dense, or experts with the expert ring) recompute
-    their forward inside backward (3), and TSP
+    Backward is 2 forwards; TSP attention keeps its core attention's output and LSE from forward and
+    recomputes only the local q/k/v projection in backward (2 + the qkv GEMM), the MLP ring (dense, or experts
+    with the expert ring) recomputes its forward inside backward (3), and TSP
     core attention with the dense mask computes the full S/D x S rectangle (2x the causal FLOPs; BASELINES.md
     measured 1.71x TP's time even for a bottom-right causal mask, 0.91x for a split prefix/diagonal kernel).
     Full recompute adds a forward; selective adds Megatron's core attention forward (not TSP's).
@@ -779,7 +797,8 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
     ring_mlp, other_mlp = (2.0 * work.tokens * weights / ranks for weights in (ring_weights, other_weights))
     forward = attention + ring_mlp + other_mlp
     if layout.kind == "TSP":  # the MLP ring (dense MLP, or experts with the expert ring) recomputes too
-        backward = 3 * attention + 3 * ring_mlp + 2 * other_mlp
+        qkv = 2.0 * work.tokens * (model.heads + 2 * model.kv_groups) * model.head_dim * model.hidden / ranks
+        backward = 2 * attention + qkv + 3 * ring_mlp + 2 * other_mlp
     else:
         backward = 2 * forward
     recompute = {"none": 0.0, "selective": core if layout.kind != "TSP" else 0.0, "full": forward}[work.recompute]

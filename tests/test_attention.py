@@ -26,7 +26,7 @@ from megatron_tsp.attention import (
     tsp_attention,
 )
 from megatron_tsp.comm import comm_bytes, track_shard_residency
-from megatron_tsp.kernels import causal_attention
+from megatron_tsp.kernels import ZIGZAG, AttentionBackend, causal_attention
 from megatron_tsp.zigzag import (
     gathered_positions,
     local_positions,
@@ -154,6 +154,18 @@ def _expected_bytes(case: Case, tsp_size: int) -> tuple[dict[str, Fraction], dic
     return forward, backward
 
 
+def _counting(backend: AttentionBackend, calls: Counter) -> AttentionBackend:
+    """``backend`` with its forward and backward calls counted in ``calls``."""
+    def forward(*args: object) -> tuple[Tensor, ...]:
+        calls["forward"] += 1
+        return backend.forward(*args)
+
+    def backward(*args: object) -> tuple[Tensor, Tensor, Tensor]:
+        calls["backward"] += 1
+        return backend.backward(*args)
+    return AttentionBackend(forward, backward)
+
+
 def _run_cases(rank: int, tsp_size: int) -> None:
     group = dist.group.WORLD
     for case in _cases(tsp_size):
@@ -185,13 +197,17 @@ def _run_cases(rank: int, tsp_size: int) -> None:
         for p in params:
             p.register_post_accumulate_grad_hook(lambda p, counts=grad_ready: counts.update([id(p)]))
 
+        kernel_calls = Counter()
         with track_shard_residency() as residency:
             with comm_bytes() as forward_bytes:
                 out = tsp_attention(x, qkv_weight, qkv_bias, proj_weight, positions,
                                     gathered_positions(case.seq_len, tsp_size), group, case.heads, case.kv_heads,
-                                    rotary_freqs=rotary, qk_norm=qk_norm, keep_weights=case.keep_weights)
+                                    rotary_freqs=rotary, qk_norm=qk_norm, keep_weights=case.keep_weights,
+                                    core_attention=_counting(ZIGZAG, kernel_calls))
             with comm_bytes() as backward_bytes:
                 out.backward(w["grad_out"][positions])
+        # one attention forward per bucket, kept for backward: backward never recomputes it
+        assert kernel_calls == {"forward": tsp_size, "backward": tsp_size}, kernel_calls
 
         tol = TOLERANCE[case.dtype]
         assert_gathered_close(out.detach(), ref_out, group, tol, f"{case} output")

@@ -17,6 +17,7 @@ from megatron_tsp.kernels import (
     cudnn,
     default_part_kernel,
     math_part_kernel,
+    ZIGZAG,
     select_core_attention,
     zigzag_causal_attention,
 )
@@ -80,7 +81,7 @@ def test_matches_dense_reference(kernel: str, seq_len: int, heads: int, kv_heads
 
 
 def test_default_backend() -> None:
-    assert select_core_attention(config=None, layer_number=1) is zigzag_causal_attention
+    assert select_core_attention(config=None, layer_number=1) is ZIGZAG
     assert default_part_kernel(torch.empty(1, 2, 4, 64)) is FUSED_CPU
     # no GPU: the math kernel, also for a dtype and head dim cuDNN would take on one
     assert default_part_kernel(torch.empty(1, 2, 4, 64, dtype=torch.bfloat16, device="meta")) not in (

@@ -10,11 +10,15 @@ query attend to every key at a global position <= its own. Two local backends:
 - ``causal_attention`` (``local.py``): any position order, torch SDPA with a dense boolean ``[S/D, S]``
   mask; the reference the fast path is tested against.
 
-Another backend (e.g. Transformer Engine) only has to provide a function with the same signature.
+TSP attention calls a backend as an :class:`AttentionBackend`: a forward that also returns what its backward
+needs (kept per head bucket, so that backward never recomputes the attention) and that backward. ``ZIGZAG`` is
+the zigzag backend's; another backend (e.g. Transformer Engine) provides the same pair.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from torch import Tensor
@@ -27,10 +31,14 @@ from megatron_tsp.kernels.zigzag import (
     PartKernel,
     default_part_kernel,
     math_part_kernel,
+    zigzag_attention_backward,
+    zigzag_attention_forward,
     zigzag_causal_attention,
 )
 
 __all__ = [
+    "ZIGZAG",
+    "AttentionBackend",
     "FUSED_CPU",
     "FUSED_CUDNN",
     "PART_KERNEL_ENV",
@@ -52,11 +60,28 @@ class CausalAttention(Protocol):
         ...
 
 
-def select_core_attention(**megatron_builder_kwargs: object) -> CausalAttention:
+@dataclass(frozen=True)
+class AttentionBackend:
+    """Core attention as TSP attention runs it (shapes as in :class:`CausalAttention`).
+
+    ``forward(q, k, v, q_positions, k_positions, softmax_scale) -> (out, *saved)``;
+    ``backward(grad_out, q, k, v, out, *saved, q_positions, k_positions, softmax_scale) -> (grad_q, grad_k,
+    grad_v)``, with the grads shaped like q, k, v. ``saved`` is what the backward needs besides its inputs
+    and the output (for the zigzag backend, the LSE ``[b, nq, sq]``).
+    """
+
+    forward: Callable[..., tuple[Tensor, ...]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+ZIGZAG = AttentionBackend(zigzag_attention_forward, zigzag_attention_backward)
+
+
+def select_core_attention(**megatron_builder_kwargs: object) -> AttentionBackend:
     """Megatron's ``core_attention`` builder for TSP layers: the backend for this process.
 
     Megatron passes its core-attention constructor arguments (config, layer number, mask type, ...); the
     TSP schedule supplies everything the kernel needs per call (always zigzag positions), so they only
     matter for choosing a backend: the zigzag backend for now (a Transformer Engine backend is planned).
     """
-    return zigzag_causal_attention
+    return ZIGZAG

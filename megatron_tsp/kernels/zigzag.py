@@ -10,11 +10,13 @@ and a chunk's two parts merge exactly, ring-attention style:
 
 So no [S/D, S] mask or score tensor ever exists, and keys in a chunk's future are never touched.
 
-Backward is a custom autograd Function that saves only q, the natural-order K/V, the merged O and L. Each part
-recomputes its probabilities against the *merged* L, P = exp(scores - L), which are exactly its columns of the
-full softmax, and the flash-attention identity dS = P * (dP - rowsum(dO * O)) with the merged O gives its exact
-share of dQ, dK, dV. (Differentiating through the merge instead would need a differentiable LSE from the part
-kernel and would keep every part's probabilities alive until backward.)
+Backward needs only q, K/V, the merged O and L. Each part recomputes its probabilities against the *merged* L,
+P = exp(scores - L), which are exactly its columns of the full softmax, and the flash-attention identity
+dS = P * (dP - rowsum(dO * O)) with the merged O gives its exact share of dQ, dK, dV. (Differentiating through
+the merge instead would need a differentiable LSE from the part kernel and would keep every part's
+probabilities alive until backward.) Forward and backward are plain functions
+(:func:`zigzag_attention_forward`, :func:`zigzag_attention_backward`) so that TSP attention can keep O and L
+per head bucket and run only the backward; :func:`zigzag_causal_attention` wraps them in autograd.
 
 Part kernels (:class:`PartKernel`, chosen by :func:`default_part_kernel`): on CPU, :data:`FUSED_CPU` (aten's
 flash kernel, the one SDPA runs there); on NVIDIA GPUs in fp16/bf16, :data:`FUSED_CUDNN` (``cudnn.py``), checked
@@ -36,7 +38,7 @@ from megatron_tsp.kernels import cudnn
 from megatron_tsp.zigzag import gathered_positions, inverse_zigzag_permutation, local_positions, zigzag_permutation
 
 __all__ = ["FUSED_CPU", "FUSED_CUDNN", "PART_KERNEL_ENV", "PartKernel", "default_part_kernel", "math_part_kernel",
-           "zigzag_causal_attention"]
+           "zigzag_attention_backward", "zigzag_attention_forward", "zigzag_causal_attention"]
 
 PartForward = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 PartBackward = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor, Tensor]]
@@ -217,39 +219,6 @@ def _merge(results: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return sum(weight * out for weight, (out, _) in zip(weights, results, strict=True)), lse
 
 
-class _ZigzagAttentionFunction(torch.autograd.Function):
-    """q ``[b, nq, 2c, hd]`` (query chunks p, 2D-1-p), k/v ``[b, nkv, 2Dc, hd]`` in natural order
-    -> ``[b, nq, 2c, hd]``; see the module docstring."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: Plan, scale: float, kernel: PartKernel) -> Tensor:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(q.shape[:-1], dtype=_acc_dtype(q.dtype), device=q.device)
-        for rows, parts in plan:
-            out[:, :, rows], lse[:, :, rows] = _merge(
-                [kernel.forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], causal, scale) for keys, causal in parts])
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale, ctx.kernel = plan, scale, kernel
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
-        acc = _acc_dtype(q.dtype)  # a query row or a key gets grads from up to two parts
-        grad_q = torch.zeros(q.shape, dtype=acc, device=q.device)
-        grad_k = torch.zeros(k.shape, dtype=acc, device=k.device)
-        grad_v = torch.zeros(v.shape, dtype=acc, device=v.device)
-        for rows, parts in ctx.plan:
-            for keys, causal in parts:
-                part_q, part_k, part_v = ctx.kernel.backward(
-                    grad_out[:, :, rows], q[:, :, rows], k[:, :, keys], v[:, :, keys], out[:, :, rows],
-                    lse[:, :, rows], causal, ctx.scale)
-                grad_q[:, :, rows] += part_q
-                grad_k[:, :, keys] += part_k
-                grad_v[:, :, keys] += part_v
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
-
-
 def _zigzag_layout(q_positions: Tensor, k_positions: Tensor) -> tuple[int, int]:
     """(D, p) such that the positions are rank p's local and the gathered zigzag positions, else ValueError.
 
@@ -268,6 +237,81 @@ def _zigzag_layout(q_positions: Tensor, k_positions: Tensor) -> tuple[int, int]:
     return tsp_size, rank_flags.index(True)
 
 
+def _call_layout(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor,
+                 part_kernel: PartKernel | None) -> tuple[Tensor, Tensor, Tensor, Plan, PartKernel]:
+    """Checks, then what every call works on: q heads-first ``[b, nq, S/D, hd]`` (a view); K/V in natural
+    order and heads-first ``[b, nkv, S, hd]`` (one copy each); the chunk plan; the part kernel."""
+    local_len, _, heads, _ = q.shape
+    if heads % k.shape[2] != 0:
+        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({k.shape[2]})")
+    tsp_size, tsp_rank = _zigzag_layout(q_positions, k_positions)
+    q_heads_first = q.permute(1, 2, 0, 3)
+    kernel = part_kernel or default_part_kernel(q_heads_first)
+    natural = inverse_zigzag_permutation(k.shape[0], tsp_size, k.device)
+    k_natural, v_natural = (t.permute(1, 2, 0, 3).index_select(2, natural) for t in (k, v))
+    return q_heads_first, k_natural, v_natural, _chunk_plan(local_len // 2, tsp_size, tsp_rank), kernel
+
+
+def zigzag_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor,
+                             softmax_scale: float, *, part_kernel: PartKernel | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`zigzag_causal_attention`'s forward without autograd: ``(out [S/D, b, nq*hd], lse [b, nq, S/D])``,
+    the LSE being what :func:`zigzag_attention_backward` needs besides q, K, V and out (TSP attention keeps
+    out and LSE per head bucket instead of recomputing the attention in backward)."""
+    q_heads_first, k_natural, v_natural, plan, kernel = _call_layout(q, k, v, q_positions, k_positions,
+                                                                     part_kernel)
+    out = torch.empty(q_heads_first.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q_heads_first.shape[:-1], dtype=_acc_dtype(q.dtype), device=q.device)
+    for rows, parts in plan:
+        out[:, :, rows], lse[:, :, rows] = _merge([
+            kernel.forward(q_heads_first[:, :, rows], k_natural[:, :, keys], v_natural[:, :, keys], causal,
+                           softmax_scale) for keys, causal in parts])
+    return out.permute(2, 0, 1, 3).flatten(2), lse
+
+
+def zigzag_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              q_positions: Tensor, k_positions: Tensor, softmax_scale: float, *,
+                              part_kernel: PartKernel | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Grads of q ``[S/D, b, nq, hd]`` and of k, v ``[S, b, nkv, hd]`` (rank order) from ``grad_out`` and
+    :func:`zigzag_attention_forward`'s ``out`` (both ``[S/D, b, nq*hd]``) and ``lse``."""
+    q_heads_first, k_natural, v_natural, plan, kernel = _call_layout(q, k, v, q_positions, k_positions,
+                                                                     part_kernel)
+    grad_out, out = (t.reshape(q.shape).permute(1, 2, 0, 3) for t in (grad_out, out))  # heads-first, like q
+    acc = _acc_dtype(q.dtype)  # a query row or a key gets grads from up to two parts
+    grad_q = torch.zeros(q_heads_first.shape, dtype=acc, device=q.device)
+    grad_k, grad_v = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (k_natural, v_natural))
+    for rows, parts in plan:
+        for keys, causal in parts:
+            part_q, part_k, part_v = kernel.backward(
+                grad_out[:, :, rows], q_heads_first[:, :, rows], k_natural[:, :, keys], v_natural[:, :, keys],
+                out[:, :, rows], lse[:, :, rows], causal, softmax_scale)
+            grad_q[:, :, rows] += part_q
+            grad_k[:, :, keys] += part_k
+            grad_v[:, :, keys] += part_v
+    del k_natural, v_natural, part_q, part_k, part_v  # K/V-sized: freed before the copies back to rank order
+    rank_order = zigzag_permutation(k.shape[0], k.shape[0] // q.shape[0], k.device)  # natural position per slot
+    grad_k, grad_v = (g.to(k.dtype).index_select(2, rank_order).permute(2, 0, 1, 3) for g in (grad_k, grad_v))
+    return grad_q.to(q.dtype).permute(2, 0, 1, 3), grad_k, grad_v
+
+
+class _ZigzagAttentionFunction(torch.autograd.Function):
+    """:func:`zigzag_causal_attention` with autograd: saves q, K, V (rank order), the output and its LSE."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor, scale: float,
+                part_kernel: PartKernel | None) -> Tensor:
+        out, lse = zigzag_attention_forward(q, k, v, q_positions, k_positions, scale, part_kernel=part_kernel)
+        ctx.save_for_backward(q, k, v, out, lse, q_positions, k_positions)
+        ctx.scale, ctx.part_kernel = scale, part_kernel
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse, q_positions, k_positions = ctx.saved_tensors
+        grads = zigzag_attention_backward(grad_out, q, k, v, out, lse, q_positions, k_positions, ctx.scale,
+                                          part_kernel=ctx.part_kernel)
+        return *grads, None, None, None, None
+
+
 def zigzag_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor,
                             softmax_scale: float, *, part_kernel: PartKernel | None = None) -> Tensor:
     """Causal attention of a TSP rank's zigzag chunks; :func:`kernels.causal_attention`'s contract for the
@@ -280,20 +324,10 @@ def zigzag_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor
 
     Memory per call, beyond inputs, grads and output, for c = S/(2D), element size e, accumulation size a
     (= e for fp32/fp64), is linear in S: forward, the natural-order K/V copy (2*b*S*nkv*hd*e, the gathered
-    K/V's size) and one chunk's part outputs (2*b*nq*c*hd); backward, that copy (saved), dQ/dK/dV
-    accumulators (a) and one part's q/k/v grads, then the scatter of dK/dV back to rank order. Scratch:
-    per-thread tiles for :data:`FUSED_CPU`, a few score tiles of ``block_elements`` for the math kernel.
-    Nothing of size S/D x S, versus the reference's [S/D, S] mask (and its float scores).
+    K/V's size) and one chunk's part outputs (2*b*nq*c*hd); backward, that copy again, dQ/dK/dV
+    accumulators (a) and one part's q/k/v grads, then the copies of dK/dV back to rank order (e). Saved for
+    backward: q, K/V, the output and its LSE. Scratch: per-thread tiles for :data:`FUSED_CPU`, a few score
+    tiles of ``block_elements`` for the math kernel. Nothing of size S/D x S, versus the reference's
+    [S/D, S] mask (and its float scores).
     """
-    local_len, batch, heads, head_dim = q.shape
-    if heads % k.shape[2] != 0:
-        raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({k.shape[2]})")
-    tsp_size, tsp_rank = _zigzag_layout(q_positions, k_positions)
-    q_heads_first = q.permute(1, 2, 0, 3)
-    kernel = part_kernel or default_part_kernel(q_heads_first)
-    natural = inverse_zigzag_permutation(k.shape[0], tsp_size, k.device)
-    # natural order and the kernels' [b, heads, s, hd] layout in one copy; autograd scatters dK/dV back
-    k_natural, v_natural = (t.permute(1, 2, 0, 3).index_select(2, natural) for t in (k, v))
-    plan = _chunk_plan(local_len // 2, tsp_size, tsp_rank)
-    out = _ZigzagAttentionFunction.apply(q_heads_first, k_natural, v_natural, plan, softmax_scale, kernel)
-    return out.permute(2, 0, 1, 3).reshape(local_len, batch, heads * head_dim)
+    return _ZigzagAttentionFunction.apply(q, k, v, q_positions, k_positions, softmax_scale, part_kernel)
