@@ -252,7 +252,7 @@ class TSPAttentionFunction(torch.autograd.Function):
         slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(num_slots)]
 
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        kept_attention: list[tuple[Tensor, ...]] = []  # per bucket: [S/D, B, nq/D*hd] output, its LSE
+        kept_attention: list[tuple[Tensor, ...] | None] = []  # per bucket: [S/D, B, nq/D*hd] output, its LSE
         bucket = _start_bucket(_fetch_bucket(0, own_shard, layout, slots, spec), x, norm_params,
                                rotary_freqs, layout, spec)
         if tsp_size > 1:

@@ -25,8 +25,8 @@ Assumptions (stated once, used throughout)
   kernel keeps only q, k, v, output and the log-sum-exp either way. It re-runs the core attention forward.
 - TSP layers recompute inside their own backward (attention.py, mlp.py): the MLP ring its forward (its
   backward costs 3 forwards), attention only its local q/k/v projection (it keeps each head bucket's
-  core-attention output and LSE from forward). Megatron's full recompute adds a forward. Megatron's selective recompute does not
-  reach into TSP layers.
+  core-attention output and LSE from forward). Megatron's full recompute adds a forward; its selective
+  recompute does not reach into TSP layers.
 - Skipped (each < 1% of the totals it belongs to): biases and norms in FLOPs, the log-sum-exp, router
   logits and the RoPE angles TSP attention keeps in activations, the per-token scalar all-reduces of the
   vocab-parallel cross entropy, the TSP norm-weight grad sums, the tied-embedding grad all-reduce between
@@ -633,11 +633,10 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
       two buckets' K/V (the one differentiated and the next in flight), and inside the zigzag kernel's
       backward (kernels/zigzag.py) its natural-order copy, its dK/dV accumulators (>= fp32) and one part's
       dK/dV (the copies of dK/dV back to rank order come after the natural-order copy is freed); per
-      local token, the same two buckets' local
-      projections, (nq + 2nkv)*hd/D, with their rotated q and k, (nq + nkv)*hd/D, in a; the differentiated
-      bucket's attention-output grad (a) and the kernel's dQ accumulator (>= fp32), nq*hd/D each;
-      the ring buffers (:func:`_ring_buffer_bytes`) of W_attn/D; with the local kernel's dense mask
-      S*S/D bytes as bool plus S*S/D*a additive;
+      local token, the same two buckets' local projections, (nq + 2nkv)*hd/D, with their rotated q and k,
+      (nq + nkv)*hd/D, in a; the differentiated bucket's attention-output grad (a) and the kernel's dQ
+      accumulator (>= fp32), nq*hd/D each; the ring buffers (:func:`_ring_buffer_bytes`) of W_attn/D; with
+      the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
     - MLP (dense layers): one shard's fc1 output, activation, product and their grads for the local tokens,
       and the ring buffers of W_mlp/D; with the expert ring, the same for the top-k copies of the local
       tokens and the local experts' W (MoE layers).

@@ -20,8 +20,9 @@ Layouts (``--layouts``), both in the same process so that their ratio compares l
 
 Both in bf16 (or fp32) with fp32 grad buffers (Megatron DDP), full recompute, micro-batch 1.
 
-Prints one JSON line per case, then the TSP / TP+SP ratios per length, and writes them all to ``--out``. The numbers of received shards are
-garbage under the fake group (nothing is received); shapes, memory and FLOPs are those of a real rank.
+Prints one JSON line per case, then the TSP / TP+SP ratios per length, and writes them all to ``--out``.
+The numbers of received shards are garbage under the fake group (nothing is received); shapes, memory and
+FLOPs are those of a real rank.
 
     python scripts/bench_gpu.py --seqs 16384,32768,65536,131072 --out $OUT/bench_gpu.json   # the paper's 7B, D=8
 """
