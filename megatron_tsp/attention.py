@@ -19,7 +19,9 @@ accumulation dtype: fp32 for bf16/fp16 params, else the param dtype), W = (2 + 2
   recomputed, never kept);  reduce_scatter K/V*e*(D-1)/D (dK/dV back to the token owners);
   reduce W*e_acc*(D-1)/D (each bucket's weight grad summed into its owner). With ``keep_weights``
   (``--tsp-keep-weight-shards``) the forward keeps every bucket's weights (D weight buffers, W*e per layer,
-  alive until the layer's backward) and backward broadcasts nothing.
+  alive until the layer's backward) and backward broadcasts nothing. K/V travel chunk-major
+  (``comm.all_gather_zigzag``, two half-size calls; dK/dV by its transpose) so that the kernel reads them in
+  place.
 
 Overlap: bucket r+1's K/V all-gather (the largest transfer at long context) is in flight while bucket r's
 attention computes, forward and backward; bucket r+2's weights are fetched into bucket r's slot once
@@ -48,10 +50,10 @@ from torch import Tensor
 from megatron_tsp.comm import (
     Pending,
     ShardLayout,
-    all_gather_seq,
+    all_gather_zigzag,
     broadcast,
     reduce,
-    reduce_scatter_seq,
+    reduce_scatter_zigzag,
     shard_buffer,
 )
 from megatron_tsp.grads import weight_grad_for_autograd
@@ -157,12 +159,12 @@ def _start_bucket(fetch: Pending, x: Tensor, norm_params: list[Tensor | None], r
                   layout: ShardLayout, spec: _BucketSpec) -> tuple[Tensor, Pending, Tensor]:
     """Wait for a bucket's weights, project the local tokens and start gathering the bucket's K/V.
 
-    Returns q ``[S/D, B, nq/D, hd]``, the pending all-gather of cat(k, v) ``[S, B, 2*nkv/D, hd]`` and the
-    bucket's output-projection weight (a view into its weight slot).
+    Returns q ``[S/D, B, nq/D, hd]``, the pending chunk-major all-gather of cat(k, v) ``[S, B, 2*nkv/D, hd]``
+    and the bucket's output-projection weight (a view into its weight slot).
     """
     qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
     q, k, v = _project_qkv(x, qkv_weight, qkv_bias, norm_params, rotary_freqs, spec)
-    return q, all_gather_seq(torch.cat((k, v), dim=2), spec.tsp_group), proj_weight
+    return q, all_gather_zigzag(torch.cat((k, v), dim=2), spec.tsp_group), proj_weight
 
 
 def _recompute_bucket(fetch: Pending, x: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
@@ -180,7 +182,7 @@ def _recompute_bucket(fetch: Pending, x: Tensor, norm_params: list[Tensor | None
         leaf_qkv = [None if w is None else w.detach().requires_grad_() for w in (qkv_weight, qkv_bias)]
         leaf_norm = [None if p is None else p.detach().requires_grad_() for p in norm_params]
         q, k, v = _project_qkv(leaf_x, *leaf_qkv, leaf_norm, rotary_freqs, spec)
-    kv_gather = all_gather_seq(torch.cat((k, v), dim=2).detach(), spec.tsp_group)
+    kv_gather = all_gather_zigzag(torch.cat((k, v), dim=2).detach(), spec.tsp_group)
     return leaf_x, [*leaf_qkv, proj_weight], leaf_norm, (q, k, v), kv_gather
 
 
@@ -203,7 +205,7 @@ def _bucket_backward(recomputed: tuple, kept_attention: tuple[Tensor, ...], grad
         spec.softmax_scale)
     grad_full_kv = torch.cat((grad_full_k, grad_full_v), dim=2)
     del grad_full_k, grad_full_v
-    grad_k, grad_v = reduce_scatter_seq(grad_full_kv, spec.tsp_group).wait().chunk(2, dim=2)
+    grad_k, grad_v = reduce_scatter_zigzag(grad_full_kv, spec.tsp_group).wait().chunk(2, dim=2)
     local_leaves = [leaf_x, leaf_qkv_weight, leaf_qkv_bias] + leaf_norm
     local_grads = iter(torch.autograd.grad([q, k, v], [t for t in local_leaves if t is not None],
                                            [grad_q, grad_k, grad_v]))
@@ -233,7 +235,7 @@ class TSPAttentionFunction(torch.autograd.Function):
 
     Inputs: x ``[S/D, B, h]``, qkv_weight, qkv_bias (or None), proj_weight (Megatron TP shards), the four
     q/k-norm params (or None), rotary_freqs ``[S/D, 1, 1, rot_dim]`` (or None), q_positions ``[S/D]``,
-    k_positions ``[S]`` (global positions of the local and of the rank-order gathered tokens), spec.
+    k_positions ``[S]`` (global positions of the local and of the chunk-major gathered tokens), spec.
     Output ``[S/D, B, h]`` without the proj bias. Every tensor input that needs a grad gets it exactly once.
     q/k-norm param grads are this rank's partial sums (its tokens): like every replicated token-local param
     they must be summed over the TSP group (Megatron: tag them ``sequence_parallel``).
@@ -340,7 +342,7 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
 
     ``qkv_weight``, ``qkv_bias``, ``proj_weight``: this rank's Megatron TP shards (module docstring);
     ``num_heads``/``num_kv_heads``: global nq/nkv, both divisible by D; ``q_positions [S/D]`` and
-    ``k_positions [S]``: global positions of the local tokens and of the rank-order gathered sequence
+    ``k_positions [S]``: global positions of the local tokens and of the chunk-major gathered sequence
     (``zigzag.local_positions`` / ``zigzag.gathered_positions``); ``rotary_freqs [S/D, 1, 1, rot_dim]``: the
     local tokens' RoPE angles, applied with ``rotary_fn(t, freqs)``; ``softmax_scale`` defaults to
     1/sqrt(hd); ``keep_weights``: keep the D buckets' weights from forward to backward (D weight buffers

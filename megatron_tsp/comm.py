@@ -32,10 +32,11 @@ __all__ = [
     "ShardLayout",
     "ShardResidency",
     "all_gather_seq",
+    "all_gather_zigzag",
     "broadcast",
     "comm_bytes",
     "reduce",
-    "reduce_scatter_seq",
+    "reduce_scatter_zigzag",
     "ring_exchange",
     "shard_buffer",
     "track_shard_residency",
@@ -118,21 +119,38 @@ def all_gather_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     return Pending(gathered, [work])
 
 
-def reduce_scatter_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
-    """Sum ``[D*n, ...]`` over the group and give rank p rows ``[p*n, (p+1)*n)``: ``[n, ...]``.
+def all_gather_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
+    """Gather every rank's zigzag-local tokens ``[2c, ...]`` (its chunks p then 2D-1-p along dim 0) into
+    ``[2Dc, ...]`` chunk-major: every rank's second chunk in rank order, then every rank's first chunk
+    (``zigzag.gathered_positions``). Two all-gathers of half the rows each, counted as one ``all_gather``
+    of the whole: in this order each causal part of a query chunk is one contiguous key range, so attention
+    needs no reordering copy."""
+    size, half = dist.get_world_size(group), tensor.shape[0] // 2
+    tensor = tensor.contiguous()
+    _record("all_gather", _collective_share(group) * size * _nbytes(tensor))
+    if size == 1:
+        return Pending(torch.cat((tensor[half:], tensor[:half])), [])
+    gathered = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
+    works = [dist.all_gather_into_tensor(gathered[:size * half], tensor[half:], group=group, async_op=True),
+             dist.all_gather_into_tensor(gathered[size * half:], tensor[:half], group=group, async_op=True)]
+    return Pending(gathered, works)
 
-    The transpose of :func:`all_gather_seq`.
-    """
+
+def reduce_scatter_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
+    """The transpose of :func:`all_gather_zigzag`: sum a chunk-major ``[2Dc, ...]`` over the group and give
+    each rank its own two chunks, ``[2c, ...]`` in local order (first chunk, then second)."""
     size = dist.get_world_size(group)
     tensor = tensor.contiguous()
-    if tensor.shape[0] % size != 0:
-        raise ValueError(f"reduce_scatter_seq: dim 0 ({tensor.shape[0]}) is not divisible by the group size {size}")
+    half = tensor.shape[0] // (2 * size)
     _record("reduce_scatter", _collective_share(group) * _nbytes(tensor))
     if size == 1:
-        return Pending(tensor, [])
-    scattered = tensor.new_empty((tensor.shape[0] // size, *tensor.shape[1:]))
-    work = dist.reduce_scatter_tensor(scattered, tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    return Pending(scattered, [work])
+        return Pending(torch.cat((tensor[half:], tensor[:half])), [])
+    scattered = tensor.new_empty((2 * half, *tensor.shape[1:]))
+    works = [dist.reduce_scatter_tensor(scattered[half:], tensor[:size * half], op=dist.ReduceOp.SUM, group=group,
+                                        async_op=True),
+             dist.reduce_scatter_tensor(scattered[:half], tensor[size * half:], op=dist.ReduceOp.SUM, group=group,
+                                        async_op=True)]
+    return Pending(scattered, works)
 
 
 def reduce(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:

@@ -23,9 +23,9 @@ Assumptions (stated once, used throughout)
 - Megatron's local layer spec with a fused SDPA kernel (no S^2 score matrix kept), dropout 0, RMSNorm.
 - Selective recompute (Megatron's default module, core attention) saves no memory with a fused kernel: the
   kernel keeps only q, k, v, output and the log-sum-exp either way. It re-runs the core attention forward.
-- TSP layers recompute inside their own backward (attention.py, mlp.py): the MLP ring its forward (its
-  backward costs 3 forwards), attention only its local q/k/v projection (it keeps each head bucket's
-  core-attention output and LSE from forward). Megatron's full recompute adds a forward; its selective
+- TSP layers recompute inside their own backward (attention.py, mlp.py): the MLP ring its fc1 GEMM and
+  activation, attention its local q/k/v projection (it keeps each head bucket's core-attention output and
+  LSE from forward). Megatron's full recompute adds a forward; its selective
   recompute does not reach into TSP layers.
 - Skipped (each < 1% of the totals it belongs to): biases and norms in FLOPs, the log-sum-exp, router
   logits and the RoPE angles TSP attention keeps in activations, the per-token scalar all-reduces of the
@@ -343,17 +343,18 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
     forward: broadcast W*e (next bucket's weights travel during this bucket's compute: hidden) and
     all_gather KV*a (waited on at once: exposed), each times (D-1)/D. backward: the same two again (weights
     re-fetched unless kept, K/V recomputed and re-gathered), reduce_scatter KV*a (dK/dV, exposed) and reduce
-    W*e_acc (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's forward row.
+    W*e_acc (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's forward row. The
+    K/V gather and dK/dV reduce-scatter are two half-size calls per bucket (chunk-major, comm.py).
     """
     share = _share(d)
     weights = model.attention_weights() * share
     kv = work.tokens * model.kv_width * work.act_bytes * share
     fetch = ("attention weights", "broadcast", weights * work.param_bytes, d, d, True, d)  # one per bucket
-    gather = ("K/V", "all_gather", kv, d, d, False, d)
+    gather = ("K/V", "all_gather", kv, d, d, False, 2 * d)
     refetch = () if work.tsp_keep_weights else (fetch,)
     return LayerComm(
         forward=_transfers(fetch, gather),
-        backward=_transfers(*refetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, d),
+        backward=_transfers(*refetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, 2 * d),
                             ("attention weight grads", "reduce", weights * work.grad_bytes, d, d, True, d)))
 
 
@@ -629,14 +630,14 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     flight and the next one, with their dK/dV (4 x the rank's local K/V). TSP (derived from attention.py and
     mlp.py, checked against the allocator in docs/benchmarks.md): an fp32 [S/D, B, h] accumulator (output in
     forward, input grad in backward) plus the larger of
-    - attention: per element of one bucket's full-sequence K/V (2BS*nkv*hd/D), 4 x a + max(a, 4) bytes:
+    - attention: per element of one bucket's full-sequence K/V (2BS*nkv*hd/D), 3 x a + max(a, 4) bytes:
       two buckets' K/V (the one differentiated and the next in flight), and inside the zigzag kernel's
-      backward (kernels/zigzag.py) its natural-order copy, its dK/dV accumulators (>= fp32) and one part's
-      dK/dV (the copies of dK/dV back to rank order come after the natural-order copy is freed); per
-      local token, the same two buckets' local projections, (nq + 2nkv)*hd/D, with their rotated q and k,
-      (nq + nkv)*hd/D, in a; the differentiated bucket's attention-output grad (a) and the kernel's dQ
-      accumulator (>= fp32), nq*hd/D each; the ring buffers (:func:`_ring_buffer_bytes`) of W_attn/D; with
-      the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
+      backward (kernels/zigzag.py, which reads the gathered K/V in place) its dK/dV accumulators (>= fp32)
+      and one part's dK/dV, or at its end their cast to a; per local token, the same two buckets' local
+      projections, (nq + 2nkv)*hd/D, with their rotated q and k, (nq + nkv)*hd/D, in a; the differentiated
+      bucket's attention-output grad (a) and the kernel's dQ accumulator (>= fp32), nq*hd/D each; the ring
+      buffers (:func:`_ring_buffer_bytes`) of W_attn/D; with the local kernel's dense mask S*S/D bytes as
+      bool plus S*S/D*a additive;
     - MLP (dense layers): one shard's fc1 output, activation, product and their grads for the local tokens,
       and the ring buffers of W_mlp/D; with the expert ring, the same for the top-k copies of the local
       tokens and the local experts' W (MoE layers).
@@ -650,7 +651,7 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     head = local_tokens * Fraction(model.head_dim, t)  # x nq: a bucket's local q (its nq/D heads)
     local_projections = 2 * head * (2 * model.heads + 3 * model.kv_groups) * a
     differentiated = head * model.heads * (a + max(a, 4))
-    attention = (bucket_kv * (4 * a + max(a, 4)) + local_projections + differentiated
+    attention = (bucket_kv * (3 * a + max(a, 4)) + local_projections + differentiated
                  + _ring_buffer_bytes(work, Fraction(model.attention_weights(), t)))
     if work.tsp_dense_mask:
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
@@ -776,7 +777,7 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
 
     Backward is 2 forwards; TSP attention keeps its core attention's output and LSE from forward and
     recomputes only the local q/k/v projection in backward (2 + the qkv GEMM), the MLP ring (dense, or experts
-    with the expert ring) recomputes its forward inside backward (3), and TSP
+    with the expert ring) recomputes its fc1 GEMM inside backward (2 + fc1), and TSP
     core attention with the dense mask computes the full S/D x S rectangle (2x the causal FLOPs; BASELINES.md
     measured 1.71x TP's time even for a bottom-right causal mask, 0.91x for a split prefix/diagonal kernel).
     Full recompute adds a forward; selective adds Megatron's core attention forward (not TSP's).
@@ -797,7 +798,8 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
     forward = attention + ring_mlp + other_mlp
     if layout.kind == "TSP":  # the MLP ring (dense MLP, or experts with the expert ring) recomputes too
         qkv = 2.0 * work.tokens * (model.heads + 2 * model.kv_groups) * model.head_dim * model.hidden / ranks
-        backward = 2 * attention + qkv + 3 * ring_mlp + 2 * other_mlp
+        fc1_rows = 2 if model.gated else 1  # fc1 holds fc1_rows/(fc1_rows + 1) of an MLP's weights
+        backward = 2 * attention + qkv + (2 + fc1_rows / (fc1_rows + 1)) * ring_mlp + 2 * other_mlp
     else:
         backward = 2 * forward
     recompute = {"none": 0.0, "selective": core if layout.kind != "TSP" else 0.0, "full": forward}[work.recompute]

@@ -27,9 +27,9 @@ size and e_acc the accumulator's (fp32 for bf16/fp16 weights, else the weight dt
   ``keep_weights`` (``--tsp-keep-weight-shards``) the forward keeps every shard it received (D weight
   buffers, W*e per layer, alive until the layer's backward) and backward sends only the accumulators.
 
-Memory: forward saves only the local input ``x``; backward recomputes each shard's fc1 output (one extra
-GEMM per shard) rather than keeping ``[S/D, B, ffn]`` activations (experts: ``[T, ffn_e]``) from all D
-shards.
+Memory: forward saves only the local input ``x``; backward recomputes each shard's fc1 output and
+activation (one extra GEMM per shard; fc2 is differentiated by hand, without its output) rather than keeping
+``[S/D, B, ffn]`` activations (experts: ``[T, ffn_e]``) from all D shards.
 """
 
 from __future__ import annotations
@@ -62,37 +62,42 @@ class _MLPSpec:
         return 3 if self.has_fc1_bias else 2
 
 
-def _slice_mlp(x: Tensor, weights: Sequence[Tensor], spec: _MLPSpec) -> Tensor:
-    """One ffn slice of one MLP: x ``[n, ..., h]`` -> ``[n, ..., h]``; weights = fc1_weight, (fc1_bias), fc2_weight."""
-    fc1_weight, fc2_weight = weights[0], weights[-1]
-    fc1_bias = weights[1] if spec.has_fc1_bias else None
-    hidden = F.linear(x, fc1_weight, fc1_bias)
+def _slice_hidden(x: Tensor, weights: Sequence[Tensor], spec: _MLPSpec) -> Tensor:
+    """fc1 and the activation of one ffn slice of one MLP: x ``[n, ..., h]`` -> ``[n, ..., ffn/D]``; weights =
+    fc1_weight, (fc1_bias), fc2_weight."""
+    hidden = F.linear(x, weights[0], weights[1] if spec.has_fc1_bias else None)
     if spec.gated:
         gate, up = hidden.chunk(2, dim=-1)
-        hidden = spec.activation(gate) * up
-    else:
-        hidden = spec.activation(hidden)
-    return F.linear(hidden, fc2_weight)
+        return spec.activation(gate) * up
+    return spec.activation(hidden)
 
 
 def _shard_mlp(x: Tensor, shard: Sequence[Tensor], spec: _MLPSpec) -> Tensor:
     """One shard's output for this rank's tokens: each MLP's rows of x through that MLP's slice."""
     n = spec.tensors_per_mlp
     if len(spec.tokens_per_mlp) == 1:  # the dense MLP: no split and no concatenating copy
-        return _slice_mlp(x, shard, spec)
-    return torch.cat([_slice_mlp(rows, shard[i * n:(i + 1) * n], spec)
+        return F.linear(_slice_hidden(x, shard, spec), shard[-1])
+    return torch.cat([F.linear(_slice_hidden(rows, shard[i * n:(i + 1) * n], spec), shard[(i + 1) * n - 1])
                       for i, rows in enumerate(x.split(spec.tokens_per_mlp))])
 
 
 def _shard_grads(x: Tensor, shard: Sequence[Tensor], grad_out: Tensor,
                  spec: _MLPSpec) -> tuple[Tensor, list[Tensor]]:
-    """(dx, grads of the shard's tensors) from this rank's tokens, recomputing the shard's output."""
+    """(dx, grads of the shard's tensors) from this rank's tokens. Each slice's activation is recomputed;
+    fc2 is differentiated by hand (its output is not needed): d hidden = d out @ fc2, d fc2 = d out^T @ hidden.
+    """
+    n = spec.tensors_per_mlp
+    mlps = [shard[i * n:(i + 1) * n] for i in range(len(spec.tokens_per_mlp))]
     with torch.enable_grad():
         leaf_x = x.detach().requires_grad_()
-        leaf_shard = [w.detach().requires_grad_() for w in shard]
-        grad_x, *grad_shard = torch.autograd.grad(_shard_mlp(leaf_x, leaf_shard, spec), [leaf_x, *leaf_shard],
-                                                  grad_out)
-    return grad_x, grad_shard
+        leaf_fc1 = [[w.detach().requires_grad_() for w in mlp[:-1]] for mlp in mlps]  # fc1 weight, (bias)
+        hiddens = [_slice_hidden(rows, fc1, spec) for rows, fc1 in zip(leaf_x.split(spec.tokens_per_mlp), leaf_fc1)]
+    grad_rows = grad_out.split(spec.tokens_per_mlp)
+    grad_fc2 = [g.flatten(0, -2).t() @ hidden.flatten(0, -2) for g, hidden in zip(grad_rows, hiddens)]
+    grad_x, *grad_fc1 = torch.autograd.grad(hiddens, [leaf_x, *(w for fc1 in leaf_fc1 for w in fc1)],
+                                            [g @ mlp[-1] for g, mlp in zip(grad_rows, mlps)])
+    m = n - 1  # fc1 tensors per MLP
+    return grad_x, [g for i, fc2 in enumerate(grad_fc2) for g in (*grad_fc1[i * m:(i + 1) * m], fc2)]
 
 
 class TSPMLPFunction(torch.autograd.Function):

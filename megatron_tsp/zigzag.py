@@ -3,7 +3,9 @@
 The sequence of length S is cut into 2D chunks of S/(2D) tokens; rank p holds chunks p and 2D-1-p, so every
 rank gets the same amount of causal-attention work. Putting a sample into chunk order
 ``[0, 2D-1, 1, 2D-2, ..., D-1, D]`` makes a contiguous split along the sequence hand each rank its two
-chunks, and an all-gather along the sequence returns the same chunk order.
+chunks. TSP attention gathers K/V chunk-major instead (:func:`gathered_positions`): every rank's second
+chunk, then every rank's first chunk, i.e. chunks ``[2D-1, ..., D, 0, 1, ..., D-1]``, in which each causal
+part of a query chunk is one contiguous key range (``kernels/zigzag.py``).
 """
 
 from __future__ import annotations
@@ -59,11 +61,13 @@ def local_positions(seq_len: int, tsp_size: int, rank: int, device: torch.device
 
 
 def gathered_positions(seq_len: int, tsp_size: int, device: torch.device | str = "cpu") -> Tensor:
-    """Global positions ``[S]`` of a sequence all-gathered in rank order.
-
-    Rank p's slice is slots [p*S/D, (p+1)*S/D) of the zigzag order, so this is the permutation itself.
+    """Global positions ``[S]`` of a sequence gathered chunk-major (``comm.all_gather_zigzag``): every rank's
+    second chunk in rank order (natural chunks 2D-1 down to D), then every rank's first chunk (0 up to D-1).
     """
-    return zigzag_permutation(seq_len, tsp_size, device)
+    check_zigzag(seq_len, tsp_size)
+    chunks = torch.arange(seq_len, device=device).view(2 * tsp_size, -1)
+    order = torch.cat([torch.arange(2 * tsp_size - 1, tsp_size - 1, -1), torch.arange(tsp_size)]).to(device)
+    return chunks[order].flatten()
 
 
 # Per-token fields of a Megatron GPT micro-batch, each ``[b, s]``.

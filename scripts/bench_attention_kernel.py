@@ -29,13 +29,15 @@ Kernel = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
 
 def _fwd_bwd(kernel: Kernel, inputs: list[Tensor], grad_out: Tensor, positions: tuple[Tensor, Tensor],
              scale: float) -> tuple[float, int]:
-    """(seconds of one forward + backward, peak bytes on CUDA else 0)."""
+    """(seconds of one forward + backward, peak bytes on CUDA else 0). ``inputs``: q and the packed K/V
+    ``[S, b, 2*nkv, hd]``, whose halves the kernel gets as views (as TSP attention hands them over)."""
     device = grad_out.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    out = kernel(*inputs, *positions, scale)
+    q, kv = inputs
+    out = kernel(q, *kv.chunk(2, dim=2), *positions, scale)
     torch.autograd.grad(out, inputs, grad_out)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -62,15 +64,15 @@ def main() -> None:
     seq_len, tsp_size = args.seq_len, args.tsp_size
     gen = torch.Generator(device).manual_seed(0)
     q = torch.randn(seq_len // tsp_size, args.batch, args.heads, args.head_dim, generator=gen, device=device)
-    k, v = torch.randn(2, seq_len, args.batch, args.kv_heads, args.head_dim, generator=gen, device=device)
-    inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    kv = torch.randn(seq_len, args.batch, 2 * args.kv_heads, args.head_dim, generator=gen, device=device)
+    inputs = [t.to(dtype).requires_grad_() for t in (q, kv)]
     grad_out = torch.randn(q.shape[0], args.batch, args.heads * args.head_dim, generator=gen, device=device).to(dtype)
     positions = (local_positions(seq_len, tsp_size, 0, device), gathered_positions(seq_len, tsp_size, device))
     scale = args.head_dim ** -0.5
 
     # TP's per-rank call: all S queries of the same heads; positions are ignored, the inputs are the same size
     tp_query = torch.randn(seq_len, args.batch, args.heads, args.head_dim, generator=gen, device=device)
-    tp_inputs = [t.to(dtype).requires_grad_() for t in (tp_query, k, v)]
+    tp_inputs = [t.to(dtype).requires_grad_() for t in (tp_query, kv)]
     tp_grad_out = torch.randn(seq_len, args.batch, args.heads * args.head_dim, generator=gen, device=device)
 
     def tp_square_causal(q: Tensor, k: Tensor, v: Tensor, *_: object) -> Tensor:

@@ -11,14 +11,16 @@ import torch.distributed as dist
 from megatron_tsp.comm import (
     ShardLayout,
     all_gather_seq,
+    all_gather_zigzag,
     broadcast,
     comm_bytes,
     reduce,
-    reduce_scatter_seq,
+    reduce_scatter_zigzag,
     ring_exchange,
     shard_buffer,
     track_shard_residency,
 )
+from megatron_tsp.zigzag import gathered_positions, local_positions
 from tests.multiprocess import run_on_ranks
 
 
@@ -36,10 +38,13 @@ def _check_ops(group: dist.ProcessGroup) -> None:
         gathered = all_gather_seq(local, group).wait()
         assert torch.equal(gathered, torch.cat([torch.arange(4.0).view(2, 2) + 10 * r for r in range(size)]))
 
-        full = torch.arange(2.0 * size * 3).view(2 * size, 3) * (rank + 1)  # [D*n, 3]
-        scattered = reduce_scatter_seq(full, group).wait()
-        total = sum(r + 1 for r in range(size))
-        assert torch.equal(scattered, torch.arange(2.0 * size * 3).view(2 * size, 3)[2 * rank:2 * rank + 2] * total)
+        # every rank's zigzag tokens (chunks of 2), gathered chunk-major, and the transpose summing them back
+        seq_len, total = 4 * size, sum(r + 1 for r in range(size))
+        mine = local_positions(seq_len, size, rank).double().view(4, 1, 1)  # [2c, 1, 1]: each token's position
+        gathered = all_gather_zigzag(mine, group).wait()
+        assert torch.equal(gathered.flatten(), gathered_positions(seq_len, size).double())
+        scattered = reduce_scatter_zigzag(gathered * (rank + 1), group).wait()
+        assert torch.equal(scattered, mine * total)
 
         for owner in range(size):
             summed = reduce(torch.full((5,), float(rank + 1)), owner, group).wait()
@@ -49,11 +54,11 @@ def _check_ops(group: dist.ProcessGroup) -> None:
         received = ring_exchange(torch.full((7,), float(rank)), torch.empty(7), group).wait()
         assert torch.equal(received, torch.full((7,), float((rank - 1) % size)))
 
-    f32 = 4
+    f32, f64 = 4, 8
     assert dict(counter.bytes_by_op) == {
         "broadcast": size * share * 6 * f32,
-        "all_gather": share * 2 * size * 2 * f32,
-        "reduce_scatter": share * 2 * size * 3 * f32,
+        "all_gather": share * 2 * size * 2 * f32 + share * size * 4 * f64,
+        "reduce_scatter": share * 4 * size * f64,
         "reduce": size * share * 5 * f32,
         "ring_send": Fraction(7 * f32),
     }

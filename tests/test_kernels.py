@@ -108,11 +108,14 @@ def test_part_kernel_check_catches_a_wrong_kernel() -> None:
 
 
 def test_cudnn_part_kernel_calls_on_meta_tensors() -> None:
-    """The aten cuDNN ops take the arguments as cudnn.py passes them (GQA, strided row slices) and give the
-    PartKernel shapes; numbers need a GPU (test_cudnn_part_kernel_matches_reference)."""
+    """The aten cuDNN ops take the arguments as the zigzag kernel passes them (GQA; heads-first views of
+    sequence-major q and gathered K/V, row slices) and give the PartKernel shapes; numbers need a GPU
+    (test_cudnn_part_kernel_matches_reference)."""
     batch, heads, kv_heads, rows, keys, head_dim = 2, 4, 2, 8, 24, 64
-    q = torch.empty(batch, heads, 2 * rows, head_dim, dtype=torch.bfloat16, device="meta")[:, :, rows:]
-    k, v = torch.empty(2, batch, kv_heads, keys, head_dim, dtype=torch.bfloat16, device="meta")
+    q = torch.empty(2 * rows, batch, heads, head_dim, dtype=torch.bfloat16, device="meta").permute(1, 2, 0, 3)
+    q = q[:, :, rows:]
+    kv = torch.empty(2 * keys, batch, 2 * kv_heads, head_dim, dtype=torch.bfloat16, device="meta")
+    k, v = (t.permute(1, 2, 0, 3)[:, :, keys:] for t in kv.chunk(2, dim=2))
     for causal in (False, True):
         out, lse = cudnn.forward(q, k, v, causal, 0.125)
         assert (out.shape, out.dtype, lse.shape, lse.dtype) == (q.shape, q.dtype, q.shape[:-1], torch.float32)

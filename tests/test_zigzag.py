@@ -31,10 +31,11 @@ def test_permutation_is_chunk_order_and_inverse_undoes_it() -> None:
     x = torch.randn(seq_len, 3)
     x_zigzag = x[perm]
     assert torch.equal(x_zigzag[inverse_zigzag_permutation(seq_len, tsp_size)], x)
-    # the rank-order concatenation of every rank's tokens is the gathered sequence
-    gathered = torch.cat([local_positions(seq_len, tsp_size, rank) for rank in range(tsp_size)])
+    # K/V are gathered chunk-major: every rank's second chunk, then every rank's first chunk
+    locals_ = [local_positions(seq_len, tsp_size, rank) for rank in range(tsp_size)]
+    gathered = torch.cat([local[2:] for local in locals_] + [local[:2] for local in locals_])
     assert torch.equal(gathered, gathered_positions(seq_len, tsp_size))
-    assert sorted(gathered.tolist()) == list(range(seq_len))
+    assert gathered.tolist() == [14, 15, 12, 13, 10, 11, 8, 9, 0, 1, 2, 3, 4, 5, 6, 7]
 
 
 def test_causal_work_is_balanced() -> None:

@@ -1,10 +1,11 @@
 """Zigzag-aware core attention: each local query chunk as a non-causal prefix plus a causal diagonal.
 
 Rank p of a TSP group of size D holds query chunks p and 2D-1-p (c = S/(2D) tokens each) and attends to the
-gathered sequence, which arrives in rank order (chunks 0, 2D-1, 1, 2D-2, ...). With K/V put in natural order
-once per call, query chunk j sees keys [0, j*c) with no mask (the prefix) and keys [j*c, (j+1)*c) with a square
-top-left causal mask (the diagonal). Each part is one attention call that also returns its log-sum-exp (LSE),
-and a chunk's two parts merge exactly, ring-attention style:
+gathered sequence. Query chunk j sees natural chunks 0 .. j-1 with no mask (the prefix) and chunk j with a
+square top-left causal mask (the diagonal). K/V arrive chunk-major (``comm.all_gather_zigzag``: natural chunks
+2D-1, ..., D, 0, ..., D-1), in which each of these parts is one contiguous key range (an unmasked part does not
+care about key order), so the kernels read the gathered K/V in place. Each part is one attention call that
+also returns its log-sum-exp (LSE), and a chunk's two parts merge exactly, ring-attention style:
 
     L = logaddexp(L_prefix, L_diag),    O = exp(L_prefix - L) * O_prefix + exp(L_diag - L) * O_diag.
 
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor
 
 from megatron_tsp.kernels import cudnn
-from megatron_tsp.zigzag import gathered_positions, inverse_zigzag_permutation, local_positions, zigzag_permutation
+from megatron_tsp.zigzag import gathered_positions, local_positions, zigzag_permutation
 
 __all__ = ["FUSED_CPU", "FUSED_CUDNN", "PART_KERNEL_ENV", "PartKernel", "default_part_kernel", "math_part_kernel",
            "zigzag_attention_backward", "zigzag_attention_forward", "zigzag_causal_attention"]
@@ -198,13 +199,21 @@ Plan = list[tuple[slice, list[tuple[slice, bool]]]]
 
 
 def _chunk_plan(chunk: int, tsp_size: int, tsp_rank: int) -> Plan:
-    """Per local query chunk: its rows among the local queries and its (natural key range, causal) parts."""
+    """Per local query chunk: its rows among the local queries and its (key range, causal) parts, the key
+    ranges in chunk-major gathered order (``zigzag.gathered_positions``: natural chunks 2D-1 .. D in blocks
+    0 .. D-1, then chunks 0 .. D-1 in blocks D .. 2D-1).
+
+    First chunk p: prefix chunks 0 .. p-1 = blocks [D, D+p), diagonal block D+p. Second chunk 2D-1-p:
+    prefix chunks 0 .. 2D-2-p = blocks [p+1, 2D) (all first chunks and the second chunks D .. 2D-2-p, key
+    order within an unmasked part does not matter), diagonal block p.
+    """
+    d, p = tsp_size, tsp_rank
+    blocks = ((range(d, d + p), d + p), (range(p + 1, 2 * d), p))
     plan = []
-    for local, global_chunk in enumerate((tsp_rank, 2 * tsp_size - 1 - tsp_rank)):
-        start = global_chunk * chunk
+    for local, (prefix, diagonal) in enumerate(blocks):
         # chunk 0 has no prefix (and the part kernels need a non-empty key range)
-        parts = [(slice(0, start), False)] if start else []
-        parts.append((slice(start, start + chunk), True))
+        parts = [(slice(prefix.start * chunk, prefix.stop * chunk), False)] if len(prefix) else []
+        parts.append((slice(diagonal * chunk, (diagonal + 1) * chunk), True))
         plan.append((slice(local * chunk, (local + 1) * chunk), parts))
     return plan
 
@@ -228,8 +237,9 @@ def _zigzag_layout(q_positions: Tensor, k_positions: Tensor) -> tuple[int, int]:
     if local_len == 0 or local_len % 2 or seq_len % local_len:
         raise ValueError(f"{local_len} local and {seq_len} gathered positions are not a zigzag layout")
     tsp_size = seq_len // local_len
-    gathered = zigzag_permutation(seq_len, tsp_size, k_positions.device)
-    is_rank = (gathered.view(tsp_size, local_len) == q_positions).all(dim=1)  # rank p's tokens: slice p
+    ranks = zigzag_permutation(seq_len, tsp_size, k_positions.device).view(tsp_size, local_len)  # row p: rank p's
+    is_rank = (ranks == q_positions).all(dim=1)
+    gathered = gathered_positions(seq_len, tsp_size, k_positions.device)
     gathered_ok, *rank_flags = torch.cat(((k_positions == gathered).all().view(1), is_rank)).tolist()
     if not gathered_ok or rank_flags.count(True) != 1:
         raise ValueError("positions are not TSP's zigzag layout (zigzag.local_positions/gathered_positions); "
@@ -239,17 +249,15 @@ def _zigzag_layout(q_positions: Tensor, k_positions: Tensor) -> tuple[int, int]:
 
 def _call_layout(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor,
                  part_kernel: PartKernel | None) -> tuple[Tensor, Tensor, Tensor, Plan, PartKernel]:
-    """Checks, then what every call works on: q heads-first ``[b, nq, S/D, hd]`` (a view); K/V in natural
-    order and heads-first ``[b, nkv, S, hd]`` (one copy each); the chunk plan; the part kernel."""
+    """Checks, then what every call works on: q ``[b, nq, S/D, hd]`` and K/V ``[b, nkv, S, hd]`` heads-first
+    (views, no copy); the chunk plan; the part kernel."""
     local_len, _, heads, _ = q.shape
     if heads % k.shape[2] != 0:
         raise ValueError(f"query heads ({heads}) must be a multiple of kv heads ({k.shape[2]})")
     tsp_size, tsp_rank = _zigzag_layout(q_positions, k_positions)
-    q_heads_first = q.permute(1, 2, 0, 3)
+    q_heads_first, k_heads_first, v_heads_first = (t.permute(1, 2, 0, 3) for t in (q, k, v))
     kernel = part_kernel or default_part_kernel(q_heads_first)
-    natural = inverse_zigzag_permutation(k.shape[0], tsp_size, k.device)
-    k_natural, v_natural = (t.permute(1, 2, 0, 3).index_select(2, natural) for t in (k, v))
-    return q_heads_first, k_natural, v_natural, _chunk_plan(local_len // 2, tsp_size, tsp_rank), kernel
+    return q_heads_first, k_heads_first, v_heads_first, _chunk_plan(local_len // 2, tsp_size, tsp_rank), kernel
 
 
 def zigzag_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor,
@@ -257,44 +265,39 @@ def zigzag_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tenso
     """:func:`zigzag_causal_attention`'s forward without autograd: ``(out [S/D, b, nq*hd], lse [b, nq, S/D])``,
     the LSE being what :func:`zigzag_attention_backward` needs besides q, K, V and out (TSP attention keeps
     out and LSE per head bucket instead of recomputing the attention in backward)."""
-    q_heads_first, k_natural, v_natural, plan, kernel = _call_layout(q, k, v, q_positions, k_positions,
-                                                                     part_kernel)
-    out = torch.empty(q_heads_first.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q_heads_first.shape[:-1], dtype=_acc_dtype(q.dtype), device=q.device)
+    q, k, v, plan, kernel = _call_layout(q, k, v, q_positions, k_positions, part_kernel)  # heads-first views
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=_acc_dtype(q.dtype), device=q.device)
     for rows, parts in plan:
         out[:, :, rows], lse[:, :, rows] = _merge([
-            kernel.forward(q_heads_first[:, :, rows], k_natural[:, :, keys], v_natural[:, :, keys], causal,
-                           softmax_scale) for keys, causal in parts])
+            kernel.forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], causal, softmax_scale)
+            for keys, causal in parts])
     return out.permute(2, 0, 1, 3).flatten(2), lse
 
 
 def zigzag_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                               q_positions: Tensor, k_positions: Tensor, softmax_scale: float, *,
                               part_kernel: PartKernel | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Grads of q ``[S/D, b, nq, hd]`` and of k, v ``[S, b, nkv, hd]`` (rank order) from ``grad_out`` and
+    """Grads of q ``[S/D, b, nq, hd]`` and of k, v ``[S, b, nkv, hd]`` from ``grad_out`` and
     :func:`zigzag_attention_forward`'s ``out`` (both ``[S/D, b, nq*hd]``) and ``lse``."""
-    q_heads_first, k_natural, v_natural, plan, kernel = _call_layout(q, k, v, q_positions, k_positions,
-                                                                     part_kernel)
-    grad_out, out = (t.reshape(q.shape).permute(1, 2, 0, 3) for t in (grad_out, out))  # heads-first, like q
-    acc = _acc_dtype(q.dtype)  # a query row or a key gets grads from up to two parts
-    grad_q = torch.zeros(q_heads_first.shape, dtype=acc, device=q.device)
-    grad_k, grad_v = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (k_natural, v_natural))
+    query_shape, dtype = q.shape, q.dtype
+    q, k, v, plan, kernel = _call_layout(q, k, v, q_positions, k_positions, part_kernel)  # heads-first views
+    grad_out, out = (t.reshape(query_shape).permute(1, 2, 0, 3) for t in (grad_out, out))  # heads-first too
+    acc = _acc_dtype(dtype)  # a query row or a key gets grads from up to two parts
+    grad_q, grad_k, grad_v = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
     for rows, parts in plan:
         for keys, causal in parts:
-            part_q, part_k, part_v = kernel.backward(
-                grad_out[:, :, rows], q_heads_first[:, :, rows], k_natural[:, :, keys], v_natural[:, :, keys],
-                out[:, :, rows], lse[:, :, rows], causal, softmax_scale)
+            part_q, part_k, part_v = kernel.backward(grad_out[:, :, rows], q[:, :, rows], k[:, :, keys],
+                                                     v[:, :, keys], out[:, :, rows], lse[:, :, rows], causal,
+                                                     softmax_scale)
             grad_q[:, :, rows] += part_q
             grad_k[:, :, keys] += part_k
             grad_v[:, :, keys] += part_v
-    del k_natural, v_natural, part_q, part_k, part_v  # K/V-sized: freed before the copies back to rank order
-    rank_order = zigzag_permutation(k.shape[0], k.shape[0] // q.shape[0], k.device)  # natural position per slot
-    grad_k, grad_v = (g.to(k.dtype).index_select(2, rank_order).permute(2, 0, 1, 3) for g in (grad_k, grad_v))
-    return grad_q.to(q.dtype).permute(2, 0, 1, 3), grad_k, grad_v
+    return tuple(g.to(dtype).permute(2, 0, 1, 3) for g in (grad_q, grad_k, grad_v))
 
 
 class _ZigzagAttentionFunction(torch.autograd.Function):
-    """:func:`zigzag_causal_attention` with autograd: saves q, K, V (rank order), the output and its LSE."""
+    """:func:`zigzag_causal_attention` with autograd: saves q, K, V, the output and its LSE."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor, scale: float,
@@ -317,15 +320,14 @@ def zigzag_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor
     """Causal attention of a TSP rank's zigzag chunks; :func:`kernels.causal_attention`'s contract for the
     zigzag layout only.
 
-    q ``[S/D, b, nq, hd]`` (rank p's local tokens), k/v ``[S, b, nkv, hd]`` (gathered in rank order), nq a
+    q ``[S/D, b, nq, hd]`` (rank p's local tokens), k/v ``[S, b, nkv, hd]`` (gathered chunk-major), nq a
     multiple of nkv; q_positions ``zigzag.local_positions(S, D, p)``, k_positions
     ``zigzag.gathered_positions(S, D)`` (checked). Returns ``[S/D, b, nq*hd]``. ``part_kernel``: default
     :func:`default_part_kernel`'s.
 
     Memory per call, beyond inputs, grads and output, for c = S/(2D), element size e, accumulation size a
-    (= e for fp32/fp64), is linear in S: forward, the natural-order K/V copy (2*b*S*nkv*hd*e, the gathered
-    K/V's size) and one chunk's part outputs (2*b*nq*c*hd); backward, that copy again, dQ/dK/dV
-    accumulators (a) and one part's q/k/v grads, then the copies of dK/dV back to rank order (e). Saved for
+    (= e for fp32/fp64), is linear in S: forward, one chunk's part outputs (2*b*nq*c*hd); backward, dQ/dK/dV
+    accumulators (a), one part's q/k/v grads and the grads' cast to e (for 16-bit inputs). Saved for
     backward: q, K/V, the output and its LSE. Scratch: per-thread tiles for :data:`FUSED_CPU`, a few score
     tiles of ``block_elements`` for the math kernel. Nothing of size S/D x S, versus the reference's
     [S/D, S] mask (and its float scores).
