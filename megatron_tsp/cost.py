@@ -614,13 +614,14 @@ def layer_input_bytes(model: ModelShape, work: Workload, layout: Layout) -> Frac
     return Fraction(work.tokens, layout.sequence_shard) * model.hidden * work.act_bytes
 
 
-def _ring_buffer_bytes(work: Workload, shard_elements: Fraction) -> Fraction:
-    """What every TSP weight schedule (attention's head buckets, the MLP/expert/vocabulary weight rings)
-    holds per W/D-element shard while its backward runs (attention.py, weight_ring.py): two weight slots
-    (e), three grad buffers in the accumulation dtype (e_acc: the rank's own shard's running total, the
-    buffer being filled and the one on its way to its owner) and the grads autograd has just returned for
-    the shard being processed (e)."""
-    return 3 * (work.param_bytes + work.grad_bytes) * shard_elements
+def _ring_buffer_bytes(work: Workload, shard_elements: Fraction, grad_buffers: int = 2) -> Fraction:
+    """What a TSP weight schedule holds per W/D-element shard while its backward runs: two weight slots (e),
+    ``grad_buffers`` grad buffers in the accumulation dtype (e_acc) and the grads autograd has just returned
+    for the shard being processed (e). The weight rings (MLP, experts, vocabulary; weight_ring.py) hold two
+    grad buffers, the one being filled and the one on its way to its owner (the owner adds its own term
+    last, into the arriving one); attention (attention.py) three, the bucket being packed, the previous one
+    being reduced and, once its own bucket is done, the rank's own summed grads."""
+    return (3 * work.param_bytes + grad_buffers * work.grad_bytes) * shard_elements
 
 
 def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
@@ -652,7 +653,7 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     local_projections = 2 * head * (2 * model.heads + 3 * model.kv_groups) * a
     differentiated = head * model.heads * (a + max(a, 4))
     attention = (bucket_kv * (3 * a + max(a, 4)) + local_projections + differentiated
-                 + _ring_buffer_bytes(work, Fraction(model.attention_weights(), t)))
+                 + _ring_buffer_bytes(work, Fraction(model.attention_weights(), t), grad_buffers=3))
     if work.tsp_dense_mask:
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
     mlp = Fraction(0)

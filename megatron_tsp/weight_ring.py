@@ -11,11 +11,11 @@ Forward (:func:`visit_shards`): D steps; the next shard's hop is in flight while
 computes on the current one (double buffering: two weight slots, or D slots when the shards are kept for
 backward).
 
-Backward (:func:`gather_shard_grads`): the weights circulate again (unless kept), each rank computing its
-own shard's term first (hiding the first hop). A grad accumulator for owner o starts at o+1 (step 1),
-trails the weights by one step so that its transfer overlaps the next step's compute, and after the last
-step takes a final hop into o. Weights and accumulators each take D-1 hops; at most two weight shards and
-two accumulators are in flight per rank.
+Backward (:func:`gather_shard_grads`): the weights circulate again (unless kept). A grad accumulator for
+owner o starts at o+1 (step 1), trails the weights by one step so that its transfer overlaps the next
+step's compute, and after the last step takes a final hop into o, during which o computes its own shard's
+term and then adds it (hiding that hop; the first weight hop is the exposed one). Weights and accumulators
+each take D-1 hops; at most two weight shards and two accumulators are alive per rank.
 
 Bytes per rank, for W the elements of a rank's shard, e its element size and e_acc the accumulator's (fp32
 for 16-bit weights, else the weight dtype): forward ring_send W*e*(D-1); backward W*e*(D-1) (weights,
@@ -63,8 +63,8 @@ def visit_shards(own_shard: Sequence[Tensor], group: dist.ProcessGroup, visit: V
 
 def gather_shard_grads(own_shard: Sequence[Tensor], group: dist.ProcessGroup, shard_grads: ShardGrads,
                        kept: list[Tensor] | None = None) -> list[Tensor]:
-    """Call ``shard_grads(shard, owner)`` with every rank's shard (own first, then as in
-    :func:`visit_shards`); it returns this rank's grads of that shard's tensors (and accumulates anything
+    """Call ``shard_grads(shard, owner)`` with every rank's shard (the others' in :func:`visit_shards`'s
+    order, then its own); it returns this rank's grads of that shard's tensors (and accumulates anything
     else it needs, such as input grads, itself). Returns the own shard's grads summed over the group, in
     fp32 for 16-bit weights. ``kept``: :func:`visit_shards`'s buffers, so that no weights move again.
     """
@@ -72,12 +72,12 @@ def gather_shard_grads(own_shard: Sequence[Tensor], group: dist.ProcessGroup, sh
     layout = ShardLayout([t.shape for t in own_shard])
     dtype, device = own_shard[0].dtype, own_shard[0].device
     acc_dtype = torch.promote_types(dtype, torch.float32)
-    if size > 1 and kept is None:
+    if size == 1:
+        return [g.to(acc_dtype) for g in shard_grads(list(own_shard), rank)]
+    if kept is None:
         slots = [shard_buffer(layout.numel, dtype, device, "weight") for _ in range(2)]
         next_shard = ring_exchange(layout.pack(own_shard, slots[0]), slots[1], group)
 
-    # Own term first: it overlaps the first weight hop, and the owner's total is completed last.
-    own_grads = [g.to(acc_dtype) for g in shard_grads(list(own_shard), rank)]
     outgoing_acc = None  # accumulator filled at the previous step, on its way to rank p+1
     for ring_step in range(1, size):  # holds the weights of owner (p - ring_step) mod D
         if kept is not None:
@@ -98,8 +98,13 @@ def gather_shard_grads(own_shard: Sequence[Tensor], group: dist.ProcessGroup, sh
             acc_part += grad
         del grads  # not held while the next shard's grads are computed
         outgoing_acc = acc
-    if size > 1:  # the last accumulator filled here belongs to rank p+1; ours arrives from p-1
-        own_acc = shard_buffer(layout.numel, acc_dtype, device, "grad")
-        ring_exchange(outgoing_acc, own_acc, group).wait()
-        own_grads = [total + arrived for total, arrived in zip(own_grads, layout.unpack(own_acc))]
-    return own_grads
+    # The last accumulator filled here belongs to rank p+1; ours arrives from p-1 while our own term computes
+    # (last, so that no third accumulator-sized buffer holds it through the ring).
+    own_acc = shard_buffer(layout.numel, acc_dtype, device, "grad")
+    arriving = ring_exchange(outgoing_acc, own_acc, group)
+    own_grads = shard_grads(list(own_shard), rank)
+    arriving.wait()
+    totals = layout.unpack(own_acc)
+    for total, grad in zip(totals, own_grads):
+        total += grad
+    return totals
