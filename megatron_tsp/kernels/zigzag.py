@@ -229,7 +229,7 @@ def _merge(results: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
 
 
 def _zigzag_layout(q_positions: Tensor, k_positions: Tensor) -> tuple[int, int]:
-    """(D, p) such that the positions are rank p's local and the gathered zigzag positions, else ValueError.
+    """(D, p) such that the positions are rank p's local and the chunk-major gathered ones, else ValueError.
 
     One host read of a (D+1)-element check (a sync on GPU) instead of trusting the caller.
     """
