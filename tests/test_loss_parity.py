@@ -95,6 +95,10 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
     "tsp2_gqa_recompute_full": (2, ("--tsp-size", "2", "--recompute-granularity", "full", "--recompute-method",
                                     "uniform", "--recompute-num-layers", "1"),
                                 ("--group-query-attention", "--num-query-groups", "2"), 1),
+    # Partial recompute (first layer recomputed, the other keeping its activations): the memory/time knob
+    # between full and none.
+    "tsp2_recompute_block": (2, ("--tsp-size", "2", "--recompute-granularity", "full", "--recompute-method",
+                                 "block", "--recompute-num-layers", "1"), (), 1),
     # Weight shards kept from forward to backward instead of fetched again (--tsp-keep-weight-shards).
     "tsp2_recompute_selective_keep_weight_shards": (2, ("--tsp-size", "2", "--recompute-granularity", "selective",
                                                         "--tsp-keep-weight-shards"), (), 1),
