@@ -62,9 +62,15 @@ class _MLPSpec:
         return 3 if self.has_fc1_bias else 2
 
 
+def _per_mlp(shard: Sequence[Tensor], spec: _MLPSpec) -> list[Sequence[Tensor]]:
+    """A shard's tensors grouped by MLP: [fc1_weight, (fc1_bias), fc2_weight] for each, in order."""
+    n = spec.tensors_per_mlp
+    return [shard[i * n:(i + 1) * n] for i in range(len(spec.tokens_per_mlp))]
+
+
 def _slice_hidden(x: Tensor, weights: Sequence[Tensor], spec: _MLPSpec) -> Tensor:
     """fc1 and the activation of one ffn slice of one MLP: x ``[n, ..., h]`` -> ``[n, ..., ffn/D]``; weights =
-    fc1_weight, (fc1_bias), fc2_weight."""
+    fc1_weight, (fc1_bias), then anything (fc2_weight, unused here)."""
     hidden = F.linear(x, weights[0], weights[1] if spec.has_fc1_bias else None)
     if spec.gated:
         gate, up = hidden.chunk(2, dim=-1)
@@ -74,11 +80,11 @@ def _slice_hidden(x: Tensor, weights: Sequence[Tensor], spec: _MLPSpec) -> Tenso
 
 def _shard_mlp(x: Tensor, shard: Sequence[Tensor], spec: _MLPSpec) -> Tensor:
     """One shard's output for this rank's tokens: each MLP's rows of x through that MLP's slice."""
-    n = spec.tensors_per_mlp
-    if len(spec.tokens_per_mlp) == 1:  # the dense MLP: no split and no concatenating copy
-        return F.linear(_slice_hidden(x, shard, spec), shard[-1])
-    return torch.cat([F.linear(_slice_hidden(rows, shard[i * n:(i + 1) * n], spec), shard[(i + 1) * n - 1])
-                      for i, rows in enumerate(x.split(spec.tokens_per_mlp))])
+    mlps = _per_mlp(shard, spec)
+    if len(mlps) == 1:  # the dense MLP: no split and no concatenating copy
+        return F.linear(_slice_hidden(x, mlps[0], spec), mlps[0][-1])
+    return torch.cat([F.linear(_slice_hidden(rows, mlp, spec), mlp[-1])
+                      for rows, mlp in zip(x.split(spec.tokens_per_mlp), mlps)])
 
 
 def _shard_grads(x: Tensor, shard: Sequence[Tensor], grad_out: Tensor,
@@ -86,8 +92,7 @@ def _shard_grads(x: Tensor, shard: Sequence[Tensor], grad_out: Tensor,
     """(dx, grads of the shard's tensors) from this rank's tokens. Each slice's activation is recomputed;
     fc2 is differentiated by hand (its output is not needed): d hidden = d out @ fc2, d fc2 = d out^T @ hidden.
     """
-    n = spec.tensors_per_mlp
-    mlps = [shard[i * n:(i + 1) * n] for i in range(len(spec.tokens_per_mlp))]
+    mlps = _per_mlp(shard, spec)
     with torch.enable_grad():
         leaf_x = x.detach().requires_grad_()
         leaf_fc1 = [[w.detach().requires_grad_() for w in mlp[:-1]] for mlp in mlps]  # fc1 weight, (bias)
@@ -96,7 +101,7 @@ def _shard_grads(x: Tensor, shard: Sequence[Tensor], grad_out: Tensor,
     grad_fc2 = [g.flatten(0, -2).t() @ hidden.flatten(0, -2) for g, hidden in zip(grad_rows, hiddens)]
     grad_x, *grad_fc1 = torch.autograd.grad(hiddens, [leaf_x, *(w for fc1 in leaf_fc1 for w in fc1)],
                                             [g @ mlp[-1] for g, mlp in zip(grad_rows, mlps)])
-    m = n - 1  # fc1 tensors per MLP
+    m = spec.tensors_per_mlp - 1  # fc1 tensors per MLP
     return grad_x, [g for i, fc2 in enumerate(grad_fc2) for g in (*grad_fc1[i * m:(i + 1) * m], fc2)]
 
 

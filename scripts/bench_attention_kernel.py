@@ -15,19 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_tsp.kernels import causal_attention, math_part_kernel, zigzag_causal_attention
+from megatron_tsp.kernels import CausalAttention, causal_attention, math_part_kernel, zigzag_causal_attention
 from megatron_tsp.zigzag import gathered_positions, local_positions
 
-Kernel = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, float], Tensor]
-
-
-def _fwd_bwd(kernel: Kernel, inputs: list[Tensor], grad_out: Tensor, positions: tuple[Tensor, Tensor],
+def _fwd_bwd(kernel: CausalAttention, inputs: list[Tensor], grad_out: Tensor, positions: tuple[Tensor, Tensor],
              scale: float) -> tuple[float, int]:
     """(seconds of one forward + backward, peak bytes on CUDA else 0). ``inputs``: q and the packed K/V
     ``[S, b, 2*nkv, hd]``, whose halves the kernel gets as views (as TSP attention hands them over)."""
@@ -80,7 +75,7 @@ def main() -> None:
                                              scale=scale, enable_gqa=q.shape[2] != k.shape[2])
         return out.permute(2, 0, 1, 3).flatten(2)
 
-    kernels: dict[str, Kernel] = {"zigzag, default part kernel": zigzag_causal_attention}
+    kernels: dict[str, CausalAttention] = {"zigzag, default part kernel": zigzag_causal_attention}
     if not args.no_reference:
         kernels = {"dense-mask reference (causal_attention)": causal_attention, **kernels}
     if device.type == "cpu":  # the default there is the fused kernel; show the portable one too

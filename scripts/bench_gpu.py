@@ -35,7 +35,7 @@ import gc
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from megatron_tsp.megatron_compat import cuda_to_cpu, peak_allocated_bytes, prepare_megatron
 
@@ -95,7 +95,7 @@ class CausalSDPA(MegatronModule):
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str, softmax_scale: Optional[float] = None, **unused: Any) -> None:
+                 attention_type: str, softmax_scale: float | None = None, **unused: Any) -> None:
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
 

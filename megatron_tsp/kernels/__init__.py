@@ -1,4 +1,5 @@
-"""Core-attention kernels behind one interface, :class:`CausalAttention`.
+"""Core-attention kernels: causal attention by global position (:class:`CausalAttention`, with autograd), and
+the forward/backward pair TSP attention runs (:class:`AttentionBackend`).
 
 A backend takes local queries and (gathered) keys/values together with their global positions and lets a
 query attend to every key at a global position <= its own. Two local backends:
