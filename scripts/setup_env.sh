@@ -40,6 +40,16 @@ VENV_PY="$VENV/bin/python"
 STAMP="$VENV/.megatron_tsp_installed"
 WANT="$(cat "$REPO_ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    # torch with its CUDA libraries is about 5 GB installed, plus pip's unpacking: say so before pip fails
+    # halfway with "No space left on device".
+    for dir in "$VENV" "${TMPDIR:-/tmp}"; do
+        free_gib="$(df -Pk "$dir" 2>/dev/null | awk 'NR == 2 { print int($4 / 1048576) }')"
+        if [ -n "$free_gib" ] && [ "$free_gib" -lt 8 ]; then
+            echo "error: installing megatron-tsp's dependencies needs about 8 GB free; $dir has ${free_gib} GB" \
+                "(free some space, or point TMPDIR at a larger disk)" >&2
+            exit 1
+        fi
+    done
     echo "> installing megatron-tsp and its dependencies into $VENV (first time: torch is a few GB)"
     "$VENV_PY" -m pip install --quiet --upgrade pip
     "$VENV_PY" -m pip install --quiet -e "$REPO_ROOT[test]"
