@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Optional
 
 import torch
@@ -55,14 +55,23 @@ def _tsp_group(module: Any) -> dist.ProcessGroup:
     return module.tp_group
 
 
+@lru_cache(maxsize=16)
+def _zigzag_positions(seq_len: int, tsp_size: int, tsp_rank: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global positions of rank p's local tokens ``[S/D]`` and of the chunk-major gathered ones ``[S]``, made
+    once per shape: every layer and step passes the same tensors, which the zigzag kernel checks once."""
+    return local_positions(seq_len, tsp_size, tsp_rank, device), gathered_positions(seq_len, tsp_size, device)
+
+
 class TSPSelfAttention(SelfAttention):
     """Causal self-attention by the TSP head-bucket schedule: ``[S/D, b, h]`` in, ``([S/D, b, h], bias)`` out.
 
     The rank's tokens are zigzag chunks p and 2D-1-p of the sample (the batch is permuted before the
     sequence split, see ``pretrain_gpt.get_batch``): RoPE angles and the causal mask use their global
     positions. The ``attention_mask`` argument is ignored: TSP attention is causal by construction.
-    Selective recompute of core attention (``--recompute-granularity selective``) is what the schedule does
-    anyway: it saves only the layer input and recomputes each bucket in backward.
+    Selective recompute of core attention (``--recompute-granularity selective``) does not apply: like a fused
+    attention kernel, the schedule keeps each head bucket's output and log-sum-exp and never reruns the
+    attention forward. ``--recompute-modules mlp`` does apply to the TSP MLP.
     """
 
     def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
@@ -96,7 +105,7 @@ class TSPSelfAttention(SelfAttention):
         group = _tsp_group(self)
         tsp_size, tsp_rank = dist.get_world_size(group), dist.get_rank(group)
         seq_len, device = hidden_states.shape[0] * tsp_size, hidden_states.device
-        q_positions = local_positions(seq_len, tsp_size, tsp_rank, device)
+        q_positions, k_positions = _zigzag_positions(seq_len, tsp_size, tsp_rank, device)
         rotary_freqs = None
         if rotary_pos_emb is not None:
             if isinstance(rotary_pos_emb, tuple):  # Megatron passes (q, k) angles; for self-attention equal
@@ -109,7 +118,7 @@ class TSPSelfAttention(SelfAttention):
                              k_bias=self.k_layernorm.bias)
         output = tsp_attention(
             hidden_states, self.linear_qkv.weight, self.linear_qkv.bias, self.linear_proj.weight,
-            q_positions, gathered_positions(seq_len, tsp_size, device), group,
+            q_positions, k_positions, group,
             self.config.num_attention_heads, self.config.num_query_groups,
             softmax_scale=self.config.softmax_scale, rotary_freqs=rotary_freqs,
             rotary_fn=partial(apply_rotary_pos_emb, config=self.config, cp_group=self.pg_collection.cp),

@@ -178,3 +178,26 @@ def test_rejects_other_layouts() -> None:
             zigzag_causal_attention(q, k, v, bad_q, bad_k, 0.3)
     with pytest.raises(ValueError, match="multiple of kv heads"):
         zigzag_causal_attention(q[:, :, :3], k, v, q_positions, k_positions, 0.3)
+
+
+def test_layout_checked_once_per_position_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TSP attention calls the kernel 2D times per layer with the same position tensors; their check (a host
+    read, a sync on GPU) runs once, and again only for other tensors or after an in-place change, which is
+    still caught."""
+    from megatron_tsp.kernels import zigzag as zigzag_kernel
+
+    checks = []
+    real = zigzag_kernel.zigzag_permutation
+    monkeypatch.setattr(zigzag_kernel, "zigzag_permutation", lambda *args: checks.append(args) or real(*args))
+    seq_len, tsp_size = 16, 2
+    q, k, v, _ = _inputs(seq_len, tsp_size, 4, 2, torch.float64, seed=0)
+    q_positions, k_positions = local_positions(seq_len, tsp_size, 1), gathered_positions(seq_len, tsp_size)
+    first = ZIGZAG.forward(q, k, v, q_positions, k_positions, 0.3)
+    for _ in range(3):
+        torch.testing.assert_close(ZIGZAG.forward(q, k, v, q_positions, k_positions, 0.3), first)
+    assert len(checks) == 1
+    ZIGZAG.forward(q, k, v, q_positions, gathered_positions(seq_len, tsp_size), 0.3)  # other k positions
+    assert len(checks) == 2
+    q_positions[:2] = q_positions[:2].flip(0)  # in place: no longer rank 1's zigzag positions
+    with pytest.raises(ValueError, match="zigzag"):
+        ZIGZAG.forward(q, k, v, q_positions, k_positions, 0.3)
