@@ -15,8 +15,8 @@ accumulation dtype: fp32 for bf16/fp16 params, else the param dtype), W = (2 + 2
 (plus (1 + 2/g)*h for the qkv bias), g = nq/nkv, and K/V = 2*B*S*h/g elements (h = nq*hd):
 
 - forward:  broadcast W*e*(D-1)/D;  all_gather K/V*e*(D-1)/D.
-- backward: broadcast W*e*(D-1)/D (weights re-fetched);  all_gather K/V*e*(D-1)/D (K/V of a bucket
-  recomputed, never kept);  reduce_scatter K/V*e*(D-1)/D (dK/dV back to the token owners);
+- backward: broadcast W*e*(D-1)/D (weights re-fetched);  all_gather K/V*e*(D-1)/D (a bucket's gathered
+  K/V are never kept);  reduce_scatter K/V*e*(D-1)/D (dK/dV back to the token owners);
   reduce W*e_acc*(D-1)/D (each bucket's weight grad summed into its owner). With ``keep_weights``
   (``--tsp-keep-weight-shards``) the forward keeps every bucket's weights (D weight buffers, W*e per layer,
   alive until the layer's backward) and backward broadcasts nothing. K/V travel chunk-major
@@ -28,12 +28,13 @@ attention computes, forward and backward; bucket r+2's weights are fetched into 
 bucket r is done with them; bucket r's weight-grad reduce runs while bucket r+1 computes.
 
 Memory: forward saves the local input ``x`` (plus the replicated q/k-norm params, the local rotary angles
-and the positions) and, when it will be differentiated, each bucket's core-attention output and its
-log-sum-exp (``[S/D, B, h]`` and ``[B, nq, S/D]`` per layer in all), so that backward runs only the
-attention kernel's backward, never its forward. Backward recomputes each bucket's local q/k/v (one qkv GEMM
-per bucket, on weights it re-fetches anyway) and re-gathers its K/V. Two weight shards (a two-slot buffer;
-D with ``keep_weights``) are alive at a time, and two buckets' full-sequence K/V (the one attended and the
-next in flight), plus in backward the grad of one.
+and the positions) and, when it will be differentiated, each bucket's qkv projection of the local tokens,
+core-attention output and log-sum-exp (``[S/D, B, (nq + 2*nkv)*hd]``, ``[S/D, B, h]`` and
+``[B, nq, S/D]`` per layer in all, what Megatron's attention keeps for the same tokens), so that backward
+runs no GEMM and no attention forward again: it re-applies the q/k norms and RoPE (elementwise), re-gathers
+each bucket's K/V and differentiates the projections by hand. Two weight shards (a two-slot buffer; D with
+``keep_weights``) are alive at a time, and two buckets' full-sequence K/V (the one attended and the next in
+flight), plus in backward the grad of one.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from megatron_tsp.comm import (
     reduce_scatter_zigzag,
     shard_buffer,
 )
-from megatron_tsp.grads import weight_grad_for_autograd
+from megatron_tsp.grads import needs_backward, weight_grad_for_autograd
 from megatron_tsp.kernels import ZIGZAG, AttentionBackend
 
 __all__ = [
@@ -126,15 +127,16 @@ class _BucketSpec:
     rotary_fn: RotaryFn
     core_attention: AttentionBackend
     keep_weights: bool = False  # keep every bucket's fetched weights for backward (no re-fetch)
-    keep_attention: bool = False  # keep every bucket's attention output and LSE (this call is differentiated)
+    keep_activations: bool = False  # keep every bucket's projection, attention output, LSE (differentiated)
 
 
-def _project_qkv(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, norm_params: list[Tensor | None],
-                 rotary_freqs: Tensor | None, spec: _BucketSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """Local tokens' q ``[sq, b, nq/D, hd]`` and k, v ``[sq, b, nkv/D, hd]`` for one head bucket."""
-    sq, batch, _ = x.shape
+def _split_heads(projection: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
+                 spec: _BucketSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """One head bucket's qkv projection of the local tokens ``[sq, b, (nq/D + 2*nkv/D)*hd]`` (Megatron's
+    grouped layout) -> q ``[sq, b, nq/D, hd]`` and k, v ``[sq, b, nkv/D, hd]``, q/k-normed and rotated."""
+    sq, batch, _ = projection.shape
     group_size = spec.heads // spec.kv_heads
-    mixed = F.linear(x, qkv_weight, qkv_bias).view(sq, batch, spec.kv_heads, (group_size + 2) * spec.head_dim)
+    mixed = projection.view(sq, batch, spec.kv_heads, (group_size + 2) * spec.head_dim)
     q, k, v = mixed.split([group_size * spec.head_dim, spec.head_dim, spec.head_dim], dim=-1)
     q = q.reshape(sq, batch, spec.heads, spec.head_dim)
     if spec.norm_fn is not None:
@@ -156,46 +158,49 @@ def _fetch_bucket(bucket: int, own_shard: list[Tensor], layout: ShardLayout, slo
 
 
 def _start_bucket(fetch: Pending, x: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
-                  layout: ShardLayout, spec: _BucketSpec) -> tuple[Tensor, Pending, Tensor]:
+                  layout: ShardLayout, spec: _BucketSpec) -> tuple[Tensor, Tensor, Pending, Tensor]:
     """Wait for a bucket's weights, project the local tokens and start gathering the bucket's K/V.
 
-    Returns q ``[S/D, B, nq/D, hd]``, the pending chunk-major all-gather of cat(k, v) ``[S, B, 2*nkv/D, hd]``
-    and the bucket's output-projection weight (a view into its weight slot).
+    Returns the qkv projection ``[S/D, B, (nq/D + 2*nkv/D)*hd]``, q ``[S/D, B, nq/D, hd]``, the pending
+    chunk-major all-gather of cat(k, v) ``[S, B, 2*nkv/D, hd]`` and the bucket's output-projection weight (a
+    view into its weight slot).
     """
     qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
-    q, k, v = _project_qkv(x, qkv_weight, qkv_bias, norm_params, rotary_freqs, spec)
-    return q, all_gather_zigzag(torch.cat((k, v), dim=2), spec.tsp_group), proj_weight
+    projection = F.linear(x, qkv_weight, qkv_bias)
+    q, k, v = _split_heads(projection, norm_params, rotary_freqs, spec)
+    return projection, q, all_gather_zigzag(torch.cat((k, v), dim=2), spec.tsp_group), proj_weight
 
 
-def _recompute_bucket(fetch: Pending, x: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
-                      layout: ShardLayout, spec: _BucketSpec) -> tuple:
-    """Backward's :func:`_start_bucket`: the bucket's local q/k/v graph rebuilt on detached leaves (so that
-    grads land on them, not on the Function's inputs, which must get exactly one grad each), and the
-    pending all-gather of its K/V (a detached copy, whose grad comes back by reduce-scatter).
+def _restart_bucket(fetch: Pending, projection: Tensor, norm_params: list[Tensor | None],
+                    rotary_freqs: Tensor | None, layout: ShardLayout, spec: _BucketSpec) -> tuple:
+    """Backward's :func:`_start_bucket`, from forward's kept projection: q/k/v rebuilt on detached leaves
+    (the projection and the q/k-norm params, so that grads land on them, not on the Function's inputs, which
+    must get exactly one grad each), and the pending all-gather of K/V (a detached copy, whose grad comes
+    back by reduce-scatter).
 
-    Returns (leaf x, [leaf qkv weight, leaf qkv bias or None, proj weight], leaf q/k-norm params,
-    (q, k, v), pending K/V gather). The output projection's grads are computed by hand (no graph).
+    Returns (leaf projection, [qkv weight, proj weight], leaf q/k-norm params, (q, k, v), pending K/V
+    gather). The GEMMs' grads are computed by hand (no graph).
     """
-    qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
+    qkv_weight, _, proj_weight = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
     with torch.enable_grad():
-        leaf_x = x.detach().requires_grad_()
-        leaf_qkv = [None if w is None else w.detach().requires_grad_() for w in (qkv_weight, qkv_bias)]
+        leaf_projection = projection.detach().requires_grad_()
         leaf_norm = [None if p is None else p.detach().requires_grad_() for p in norm_params]
-        q, k, v = _project_qkv(leaf_x, *leaf_qkv, leaf_norm, rotary_freqs, spec)
+        q, k, v = _split_heads(leaf_projection, leaf_norm, rotary_freqs, spec)
     kv_gather = all_gather_zigzag(torch.cat((k, v), dim=2).detach(), spec.tsp_group)
-    return leaf_x, [*leaf_qkv, proj_weight], leaf_norm, (q, k, v), kv_gather
+    return leaf_projection, [qkv_weight, proj_weight], leaf_norm, (q, k, v), kv_gather
 
 
-def _bucket_backward(recomputed: tuple, kept_attention: tuple[Tensor, ...], grad_out: Tensor, grad_x: Tensor,
-                     grad_norm: list[Tensor | None], q_positions: Tensor, k_positions: Tensor,
+def _bucket_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, ...], grad_out: Tensor,
+                     grad_x: Tensor, grad_norm: list[Tensor | None], q_positions: Tensor, k_positions: Tensor,
                      spec: _BucketSpec) -> list[Tensor]:
     """One head bucket's grads from this rank's tokens: the output projection's and the core attention's
     from forward's kept output and LSE (the attention is not recomputed), dK/dV reduce-scattered to the
-    tokens' owners (the gather's transpose), then the local q/k/v projection's grads. Adds the input and
-    q/k-norm grads into ``grad_x`` and ``grad_norm``; returns the bucket's weight grads in pack order. A
-    function of its own so that its temporaries (dK/dV ``[S, B, 2*nkv/D, hd]``, the input grad) are freed
-    when it returns, not held through the next bucket's kernel."""
-    leaf_x, (leaf_qkv_weight, leaf_qkv_bias, proj_weight), leaf_norm, (q, k, v), kv_gather = recomputed
+    tokens' owners (the gather's transpose), then through the q/k norms and RoPE to the qkv projection and
+    its GEMM's grads. Adds the input and q/k-norm grads into ``grad_x`` and ``grad_norm``; returns the
+    bucket's weight grads in pack order. A function of its own so that its temporaries (dK/dV
+    ``[S, B, 2*nkv/D, hd]``, the projection's grad) are freed when it returns, not held through the next
+    bucket's kernel."""
+    leaf_projection, (qkv_weight, proj_weight), leaf_norm, (q, k, v), kv_gather = restarted
     attn = kept_attention[0]  # [S/D, B, nq/D*hd]
     # out = attn @ proj_weight^T: grad_attn = grad_out @ proj_weight, grad_proj = grad_out^T @ attn
     grad_proj_weight = grad_out.flatten(0, 1).t() @ attn.flatten(0, 1)
@@ -206,16 +211,18 @@ def _bucket_backward(recomputed: tuple, kept_attention: tuple[Tensor, ...], grad
     grad_full_kv = torch.cat((grad_full_k, grad_full_v), dim=2)
     del grad_full_k, grad_full_v
     grad_k, grad_v = reduce_scatter_zigzag(grad_full_kv, spec.tsp_group).wait().chunk(2, dim=2)
-    local_leaves = [leaf_x, leaf_qkv_weight, leaf_qkv_bias] + leaf_norm
+    local_leaves = [leaf_projection] + leaf_norm
     local_grads = iter(torch.autograd.grad([q, k, v], [t for t in local_leaves if t is not None],
                                            [grad_q, grad_k, grad_v]))
-    grad_x_bucket, grad_qkv_weight, grad_qkv_bias, *grad_norm_bucket = [
-        None if t is None else next(local_grads) for t in local_leaves]
-    grad_x += grad_x_bucket
+    grad_projection, *grad_norm_bucket = [None if t is None else next(local_grads) for t in local_leaves]
     for total, part in zip(grad_norm, grad_norm_bucket):
         if total is not None:
             total += part
-    return [g for g in (grad_qkv_weight, grad_qkv_bias, grad_proj_weight) if g is not None]
+    # projection = x @ qkv_weight^T + qkv_bias
+    grad_x += grad_projection @ qkv_weight
+    grad_projection = grad_projection.flatten(0, 1)
+    grad_qkv = [grad_projection.t() @ x.flatten(0, 1), *([grad_projection.sum(0)] if spec.has_qkv_bias else [])]
+    return [*grad_qkv, grad_proj_weight]
 
 
 def _qkv_bias_proj(parts: list[Tensor], spec: _BucketSpec) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -254,27 +261,29 @@ class TSPAttentionFunction(torch.autograd.Function):
         slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(num_slots)]
 
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        kept_attention: list[tuple[Tensor, ...] | None] = []  # per bucket: [S/D, B, nq/D*hd] output, its LSE
+        # per bucket: its projection, then the core attention's [S/D, B, nq/D*hd] output and its LSE
+        kept_activations: list[tuple[Tensor, tuple[Tensor, ...]] | None] = []
         bucket = _start_bucket(_fetch_bucket(0, own_shard, layout, slots, spec), x, norm_params,
                                rotary_freqs, layout, spec)
         if tsp_size > 1:
             fetch = _fetch_bucket(1, own_shard, layout, slots, spec)
         for head_bucket in range(tsp_size):
-            q, kv_gather, bucket_proj_weight = bucket
+            projection, q, kv_gather, bucket_proj_weight = bucket
             if head_bucket + 1 < tsp_size:  # the next bucket's K/V travel while this bucket's attention computes
                 bucket = _start_bucket(fetch, x, norm_params, rotary_freqs, layout, spec)
             full_k, full_v = kv_gather.wait().chunk(2, dim=2)  # [S, B, nkv/D, hd] each
             attn, *saved = spec.core_attention.forward(q, full_k, full_v, q_positions, k_positions,
                                                        spec.softmax_scale)
             out += F.linear(attn, bucket_proj_weight)
-            if spec.keep_attention:
-                kept_attention.append((attn, *saved))
+            if spec.keep_activations:
+                kept_activations.append((projection, (attn, *saved)))
+            del projection
             if head_bucket + 2 < tsp_size:  # with two slots, this bucket's slot is free again
                 fetch = _fetch_bucket(head_bucket + 2, own_shard, layout, slots, spec)
 
         ctx.spec = spec
         ctx.kept_weights = slots if spec.keep_weights else None
-        ctx.kept_attention = kept_attention
+        ctx.kept_activations = kept_activations if spec.keep_activations else None
         ctx.save_for_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs, q_positions,
                               k_positions)
         return out.to(x.dtype)
@@ -290,7 +299,10 @@ class TSPAttentionFunction(torch.autograd.Function):
         tsp_size, tsp_rank = dist.get_world_size(spec.tsp_group), dist.get_rank(spec.tsp_group)
         acc_dtype = torch.promote_types(qkv_weight.dtype, torch.float32)
         kept, ctx.kept_weights = ctx.kept_weights, None  # freed with this frame
-        kept_attention, ctx.kept_attention = ctx.kept_attention, None  # each bucket's freed after its use
+        kept_activations, ctx.kept_activations = ctx.kept_activations, None  # each bucket's freed after its use
+        if kept_activations is None:
+            raise RuntimeError("TSP attention backward without forward's activations: it runs once per forward "
+                               "(no retain_graph), from a forward that ran with grad enabled")
         if kept is None:
             slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(min(tsp_size, 2))]
 
@@ -303,17 +315,20 @@ class TSPAttentionFunction(torch.autograd.Function):
         grad_norm = [None if p is None else torch.zeros_like(p, dtype=acc_dtype) for p in norm_params]
         own_grads: list[Tensor] = []
         weight_grad_reduce: tuple[int, Pending] | None = None  # (bucket, in-flight reduce to its owner)
-        bucket = _recompute_bucket(fetch_bucket(0), x, norm_params, rotary_freqs, layout, spec)
+        def restart_bucket(bucket: int, fetch: Pending) -> tuple:
+            return _restart_bucket(fetch, kept_activations[bucket][0], norm_params, rotary_freqs, layout, spec)
+
+        bucket = restart_bucket(0, fetch_bucket(0))
         if tsp_size > 1:
             fetch = fetch_bucket(1)
         for head_bucket in range(tsp_size):
-            recomputed = bucket
+            restarted = bucket
             if head_bucket + 1 < tsp_size:  # the next bucket's K/V travel while this bucket's grads compute
-                bucket = _recompute_bucket(fetch, x, norm_params, rotary_freqs, layout, spec)
-            bucket_grads = _bucket_backward(recomputed, kept_attention[head_bucket], grad_out, grad_x, grad_norm,
-                                            q_positions, k_positions, spec)
-            kept_attention[head_bucket] = None
-            del recomputed  # this bucket's q/k/v graph
+                bucket = restart_bucket(head_bucket + 1, fetch)
+            bucket_grads = _bucket_backward(x, restarted, kept_activations[head_bucket][1], grad_out, grad_x,
+                                            grad_norm, q_positions, k_positions, spec)
+            kept_activations[head_bucket] = None
+            del restarted  # this bucket's q/k/v graph
 
             # This bucket's partial weight grads (local tokens) are summed into owner r, in acc_dtype.
             grad_buffer = layout.pack(bucket_grads, shard_buffer(layout.numel, acc_dtype, x.device, "grad"))
@@ -362,12 +377,10 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
                          f"Megatron's TP layout [{expected_rows}, {x.shape[-1]}], [{x.shape[-1]}, {heads * head_dim}]")
     norm_params = [None] * 4 if qk_norm is None else [qk_norm.q_weight, qk_norm.q_bias, qk_norm.k_weight,
                                                       qk_norm.k_bias]
-    differentiated = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, qkv_weight, qkv_bias, proj_weight, *norm_params))
     spec = _BucketSpec(tsp_group=tsp_group, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                        softmax_scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim),
                        has_qkv_bias=qkv_bias is not None, norm_fn=None if qk_norm is None else qk_norm.fn,
                        rotary_fn=rotary_fn, core_attention=core_attention, keep_weights=keep_weights,
-                       keep_attention=differentiated)
+                       keep_activations=needs_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params))
     return TSPAttentionFunction.apply(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs,
                                       q_positions, k_positions, spec)

@@ -23,10 +23,10 @@ Assumptions (stated once, used throughout)
 - Megatron's local layer spec with a fused SDPA kernel (no S^2 score matrix kept), dropout 0, RMSNorm.
 - Selective recompute (Megatron's default module, core attention) saves no memory with a fused kernel: the
   kernel keeps only q, k, v, output and the log-sum-exp either way. It re-runs the core attention forward.
-- TSP layers recompute inside their own backward (attention.py, mlp.py): the MLP ring its fc1 GEMM and
-  activation, attention its local q/k/v projection (it keeps each head bucket's core-attention output and
-  LSE from forward). Megatron's full recompute adds a forward; its selective
-  recompute does not reach into TSP layers.
+- TSP layers keep from forward what their backward needs (attention.py, mlp.py: each head bucket's qkv
+  projection, core-attention output and LSE; each MLP shard's fc1 output) and recompute only elementwise
+  work (norms, RoPE, the activation), so their backward costs two forwards, like Megatron's. Megatron's
+  full recompute adds a forward; its selective recompute of core attention does not reach into TSP layers.
 - Skipped (each < 1% of the totals it belongs to): biases and norms in FLOPs, the log-sum-exp, router
   logits and the RoPE angles TSP attention keeps in activations, the per-token scalar all-reduces of the
   vocab-parallel cross entropy, the TSP norm-weight grad sums, the tied-embedding grad all-reduce between
@@ -38,12 +38,12 @@ Peak memory model (``Memory``)
   DP x CP, experts over the expert-data-parallel ranks).
 - Stored activations: each layer keeps :func:`layer_saved_bytes` (no or selective recompute) or its input
   (full recompute), times the micro-batches in flight on the stage (1F1B: PP on the first stage); with
-  no full recompute also :func:`layer_kept_attention_bytes` and, with ``tsp_keep_weights``,
-  :func:`layer_kept_weight_bytes`.
+  no full recompute also :func:`layer_kept_attention_bytes`, :func:`layer_kept_fc1_bytes` and, with
+  ``tsp_keep_weights``, :func:`layer_kept_weight_bytes`.
 - Working set, the larger of: one layer's backward, ``BACKWARD_FACTOR`` x its saved activations (the
-  recomputed activations and their gradients) plus :func:`layer_transient_bytes` (plus the layer's kept
-  attention outputs and weights under full recompute); and the output layer's
-  :func:`logits_bytes`. Plus a constant ``OFFSET_BYTES``.
+  recomputed activations and their gradients) plus :func:`layer_transient_bytes` (which under full
+  recompute holds what the TSP schedules keep from the recomputed forward) plus the layer's kept weights
+  under full recompute; and the output layer's :func:`logits_bytes`. Plus a constant ``OFFSET_BYTES``.
 
 Calibration against BASELINES.md (one H200, fake process group, D = 8, full recompute, micro-batch 1, no
 vocab padding; the peaks exclude Adam state). ``BACKWARD_FACTOR`` = 1.55 and ``OFFSET_BYTES`` = 0.08 GiB are
@@ -103,6 +103,7 @@ __all__ = [
     "layer_flops",
     "layer_input_bytes",
     "layer_kept_attention_bytes",
+    "layer_kept_fc1_bytes",
     "layer_kept_weight_bytes",
     "layer_saved_bytes",
     "layer_transient_bytes",
@@ -342,9 +343,10 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
 
     forward: broadcast W*e (next bucket's weights travel during this bucket's compute: hidden) and
     all_gather KV*a (waited on at once: exposed), each times (D-1)/D. backward: the same two again (weights
-    re-fetched unless kept, K/V recomputed and re-gathered), reduce_scatter KV*a (dK/dV, exposed) and reduce
-    W*e_acc (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's forward row. The
-    K/V gather and dK/dV reduce-scatter are two half-size calls per bucket (chunk-major, comm.py).
+    re-fetched unless kept, K/V re-gathered from the kept projection), reduce_scatter KV*a (dK/dV, exposed)
+    and reduce W*e_acc (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's
+    forward row. The K/V gather and dK/dV reduce-scatter are two half-size calls per bucket (chunk-major,
+    comm.py).
     """
     share = _share(d)
     weights = model.attention_weights() * share
@@ -564,10 +566,10 @@ def layer_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bo
     Norm region: input norm in/out and pre-MLP norm in/out, 4*h per local token (under SP Megatron's
     column-parallel linears keep the sharded input and re-gather it). Megatron attention: q, k, v and
     output, (2nq + 2nkv)*hd/t per token of the context shard; MLP: :func:`_mlp_activation_elements`/t.
-    TSP attention and MLP keep only their input, the norm output already counted (attention.py, mlp.py;
-    attention's kept core-attention outputs are :func:`layer_kept_attention_bytes`).
-    MoE (all kinds): per local token, top-k copies of the dispatched input, expert activations (not with
-    the expert ring, which recomputes them in backward like the dense ring) and expert output, plus a shared
+    TSP attention and MLP keep their input, the norm output already counted, and what
+    :func:`layer_kept_attention_bytes` and :func:`layer_kept_fc1_bytes` count.
+    MoE (all kinds): per local token, top-k copies of the dispatched input, expert activations (with the
+    expert ring its kept fc1 outputs, :func:`layer_kept_fc1_bytes`) and expert output, plus a shared
     expert kept like a Megatron MLP of the tensor axis over the gathered tokens.
     """
     a, t = work.act_bytes, layout.tensor
@@ -600,13 +602,30 @@ def layer_kept_weight_bytes(model: ModelShape, work: Workload, layout: Layout, m
 
 
 def layer_kept_attention_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
-    """TSP attention's every head bucket's core-attention output and LSE, nq*hd elements in a plus nq in
-    >= fp32 per local token, alive from the layer's forward (or its recompute) to its backward, which then
-    needs no attention forward (attention.py). Zero for other layouts (their outputs are activations)."""
+    """TSP attention's every head bucket's qkv projection and core-attention output, (2nq + 2nkv)*hd
+    elements in a, plus its LSE, nq in >= fp32, per local token, alive from the layer's forward (or its
+    recompute) to its backward, which then needs no GEMM and no attention forward again (attention.py).
+    Zero for other layouts (their q, k, v and outputs are activations)."""
     if layout.kind != "TSP":
         return Fraction(0)
-    per_token = model.heads * (model.head_dim * work.act_bytes + max(work.act_bytes, 4))
-    return Fraction(work.tokens, layout.sequence_shard) * per_token
+    per_token = (2 * model.heads + 2 * model.kv_groups) * model.head_dim * work.act_bytes
+    return Fraction(work.tokens, layout.sequence_shard) * (per_token + model.heads * max(work.act_bytes, 4))
+
+
+def _fc1_rows(model: ModelShape) -> int:
+    """fc1 outputs per ffn column: gate and up when gated."""
+    return 2 if model.gated else 1
+
+
+def layer_kept_fc1_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
+    """The TSP MLP ring's fc1 outputs of every shard (mlp.py), fc1_rows*ffn elements per local token (with
+    the expert ring: per dispatched copy, top-k per local token, of the expert ffn), alive from the layer's
+    forward (or its recompute) until backward has used each shard's. Zero for other layouts and for MoE
+    layers without the expert ring (their activations are in :func:`layer_saved_bytes`)."""
+    if layout.kind != "TSP" or (moe and not layout.expert_ring):
+        return Fraction(0)
+    per_token = model.topk * model.expert_ffn if moe else model.ffn
+    return Fraction(work.tokens, layout.sequence_shard) * _fc1_rows(model) * per_token * work.act_bytes
 
 
 def layer_input_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
@@ -634,14 +653,15 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     - attention: per element of one bucket's full-sequence K/V (2BS*nkv*hd/D), 3 x a + max(a, 4) bytes:
       two buckets' K/V (the one differentiated and the next in flight), and inside the zigzag kernel's
       backward (kernels/zigzag.py, which reads the gathered K/V in place) its dK/dV accumulators (>= fp32)
-      and one part's dK/dV, or at its end their cast to a; per local token, the same two buckets' local
-      projections, (nq + 2nkv)*hd/D, with their rotated q and k, (nq + nkv)*hd/D, in a; the differentiated
-      bucket's attention-output grad (a) and the kernel's dQ accumulator (>= fp32), nq*hd/D each; the ring
-      buffers (:func:`_ring_buffer_bytes`) of W_attn/D; with the local kernel's dense mask S*S/D bytes as
-      bool plus S*S/D*a additive;
-    - MLP (dense layers): one shard's fc1 output, activation, product and their grads for the local tokens,
-      and the ring buffers of W_mlp/D; with the expert ring, the same for the top-k copies of the local
-      tokens and the local experts' W (MoE layers).
+      and one part's dK/dV, or at its end their cast to a; per local token, the same two buckets' rotated
+      q and k, (nq + nkv)*hd/D, in a; the differentiated bucket's attention-output grad (a) and the kernel's
+      dQ accumulator (>= fp32), nq*hd/D each; the ring buffers (:func:`_ring_buffer_bytes`) of W_attn/D;
+      with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
+    - MLP (dense layers): one shard's recomputed activation and product, their grads and its fc1 output's
+      grad for the local tokens, and the ring buffers of W_mlp/D; with the expert ring, the same for the
+      top-k copies of the local tokens and the local experts' W (MoE layers).
+    Under full recompute also what the schedules keep from the recomputed forward: attention's
+    (:func:`layer_kept_attention_bytes`) in both, the fc1 outputs (:func:`layer_kept_fc1_bytes`) in the MLP's.
     """
     a, t, c = work.act_bytes, layout.tensor, layout.context
     if layout.kind != "TSP":
@@ -650,19 +670,26 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     local_tokens = Fraction(work.tokens, t)
     bucket_kv = work.tokens * Fraction(model.kv_width, t)
     head = local_tokens * Fraction(model.head_dim, t)  # x nq: a bucket's local q (its nq/D heads)
-    local_projections = 2 * head * (2 * model.heads + 3 * model.kv_groups) * a
+    rotated = 2 * head * (model.heads + model.kv_groups) * a
     differentiated = head * model.heads * (a + max(a, 4))
-    attention = (bucket_kv * (3 * a + max(a, 4)) + local_projections + differentiated
+    attention = (bucket_kv * (3 * a + max(a, 4)) + rotated + differentiated
                  + _ring_buffer_bytes(work, Fraction(model.attention_weights(), t), grad_buffers=3))
     if work.tsp_dense_mask:
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
+
+    def shard_backward(ffn: int, tokens: Fraction) -> Fraction:  # one shard's, beside its kept fc1 output
+        return (2 * _mlp_activation_elements(model, ffn) - _fc1_rows(model) * ffn) * tokens * a / t
+
     mlp = Fraction(0)
     if not moe:
-        mlp = (2 * _mlp_activation_elements(model, model.ffn) * local_tokens * a / t
-               + _ring_buffer_bytes(work, Fraction(model.mlp_weights(model.ffn), t)))
+        mlp = shard_backward(model.ffn, local_tokens) + _ring_buffer_bytes(work, Fraction(model.mlp_weights(model.ffn), t))
     elif layout.expert_ring:
-        mlp = (2 * _mlp_activation_elements(model, model.expert_ffn) * model.topk * local_tokens * a / t
+        mlp = (shard_backward(model.expert_ffn, model.topk * local_tokens)
                + _ring_buffer_bytes(work, Fraction(_local_expert_weights(model, layout), t)))
+    if work.recompute == "full":
+        kept_attention = layer_kept_attention_bytes(model, work, layout)
+        attention += kept_attention
+        mlp += kept_attention + layer_kept_fc1_bytes(model, work, layout, moe)
     return 4 * local_tokens * model.hidden + max(attention, mlp)
 
 
@@ -710,11 +737,12 @@ def stage_memory(model: ModelShape, work: Workload, layout: Layout, stage: Stage
         if not count:
             continue
         saved = layer_saved_bytes(model, work, layout, moe)
-        # every layer's, or (full recompute) one layer's
-        kept = layer_kept_weight_bytes(model, work, layout, moe) + layer_kept_attention_bytes(model, work, layout)
+        kept_weights = layer_kept_weight_bytes(model, work, layout, moe)  # every layer's, or one's (full)
+        kept = (kept_weights + layer_kept_attention_bytes(model, work, layout)
+                + layer_kept_fc1_bytes(model, work, layout, moe))
         stored += stage.in_flight * count * (layer_input_bytes(model, work, layout) if full else saved + kept)
         backward = (Fraction(BACKWARD_FACTOR) - (0 if full else 1)) * saved
-        working = max(working, backward + layer_transient_bytes(model, work, layout, moe) + kept * full)
+        working = max(working, backward + layer_transient_bytes(model, work, layout, moe) + kept_weights * full)
     if stage.output:
         working = max(working, logits_bytes(model, work, layout))
     return Memory(weights=float((dense + expert) * work.param_bytes),
@@ -776,9 +804,7 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
     """2 FLOPs per weight per token for the GEMMs, 2*B*S^2*nq*hd for causal core attention (half of QK^T and
     AV), split evenly over t*c ranks (TSP: D ranks, the zigzag split balances causal work).
 
-    Backward is 2 forwards; TSP attention keeps its core attention's output and LSE from forward and
-    recomputes only the local q/k/v projection in backward (2 + the qkv GEMM), the MLP ring (dense, or experts
-    with the expert ring) recomputes its fc1 GEMM inside backward (2 + fc1), and TSP
+    Backward is 2 forwards, TSP's too (its schedules keep their GEMM outputs, attention.py and mlp.py); TSP
     core attention with the dense mask computes the full S/D x S rectangle (2x the causal FLOPs; BASELINES.md
     measured 1.71x TP's time even for a bottom-right causal mask, 0.91x for a split prefix/diagonal kernel).
     Full recompute adds a forward; selective adds Megatron's core attention forward (not TSP's).
@@ -789,22 +815,13 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
         core *= 2
     attention = 2.0 * work.tokens * model.attention_weights(with_bias=False) / ranks + core
     if moe:
-        routed = model.topk * model.mlp_weights(model.expert_ffn, with_bias=False)
-        ring_weights = routed if layout.expert_ring else 0
-        other_weights = routed - ring_weights + model.mlp_weights(model.shared_expert_ffn, with_bias=False)
+        mlp_weights = (model.topk * model.mlp_weights(model.expert_ffn, with_bias=False)
+                       + model.mlp_weights(model.shared_expert_ffn, with_bias=False))
     else:
-        ring_weights = model.mlp_weights(model.ffn, with_bias=False) if layout.kind == "TSP" else 0
-        other_weights = model.mlp_weights(model.ffn, with_bias=False) - ring_weights
-    ring_mlp, other_mlp = (2.0 * work.tokens * weights / ranks for weights in (ring_weights, other_weights))
-    forward = attention + ring_mlp + other_mlp
-    if layout.kind == "TSP":  # the MLP ring (dense MLP, or experts with the expert ring) recomputes too
-        qkv = 2.0 * work.tokens * (model.heads + 2 * model.kv_groups) * model.head_dim * model.hidden / ranks
-        fc1_rows = 2 if model.gated else 1  # fc1 holds fc1_rows/(fc1_rows + 1) of an MLP's weights
-        backward = 2 * attention + qkv + (2 + fc1_rows / (fc1_rows + 1)) * ring_mlp + 2 * other_mlp
-    else:
-        backward = 2 * forward
+        mlp_weights = model.mlp_weights(model.ffn, with_bias=False)
+    forward = attention + 2.0 * work.tokens * mlp_weights / ranks
     recompute = {"none": 0.0, "selective": core if layout.kind != "TSP" else 0.0, "full": forward}[work.recompute]
-    return LayerFlops(forward, backward, recompute)
+    return LayerFlops(forward, 2 * forward, recompute)
 
 
 def output_layer_flops(model: ModelShape, work: Workload, layout: Layout) -> LayerFlops:

@@ -7,6 +7,8 @@ themselves, marking ``param.grad_added_to_main_grad`` and giving autograd a plac
 still makes autograd run DDP's grad-ready hook on the main thread. We follow the same contract whenever DDP
 manages the parameter (megatron-core 0.19.2: ``DistributedDataParallel`` sets both attributes and resets the
 mark when it zeroes the grad buffer).
+
+Also here: :func:`needs_backward`, which decides whether a schedule keeps its activations for backward.
 """
 
 from __future__ import annotations
@@ -27,3 +29,10 @@ def weight_grad_for_autograd(param: Tensor, acc: Tensor) -> Tensor:
     param.grad_added_to_main_grad = True
     make = torch.zeros_like if getattr(param, "zero_out_wgrad", False) else torch.empty_like
     return make(param)
+
+
+def needs_backward(*tensors: Tensor | None) -> bool:
+    """Whether a call on these inputs will be differentiated (grad mode on and one of them requires a grad):
+    the TSP schedules then keep what their backward needs instead of recomputing it. False inside a
+    recompute region's first, gradient-free forward (Megatron's checkpointing)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

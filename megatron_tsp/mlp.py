@@ -27,9 +27,12 @@ size and e_acc the accumulator's (fp32 for bf16/fp16 weights, else the weight dt
   ``keep_weights`` (``--tsp-keep-weight-shards``) the forward keeps every shard it received (D weight
   buffers, W*e per layer, alive until the layer's backward) and backward sends only the accumulators.
 
-Memory: forward saves only the local input ``x``; backward recomputes each shard's fc1 output and
-activation (one extra GEMM per shard; fc2 is differentiated by hand, without its output) rather than keeping
-``[S/D, B, ffn]`` activations (experts: ``[T, ffn_e]``) from all D shards.
+Memory: forward saves the local input ``x`` and, when it will be differentiated, every shard's fc1 output
+(``[S/D, B, 2*ffn]`` per layer in all when gated, ``[S/D, B, ffn]`` not; experts ``[T, 2*ffn_e]``), each
+freed once backward has used it. Backward recomputes only the activation (elementwise) and differentiates
+both GEMMs by hand, so it costs exactly two forwards of GEMMs. Under Megatron's full recompute only the
+layer being differentiated holds them; without it, Megatron's ``--recompute-granularity selective
+--recompute-modules mlp`` trades them for a forward again, as for any Megatron MLP.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_tsp.grads import weight_grad_for_autograd
+from megatron_tsp.grads import needs_backward, weight_grad_for_autograd
 from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
 
 __all__ = ["TSPMLPFunction", "tsp_expert_mlps", "tsp_mlp"]
@@ -56,6 +59,7 @@ class _MLPSpec:
     has_fc1_bias: bool
     tokens_per_mlp: tuple[int, ...]  # rows of x (dim 0) for each MLP of the shard, in order
     keep_weights: bool = False  # keep every shard the forward received for backward (no second circulation)
+    keep_fc1_outputs: bool = False  # keep every shard's fc1 output for backward (this call is differentiated)
 
     @property
     def tensors_per_mlp(self) -> int:
@@ -68,41 +72,53 @@ def _per_mlp(shard: Sequence[Tensor], spec: _MLPSpec) -> list[Sequence[Tensor]]:
     return [shard[i * n:(i + 1) * n] for i in range(len(spec.tokens_per_mlp))]
 
 
-def _slice_hidden(x: Tensor, weights: Sequence[Tensor], spec: _MLPSpec) -> Tensor:
-    """fc1 and the activation of one ffn slice of one MLP: x ``[n, ..., h]`` -> ``[n, ..., ffn/D]``; weights =
-    fc1_weight, (fc1_bias), then anything (fc2_weight, unused here)."""
-    hidden = F.linear(x, weights[0], weights[1] if spec.has_fc1_bias else None)
+def _rows_per_mlp(t: Tensor, spec: _MLPSpec) -> Sequence[Tensor]:
+    """This rank's tokens (or their grads) grouped by MLP: views of t's rows (dim 0)."""
+    return (t,) if len(spec.tokens_per_mlp) == 1 else t.split(spec.tokens_per_mlp)
+
+
+def _activate(fc1_out: Tensor, spec: _MLPSpec) -> Tensor:
+    """The activation of one ffn slice's fc1 output: ``[n, ..., 2*ffn/D]`` ([gate ; up]) -> act(gate) * up
+    ``[n, ..., ffn/D]`` when gated, else ``[n, ..., ffn/D]`` -> act of it."""
     if spec.gated:
-        gate, up = hidden.chunk(2, dim=-1)
+        gate, up = fc1_out.chunk(2, dim=-1)
         return spec.activation(gate) * up
-    return spec.activation(hidden)
+    return spec.activation(fc1_out)
 
 
-def _shard_mlp(x: Tensor, shard: Sequence[Tensor], spec: _MLPSpec) -> Tensor:
-    """One shard's output for this rank's tokens: each MLP's rows of x through that MLP's slice."""
-    mlps = _per_mlp(shard, spec)
-    if len(mlps) == 1:  # the dense MLP: no split and no concatenating copy
-        return F.linear(_slice_hidden(x, mlps[0], spec), mlps[0][-1])
-    return torch.cat([F.linear(_slice_hidden(rows, mlp, spec), mlp[-1])
-                      for rows, mlp in zip(x.split(spec.tokens_per_mlp), mlps)])
+def _shard_forward(x: Tensor, shard: Sequence[Tensor], spec: _MLPSpec, kept_fc1: list[Tensor] | None) -> Tensor:
+    """One shard's output for this rank's tokens: each MLP's rows of x through that MLP's slice. Appends each
+    MLP's fc1 output to ``kept_fc1`` unless it is None."""
+    outputs = []
+    for rows, mlp in zip(_rows_per_mlp(x, spec), _per_mlp(shard, spec)):
+        fc1_out = F.linear(rows, mlp[0], mlp[1] if spec.has_fc1_bias else None)
+        if kept_fc1 is not None:
+            kept_fc1.append(fc1_out)
+        outputs.append(F.linear(_activate(fc1_out, spec), mlp[-1]))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # the dense MLP: no concatenating copy
 
 
-def _shard_grads(x: Tensor, shard: Sequence[Tensor], grad_out: Tensor,
-                 spec: _MLPSpec) -> tuple[Tensor, list[Tensor]]:
-    """(dx, grads of the shard's tensors) from this rank's tokens. Each slice's activation is recomputed;
-    fc2 is differentiated by hand (its output is not needed): d hidden = d out @ fc2, d fc2 = d out^T @ hidden.
+def _shard_grads(x: Tensor, shard: Sequence[Tensor], fc1_outs: Sequence[Tensor], grad_out: Tensor,
+                 grad_x: Tensor, spec: _MLPSpec) -> list[Tensor]:
+    """Grads of one shard's tensors from this rank's tokens and forward's fc1 outputs of that shard; adds the
+    input grad into ``grad_x``. Only the activation is recomputed (by autograd); both GEMMs are differentiated
+    by hand: d fc2 = d out^T @ hidden, d hidden = d out @ fc2, d fc1 = d fc1_out^T @ x, dx = d fc1_out @ fc1.
     """
-    mlps = _per_mlp(shard, spec)
-    with torch.enable_grad():
-        leaf_x = x.detach().requires_grad_()
-        leaf_fc1 = [[w.detach().requires_grad_() for w in mlp[:-1]] for mlp in mlps]  # fc1 weight, (bias)
-        hiddens = [_slice_hidden(rows, fc1, spec) for rows, fc1 in zip(leaf_x.split(spec.tokens_per_mlp), leaf_fc1)]
-    grad_rows = grad_out.split(spec.tokens_per_mlp)
-    grad_fc2 = [g.flatten(0, -2).t() @ hidden.flatten(0, -2) for g, hidden in zip(grad_rows, hiddens)]
-    grad_x, *grad_fc1 = torch.autograd.grad(hiddens, [leaf_x, *(w for fc1 in leaf_fc1 for w in fc1)],
-                                            [g @ mlp[-1] for g, mlp in zip(grad_rows, mlps)])
-    m = spec.tensors_per_mlp - 1  # fc1 tensors per MLP
-    return grad_x, [g for i, fc2 in enumerate(grad_fc2) for g in (*grad_fc1[i * m:(i + 1) * m], fc2)]
+    grads = []
+    for rows, mlp, fc1_out, grad_rows, grad_x_rows in zip(
+            _rows_per_mlp(x, spec), _per_mlp(shard, spec), fc1_outs, _rows_per_mlp(grad_out, spec),
+            _rows_per_mlp(grad_x, spec)):
+        with torch.enable_grad():
+            leaf_fc1_out = fc1_out.detach().requires_grad_()
+            hidden = _activate(leaf_fc1_out, spec)
+        grad_fc2 = grad_rows.flatten(0, -2).t() @ hidden.flatten(0, -2)
+        (grad_fc1_out,) = torch.autograd.grad(hidden, leaf_fc1_out, grad_rows @ mlp[-1])
+        del hidden, leaf_fc1_out
+        grad_x_rows += grad_fc1_out @ mlp[0]
+        grad_fc1_out = grad_fc1_out.flatten(0, -2)
+        grads += [grad_fc1_out.t() @ rows.flatten(0, -2), *([grad_fc1_out.sum(0)] if spec.has_fc1_bias else []),
+                  grad_fc2]
+    return grads
 
 
 class TSPMLPFunction(torch.autograd.Function):
@@ -116,11 +132,14 @@ class TSPMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, spec: _MLPSpec, *own_shard: Tensor) -> Tensor:
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        kept_fc1: dict[int, list[Tensor]] = {}  # owner -> its shard's fc1 output of each MLP
 
         def add_shard_output(shard: list[Tensor], owner: int) -> None:
-            out.add_(_shard_mlp(x, shard, spec))
+            out.add_(_shard_forward(x, shard, spec, kept_fc1.setdefault(owner, []) if spec.keep_fc1_outputs
+                                    else None))
 
         ctx.kept_shards = visit_shards(own_shard, spec.tsp_group, add_shard_output, keep=spec.keep_weights)
+        ctx.kept_fc1 = kept_fc1 if spec.keep_fc1_outputs else None
         ctx.spec = spec
         ctx.save_for_backward(x, *own_shard)
         return out.to(x.dtype)
@@ -130,12 +149,14 @@ class TSPMLPFunction(torch.autograd.Function):
         spec: _MLPSpec = ctx.spec
         x, *own_shard = ctx.saved_tensors
         kept, ctx.kept_shards = ctx.kept_shards, None  # freed with this frame
+        kept_fc1, ctx.kept_fc1 = ctx.kept_fc1, None  # each shard's freed after its use
+        if kept_fc1 is None:
+            raise RuntimeError("TSP MLP backward without forward's fc1 outputs: it runs once per forward (no "
+                               "retain_graph), from a forward that ran with grad enabled")
         grad_x = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
 
         def shard_grads(shard: list[Tensor], owner: int) -> list[Tensor]:
-            grad_x_shard, grads = _shard_grads(x, shard, grad_out, spec)
-            grad_x.add_(grad_x_shard)
-            return grads
+            return _shard_grads(x, shard, kept_fc1.pop(owner), grad_out, grad_x, spec)
 
         own_grads = gather_shard_grads(own_shard, spec.tsp_group, shard_grads, kept)
         grad_shard = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]
@@ -160,9 +181,11 @@ def tsp_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: 
     from forward to backward (D weight buffers instead of two) so that backward circulates only accumulators.
     """
     _check_layout(x, fc1_weight, fc2_weight, gated)
+    own_shard = [t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None]
     spec = _MLPSpec(tsp_group=tsp_group, activation=activation, gated=gated, has_fc1_bias=fc1_bias is not None,
-                    tokens_per_mlp=(x.shape[0],), keep_weights=keep_weights)
-    return TSPMLPFunction.apply(x, spec, *(t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None))
+                    tokens_per_mlp=(x.shape[0],), keep_weights=keep_weights,
+                    keep_fc1_outputs=needs_backward(x, *own_shard))
+    return TSPMLPFunction.apply(x, spec, *own_shard)
 
 
 def tsp_expert_mlps(x: Tensor, tokens_per_expert: Sequence[int],
@@ -185,7 +208,8 @@ def tsp_expert_mlps(x: Tensor, tokens_per_expert: Sequence[int],
         _check_layout(x, fc1_weight, fc2_weight, gated)
         if (fc1_bias is not None) != has_fc1_bias:
             raise ValueError("either every expert has an fc1 bias or none has")
-    spec = _MLPSpec(tsp_group=tsp_group, activation=activation, gated=gated, has_fc1_bias=has_fc1_bias,
-                    tokens_per_mlp=tuple(int(n) for n in tokens_per_expert), keep_weights=keep_weights)
     shard = [t for expert in experts for t in expert if t is not None]
+    spec = _MLPSpec(tsp_group=tsp_group, activation=activation, gated=gated, has_fc1_bias=has_fc1_bias,
+                    tokens_per_mlp=tuple(int(n) for n in tokens_per_expert), keep_weights=keep_weights,
+                    keep_fc1_outputs=needs_backward(x, *shard))
     return TSPMLPFunction.apply(x, spec, *shard)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -26,3 +29,17 @@ def assert_gathered_close(local: Tensor, expected: Tensor, group, tol: float, wh
     gathered = torch.empty((seq_len, *local.shape[1:]), dtype=local.dtype)
     dist.all_gather_into_tensor(gathered, local.contiguous(), group)
     assert_rel_close(gathered[inverse_zigzag_permutation(seq_len, dist.get_world_size(group))], expected, tol, what)
+
+
+@contextmanager
+def gemm_flops() -> Iterator[dict[str, int]]:
+    """Count the FLOPs of the matrix products (aten mm, addmm, bmm: a linear layer on a strided input runs as
+    bmm) run inside the block; on CPU the fused attention kernel is none of them. The dict's ``"flops"`` is
+    set when the block ends."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    result = {"flops": 0}
+    with FlopCounterMode(display=False) as counter:
+        yield result
+    counts = counter.get_flop_counts()["Global"]
+    result["flops"] = sum(counts.get(op, 0) for op in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm))

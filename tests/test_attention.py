@@ -32,7 +32,7 @@ from megatron_tsp.zigzag import (
     local_positions,
 )
 from tests.multiprocess import run_on_ranks
-from tests.numerics import TOLERANCE, assert_gathered_close, assert_rel_close
+from tests.numerics import TOLERANCE, assert_gathered_close, assert_rel_close, gemm_flops
 
 @dataclass(frozen=True)
 class Case:
@@ -199,15 +199,17 @@ def _run_cases(rank: int, tsp_size: int) -> None:
 
         kernel_calls = Counter()
         with track_shard_residency() as residency:
-            with comm_bytes() as forward_bytes:
+            with comm_bytes() as forward_bytes, gemm_flops() as forward_flops:
                 out = tsp_attention(x, qkv_weight, qkv_bias, proj_weight, positions,
                                     gathered_positions(case.seq_len, tsp_size), group, case.heads, case.kv_heads,
                                     rotary_freqs=rotary, qk_norm=qk_norm, keep_weights=case.keep_weights,
                                     core_attention=_counting(ZIGZAG, kernel_calls))
-            with comm_bytes() as backward_bytes:
+            with comm_bytes() as backward_bytes, gemm_flops() as backward_flops:
                 out.backward(w["grad_out"][positions])
-        # one attention forward per bucket, kept for backward: backward never recomputes it
+        # one attention forward per bucket, kept for backward: backward never recomputes it; nor the qkv
+        # projection, so the projections' GEMMs in backward are exactly two forwards'
         assert kernel_calls == {"forward": tsp_size, "backward": tsp_size}, kernel_calls
+        assert forward_flops["flops"] > 0 and backward_flops["flops"] == 2 * forward_flops["flops"], case
 
         tol = TOLERANCE[case.dtype]
         assert_gathered_close(out.detach(), ref_out, group, tol, f"{case} output")

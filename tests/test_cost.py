@@ -171,7 +171,9 @@ def test_full_recompute_keeps_less_and_tsp_saves_least() -> None:
         kept = {mode: memory(model, replace(work, recompute=mode), layout).activations for mode in ("none", "full")}
         assert kept["full"] < kept["none"], layout.name
     tsp, tp_sp = (memory(model, work, Layout(kind, tensor=8)).activations for kind in ("TSP", "TP+SP"))
-    assert tsp < tp_sp / 4  # TSP keeps only the four norm tensors per layer
+    # Both keep the norms, q, k, v and the attention output of the same tokens; TSP's MLP keeps its fc1
+    # output but neither the activation nor the product (recomputed from it), 2*ffn of Megatron's 4*ffn.
+    assert tsp < tp_sp * 3 / 4
 
 
 # BASELINES.md: one H200, D = 8, full recompute, micro-batch 1, peaks without Adam state.

@@ -99,6 +99,10 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
     # between full and none.
     "tsp2_recompute_block": (2, ("--tsp-size", "2", "--recompute-granularity", "full", "--recompute-method",
                                  "block", "--recompute-num-layers", "1"), (), 1),
+    # Megatron's selective recompute of the MLP: the TSP MLP's first forward (no grad) keeps nothing, its
+    # recompute keeps the fc1 outputs for backward.
+    "tsp2_recompute_selective_mlp": (2, ("--tsp-size", "2", "--recompute-granularity", "selective",
+                                         "--recompute-modules", "core_attn", "mlp"), (), 1),
     # Weight shards kept from forward to backward instead of fetched again (--tsp-keep-weight-shards).
     "tsp2_recompute_selective_keep_weight_shards": (2, ("--tsp-size", "2", "--recompute-granularity", "selective",
                                                         "--tsp-keep-weight-shards"), (), 1),

@@ -17,7 +17,7 @@ from megatron_tsp.comm import comm_bytes, track_shard_residency
 from megatron_tsp.mlp import tsp_expert_mlps, tsp_mlp
 from megatron_tsp.zigzag import local_positions
 from tests.multiprocess import run_on_ranks
-from tests.numerics import TOLERANCE, assert_gathered_close, assert_rel_close
+from tests.numerics import TOLERANCE, assert_gathered_close, assert_rel_close, gemm_flops
 
 @dataclass(frozen=True)
 class Case:
@@ -110,11 +110,13 @@ def _run_cases(rank: int, tsp_size: int) -> None:
             p.register_post_accumulate_grad_hook(lambda p, counts=grad_ready: counts.update([id(p)]))
 
         with track_shard_residency() as residency:
-            with comm_bytes() as forward_bytes:
+            with comm_bytes() as forward_bytes, gemm_flops() as forward_flops:
                 out = tsp_mlp(x, fc1_weight, fc1_bias, fc2_weight, group, activation=case.activation,
                               gated=case.gated, keep_weights=case.keep_weights)
-            with comm_bytes() as backward_bytes:
+            with comm_bytes() as backward_bytes, gemm_flops() as backward_flops:
                 out.backward(w["grad_out"][positions])
+        # backward keeps forward's fc1 outputs: its GEMMs are exactly two forwards' (no fc1 recomputed)
+        assert forward_flops["flops"] > 0 and backward_flops["flops"] == 2 * forward_flops["flops"], case
 
         tol = TOLERANCE[case.dtype]
         assert_gathered_close(out.detach(), ref_out, group, tol, f"{case} output")
