@@ -23,6 +23,8 @@ Assumptions (stated once, used throughout)
 - Megatron's local layer spec with a fused SDPA kernel (no S^2 score matrix kept), dropout 0, RMSNorm.
 - Selective recompute (Megatron's default module, core attention) saves no memory with a fused kernel: the
   kernel keeps only q, k, v, output and the log-sum-exp either way. It re-runs the core attention forward.
+  With ``recompute_mlp`` (``--recompute-modules ... mlp``) dense layers' MLPs keep only their input and
+  re-run their forward in backward (for TSP too: Megatron checkpoints the TSP MLP like its own).
 - TSP layers keep from forward what their backward needs (attention.py, mlp.py: each head bucket's qkv
   projection, core-attention output and LSE; each MLP shard's fc1 output) and recompute only elementwise
   work (norms, RoPE, the activation), so their backward costs two forwards, like Megatron's. Megatron's
@@ -196,6 +198,9 @@ class Workload:
     param_bytes: int = 2
     act_bytes: int = 2
     recompute: Recompute = "none"
+    # --recompute-modules with mlp (with --recompute-granularity selective): dense layers' MLPs keep only
+    # their input and run their forward again in backward (Megatron skips MoE layers' MLPs).
+    recompute_mlp: bool = False
     distributed_optimizer: bool = False
     # TSP's default kernel (kernels/zigzag.py) splits each zigzag chunk into a non-causal prefix and a causal
     # diagonal: no mask, no work on future keys. True models the reference kernel (kernels/local.py), which
@@ -208,6 +213,15 @@ class Workload:
     # --tsp-output-layer: TSP's output layer and loss by the vocabulary ring (output.py; True, the default)
     # or Megatron's output layer over gathered hidden states (False).
     tsp_vocab_ring: bool = True
+
+    def mlp_recomputed_alone(self, moe: bool) -> bool:
+        """Whether selective recompute re-runs this layer's MLP (and no more of it)."""
+        return self.recompute == "selective" and self.recompute_mlp and not moe
+
+    @property
+    def recompute_label(self) -> str:
+        """The recompute mode as the planner prints it."""
+        return "selective+mlp" if self.recompute == "selective" and self.recompute_mlp else self.recompute
 
     @property
     def grad_bytes(self) -> int:
@@ -433,7 +447,7 @@ def layer_comm(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> 
     """One transformer layer's transfers on one GPU for one micro-batch; ``moe`` picks the MoE variant.
 
     Full recompute re-runs the layer forward (its transfers again); selective recompute re-runs core
-    attention, which only CP's ring makes communicate.
+    attention, which only CP's ring makes communicate, and with ``recompute_mlp`` a dense layer's MLP.
     """
     t = layout.tensor
     x = work.tokens * Fraction(model.hidden * work.act_bytes, layout.context)  # one [S/c, B, h] activation
@@ -449,9 +463,12 @@ def layer_comm(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> 
     layer = attention + mlp
     if work.recompute == "full":
         return replace(layer, recompute=layer.forward)
+    recompute: tuple[Transfer, ...] = ()
     if work.recompute == "selective" and layout.context > 1:
-        return replace(layer, recompute=_context_ring(model, work, layout).forward)
-    return layer
+        recompute += _context_ring(model, work, layout).forward
+    if work.mlp_recomputed_alone(moe):
+        recompute += mlp.forward
+    return replace(layer, recompute=recompute)
 
 
 def edge_comm(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -> LayerComm:
@@ -575,16 +592,23 @@ def layer_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bo
     a, t = work.act_bytes, layout.tensor
     local_tokens = Fraction(work.tokens, layout.sequence_shard)
     context_tokens = Fraction(work.tokens, layout.context)  # tokens of a tensor-sharded (head/ffn) region
-    saved = 4 * model.hidden * local_tokens
+    saved = 4 * model.hidden * local_tokens + _megatron_mlp_saved_bytes(model, work, layout, moe) / a
     if layout.kind != "TSP":
         saved += (2 * model.heads + 2 * model.kv_groups) * model.head_dim * context_tokens / t
-        if not moe:
-            saved += _mlp_activation_elements(model, model.ffn) * context_tokens / t
     if moe:
         per_copy = 2 * model.hidden + (0 if layout.expert_ring else _mlp_activation_elements(model, model.expert_ffn))
         saved += model.topk * per_copy * local_tokens
         saved += _mlp_activation_elements(model, model.shared_expert_ffn) * context_tokens / t
     return saved * a
+
+
+def _megatron_mlp_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
+    """A Megatron dense MLP's activations (:func:`_mlp_activation_elements`/t per token of the context
+    shard), the part of :func:`layer_saved_bytes` that ``recompute_mlp`` drops. Zero for TSP (its MLP's
+    are :func:`layer_kept_fc1_bytes`) and MoE layers."""
+    if layout.kind == "TSP" or moe:
+        return Fraction(0)
+    return _mlp_activation_elements(model, model.ffn) * Fraction(work.tokens, layout.context) / layout.tensor * work.act_bytes
 
 
 def layer_kept_weight_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
@@ -661,7 +685,8 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
       grad for the local tokens, and the ring buffers of W_mlp/D; with the expert ring, the same for the
       top-k copies of the local tokens and the local experts' W (MoE layers).
     Under full recompute also what the schedules keep from the recomputed forward: attention's
-    (:func:`layer_kept_attention_bytes`) in both, the fc1 outputs (:func:`layer_kept_fc1_bytes`) in the MLP's.
+    (:func:`layer_kept_attention_bytes`) in both, the fc1 outputs (:func:`layer_kept_fc1_bytes`) in the MLP's
+    (also when selective recompute re-runs the MLP).
     """
     a, t, c = work.act_bytes, layout.tensor, layout.context
     if layout.kind != "TSP":
@@ -689,7 +714,9 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     if work.recompute == "full":
         kept_attention = layer_kept_attention_bytes(model, work, layout)
         attention += kept_attention
-        mlp += kept_attention + layer_kept_fc1_bytes(model, work, layout, moe)
+        mlp += kept_attention
+    if work.recompute == "full" or work.mlp_recomputed_alone(moe):
+        mlp += layer_kept_fc1_bytes(model, work, layout, moe)
     return 4 * local_tokens * model.hidden + max(attention, mlp)
 
 
@@ -740,8 +767,14 @@ def stage_memory(model: ModelShape, work: Workload, layout: Layout, stage: Stage
         kept_weights = layer_kept_weight_bytes(model, work, layout, moe)  # every layer's, or one's (full)
         kept = (kept_weights + layer_kept_attention_bytes(model, work, layout)
                 + layer_kept_fc1_bytes(model, work, layout, moe))
-        stored += stage.in_flight * count * (layer_input_bytes(model, work, layout) if full else saved + kept)
-        backward = (Fraction(BACKWARD_FACTOR) - (0 if full else 1)) * saved
+        # --recompute-modules mlp: the MLP's activations are not stored but made again in its backward
+        # (Megatron's, with their grads, in the factor's term; TSP's kept fc1 outputs in the transient one)
+        recomputed_mlp = _megatron_mlp_saved_bytes(model, work, layout, moe) if work.mlp_recomputed_alone(moe) else 0
+        not_stored = recomputed_mlp + (layer_kept_fc1_bytes(model, work, layout, moe)
+                                       if work.mlp_recomputed_alone(moe) else 0)
+        stored += stage.in_flight * count * (layer_input_bytes(model, work, layout) if full
+                                             else saved + kept - not_stored)
+        backward = Fraction(BACKWARD_FACTOR) * saved - (0 if full else saved - recomputed_mlp)
         working = max(working, backward + layer_transient_bytes(model, work, layout, moe) + kept_weights * full)
     if stage.output:
         working = max(working, logits_bytes(model, work, layout))
@@ -807,7 +840,8 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
     Backward is 2 forwards, TSP's too (its schedules keep their GEMM outputs, attention.py and mlp.py); TSP
     core attention with the dense mask computes the full S/D x S rectangle (2x the causal FLOPs; BASELINES.md
     measured 1.71x TP's time even for a bottom-right causal mask, 0.91x for a split prefix/diagonal kernel).
-    Full recompute adds a forward; selective adds Megatron's core attention forward (not TSP's).
+    Full recompute adds a forward; selective adds Megatron's core attention forward (not TSP's) and with
+    ``recompute_mlp`` a dense layer's MLP forward.
     """
     ranks = layout.tensor * layout.context
     core = 2.0 * work.micro_batch * work.seq_len**2 * model.heads * model.head_dim / ranks
@@ -821,6 +855,8 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
         mlp_weights = model.mlp_weights(model.ffn, with_bias=False)
     forward = attention + 2.0 * work.tokens * mlp_weights / ranks
     recompute = {"none": 0.0, "selective": core if layout.kind != "TSP" else 0.0, "full": forward}[work.recompute]
+    if work.mlp_recomputed_alone(moe):
+        recompute += 2.0 * work.tokens * mlp_weights / ranks
     return LayerFlops(forward, 2 * forward, recompute)
 
 

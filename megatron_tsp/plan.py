@@ -1,7 +1,8 @@
 """Pick a parallel layout for a model, a sequence length and a GPU count, from the cost model (``cost.py``).
 
     python -m megatron_tsp.plan --config configs/X.yaml --seq-length S --gpus N [--gpu h100|h200|mi300x]
-        [--micro-batch-size B] [--recompute none|selective|full|auto] [--dense-mask-attention] [--plot out.png] [--all]
+        [--micro-batch-size B] [--recompute none|selective|selective+mlp|full|auto] [--dense-mask-attention]
+        [--plot out.png] [--all]
 
 The model shape, precision, recompute mode, micro and global batch come from the config (flat Megatron
 flags, Megatron's defaults where a flag is absent). Every step compared processes the same global batch:
@@ -61,6 +62,7 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
     parser.add_argument("--moe-router-topk", type=int, default=2)
     parser.add_argument("--moe-layer-freq", type=int, default=1)
     parser.add_argument("--recompute-granularity", choices=("full", "selective"))
+    parser.add_argument("--recompute-modules", nargs="*", default=["core_attn"])
     parser.add_argument("--tsp-output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0])
     return parser.parse_known_args(list(argv))[0]
 
@@ -133,12 +135,14 @@ class Candidate:
 
 def evaluate(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, global_batch: int,
              auto_recompute: bool) -> Candidate:
-    """Cost one layout; with ``auto_recompute`` the first of none, full that fits (none is cheaper: with a
-    fused kernel selective saves nothing, see cost.py)."""
+    """Cost one layout; with ``auto_recompute`` the first of none, selective recompute of the MLPs, full
+    that fits (in that order of compute; selective of core attention alone saves nothing with a fused kernel,
+    see cost.py)."""
     microbatches = global_batch // (work.micro_batch * layout.data)
-    modes = ("none", "full") if auto_recompute else (work.recompute,)
-    for mode in modes:
-        trial = replace(work, recompute=mode)
+    modes = (("none", False), ("selective", True), ("full", False)) if auto_recompute else \
+        ((work.recompute, work.recompute_mlp),)
+    for mode, recompute_mlp in modes:
+        trial = replace(work, recompute=mode, recompute_mlp=recompute_mlp)
         cost = step_cost(model, trial, layout, hw, microbatches)
         fits = cost.memory.total <= (1 - MEMORY_MARGIN) * hw.memory_bytes
         if fits:
@@ -179,7 +183,7 @@ def _si(value: float, unit: str) -> str:
 
 def _row(c: Candidate) -> str:
     cost, fits = c.cost, "yes" if c.fits else "NO"
-    return (f"{c.layout.name:<30} {c.work.recompute:<9} {cost.memory.total / GiB:>8.3g} {fits:>4} "
+    return (f"{c.layout.name:<30} {c.work.recompute_label:<13} {cost.memory.total / GiB:>8.3g} {fits:>4} "
             f"{_si(cost.comm_bytes, 'B'):>11} {_si(cost.compute_s, 's'):>10} {_si(cost.exposed_comm_s, 's'):>12} "
             f"{_si(cost.step_s, 's'):>10}")
 
@@ -200,7 +204,7 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
         f"hardware: {gpus} x {hw.name}, {hw.memory_bytes / GiB:.1f} GiB, {hw.matmul_flops / 1e12:.0f} TFLOP/s "
         f"matmul, {hw.node_bandwidth / 1e9:.0f} GB/s in node",
         "",
-        f"{'layout':<30} {'recompute':<9} {'GiB/GPU':>8} {'fits':>4} {'sent/GPU':>11} {'compute':>10} "
+        f"{'layout':<30} {'recompute':<13} {'GiB/GPU':>8} {'fits':>4} {'sent/GPU':>11} {'compute':>10} "
         f"{'comm+bubble':>12} {'step':>10}",
     ]
     lines += [_row(c) for c in candidates[:max_rows]]
@@ -219,7 +223,7 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
            f"within {TIE:.0%} of the fastest ({fastest.layout.name}, {_si(fastest.cost.step_s, 's')}: a tie at "
            f"this model's accuracy) that sends the fewest bytes")
     lines += [
-        f"\nRecommended: {best.layout.name} (recompute {best.work.recompute})",
+        f"\nRecommended: {best.layout.name} (recompute {best.work.recompute_label})",
         f"  fits: {cost.memory.total / GiB:.3g} GiB per GPU of {hw.memory_bytes / GiB:.1f} "
         f"({MEMORY_MARGIN:.0%} kept as margin for the model's error)",
         f"  {why}: {_si(cost.step_s, 's')} = {_si(cost.compute_s, 's')} compute + "
@@ -238,7 +242,7 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
     for kind in ("TP+SP", "TSP"):
         other = next((c for c in fitting if c.layout.kind == kind), None)
         if other is not None and other is not best:
-            lines.append(f"Best {kind}: {other.layout.name} (recompute {other.work.recompute}), "
+            lines.append(f"Best {kind}: {other.layout.name} (recompute {other.work.recompute_label}), "
                          f"{other.cost.memory.total / GiB:.3g} GiB, {_si(other.cost.comm_bytes, 'B')} sent per GPU "
                          f"per step, {_si(other.cost.step_s, 's')}.")
     return "\n".join(lines)
@@ -274,7 +278,7 @@ def plot_sequence_sweep(model: ModelShape, work: Workload, gpus: int, hw: Hardwa
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
-    figure.suptitle(f"{gpus} x {hw.name}, micro-batch {work.micro_batch}, recompute {work.recompute}")
+    figure.suptitle(f"{gpus} x {hw.name}, micro-batch {work.micro_batch}, recompute {work.recompute_label}")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -287,8 +291,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gpus", type=int, required=True)
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     parser.add_argument("--micro-batch-size", type=int, help="overrides the config's")
-    parser.add_argument("--recompute", choices=("none", "selective", "full", "auto"),
-                        help="overrides the config's --recompute-granularity; auto: none if it fits, else full")
+    parser.add_argument("--recompute", choices=("none", "selective", "selective+mlp", "full", "auto"),
+                        help="overrides the config's --recompute-granularity (and -modules); selective+mlp: "
+                             "selective with --recompute-modules core_attn mlp; auto: the first of none, "
+                             "selective+mlp, full that fits")
     parser.add_argument("--dense-mask-attention", action="store_true",
                         help="cost TSP with the reference dense-mask attention kernel instead of the default "
                              "zigzag prefix/diagonal kernel")
@@ -305,8 +311,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     micro_batch = args.micro_batch_size or flags.micro_batch_size
     sixteen_bit = flags.bf16 or flags.fp16
     recompute = args.recompute or flags.recompute_granularity or "none"
+    recompute_mlp = recompute == "selective+mlp" or (args.recompute is None and recompute == "selective"
+                                                     and "mlp" in flags.recompute_modules)
+    recompute = "selective" if recompute == "selective+mlp" else recompute
     work = Workload(micro_batch=micro_batch, seq_len=args.seq_length, param_bytes=2 if sixteen_bit else 4,
                     act_bytes=2 if sixteen_bit else 4, recompute="none" if recompute == "auto" else recompute,
+                    recompute_mlp=recompute_mlp,
                     distributed_optimizer=flags.use_distributed_optimizer, tsp_dense_mask=args.dense_mask_attention,
                     tsp_keep_weights=args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards,
                     tsp_vocab_ring=(args.tsp_output_layer or flags.tsp_output_layer) == "vocab-ring")

@@ -2,9 +2,10 @@
 
 ``--tsp-report-comm-bytes`` counts every TSP collective (comm.py's per-rank convention) over the whole run;
 ``megatron_tsp.cost`` predicts the same per layer and micro-batch, plus the output layer's vocabulary ring. The counted runs are the loss-parity runs
-themselves (test_loss_parity, 10 iterations), at four shapes: D=4 with MHA, D=2 with GQA and full
-recompute (whose backward repeats the forward's collectives), D=2 with weight shards kept for backward, and
-D=2 MoE with the expert ring. The bar is 1%; in fact they agree exactly.
+themselves (test_loss_parity, 10 iterations), at five shapes: D=4 with MHA, D=2 with GQA and full
+recompute (whose backward repeats the forward's collectives), D=2 with weight shards kept for backward, D=2
+with selective recompute of the MLPs (their ring forward repeated), and D=2 MoE with the expert ring. The
+bar is 1%; in fact they agree exactly.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ CASES = {  # loss-parity case: (model, layout, workload); micro-batches per step
                                 replace(FP32, recompute="full")),
     "tsp2_recompute_selective_keep_weight_shards": (TINY, Layout(kind="TSP", tensor=2),
                                                     replace(FP32, recompute="selective", tsp_keep_weights=True)),
+    "tsp2_recompute_selective_mlp": (TINY, Layout(kind="TSP", tensor=2),
+                                     replace(FP32, recompute="selective", recompute_mlp=True)),
     "moe_tsp2_ep2_expert_ring_shared_expert": (TINY_MOE, Layout(kind="TSP", tensor=2, data=2, expert=2,
                                                                 expert_ring=True), FP32),
 }

@@ -20,6 +20,7 @@ from megatron_tsp.cost import (
     Workload,
     bytes_by_op,
     layer_comm,
+    layer_flops,
     layer_kept_weight_bytes,
     memory,
     pipeline_stages,
@@ -264,6 +265,30 @@ def test_expert_ring_shards_experts_and_circulates_them() -> None:
         Layout("TP+SP", tensor=4, expert_ring=True)
 
 
+@pytest.mark.parametrize("kind", ["TSP", "TP+SP"])
+def test_selective_mlp_recompute_trades_the_mlp_activations_for_its_forward(kind: str) -> None:
+    """--recompute-granularity selective --recompute-modules mlp: every dense layer stores exactly its MLP's
+    activations less (Megatron's 4*ffn/t per token, TSP's kept fc1 outputs, 2*ffn per local token) and
+    re-runs the MLP forward: its FLOPs and its collectives once more; MoE layers are left alone."""
+    model, seq, d, a = _SEVEN_B, 32768, 8, 2
+    layout = Layout(kind, tensor=d)
+    selective = Workload(1, seq, recompute="selective")
+    with_mlp = replace(selective, recompute_mlp=True)
+    stored = {w.recompute_label: memory(model, w, layout).activations
+              for w in (Workload(1, seq), selective, with_mlp, replace(selective, recompute="full"))}
+    mlp_per_layer = seq // d * (2 if kind == "TSP" else 4) * model.ffn * a
+    assert stored["selective"] - stored["selective+mlp"] == model.layers * mlp_per_layer
+    assert stored["full"] < stored["selective+mlp"] < stored["none"]
+
+    flops = {w.recompute_label: layer_flops(model, w, layout, moe=False).recompute for w in (selective, with_mlp)}
+    assert flops["selective+mlp"] - flops["selective"] == 2 * seq * 3 * model.hidden * model.ffn / d
+    recomputed = bytes_by_op(layer_comm(model, with_mlp, layout, moe=False).recompute)
+    share = Fraction(d - 1, d)
+    assert recomputed == ({"ring_send": 3 * model.hidden * model.ffn * a * share} if kind == "TSP" else
+                          {"all_gather": seq * model.hidden * a * share, "reduce_scatter": seq * model.hidden * a * share})
+    assert layer_flops(_MOE, with_mlp, layout, moe=True) == layer_flops(_MOE, selective, layout, moe=True)
+
+
 def test_planner_cli_recommends(capsys: pytest.CaptureFixture[str]) -> None:
     plan.main(["--config", TINY_CONFIG, "--gpus", "8", "--seq-length", "128"])
     out = capsys.readouterr().out
@@ -281,8 +306,8 @@ def test_planner_plot_writes_png(tmp_path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_auto_recompute_takes_none_where_it_fits() -> None:
-    """7B at 128K on H200: TSP8 keeps four norm tensors per layer and fits without recompute; TP+SP at degree 2
-    needs full recompute."""
+    """7B at 128K on H200: TSP8 fits without recompute (85 GiB by the model); TP+SP at degree 2 needs full
+    recompute (selective recompute of the MLPs is not enough)."""
     h200, work = plan.GPUS["h200"], Workload(1, 131072, recompute="full")
     chosen = {layout.name: plan.evaluate(_SEVEN_B, work, layout, h200, global_batch=8, auto_recompute=True)
               for layout in (Layout("TSP", tensor=8), Layout("TP+SP", tensor=2, data=4))}
