@@ -39,9 +39,10 @@ Peak memory model (``Memory``)
   for fp32 params), divided over data-parallel ranks with the distributed optimizer (dense params over
   DP x CP, experts over the expert-data-parallel ranks).
 - Stored activations: each layer keeps :func:`layer_saved_bytes` (no or selective recompute) or its input
-  (full recompute), times the micro-batches in flight on the stage (1F1B: PP on the first stage); with
-  no full recompute also :func:`layer_kept_attention_bytes`, :func:`layer_kept_fc1_bytes` and, with
-  ``tsp_keep_weights``, :func:`layer_kept_weight_bytes`.
+  (full recompute; with block recompute only some layers do, :func:`layer_groups`), times the micro-batches
+  in flight on the stage (1F1B: PP on the first stage); with no full recompute also
+  :func:`layer_kept_attention_bytes`, :func:`layer_kept_fc1_bytes` and, with ``tsp_keep_weights``,
+  :func:`layer_kept_weight_bytes`.
 - Working set, the larger of: one layer's backward, ``BACKWARD_FACTOR`` x its saved activations (the
   recomputed activations and their gradients) plus :func:`layer_transient_bytes` (which under full
   recompute holds what the TSP schedules keep from the recomputed forward) plus the layer's kept weights
@@ -103,6 +104,7 @@ __all__ = [
     "grad_sync_comm",
     "layer_comm",
     "layer_flops",
+    "layer_groups",
     "layer_input_bytes",
     "layer_kept_attention_bytes",
     "layer_kept_fc1_bytes",
@@ -201,6 +203,9 @@ class Workload:
     # --recompute-modules with mlp (with --recompute-granularity selective): dense layers' MLPs keep only
     # their input and run their forward again in backward (Megatron skips MoE layers' MLPs).
     recompute_mlp: bool = False
+    # With full recompute, --recompute-method block --recompute-num-layers N: the first N layers of each
+    # pipeline stage recompute, the others keep their activations. None: every layer recomputes (uniform).
+    recompute_layers: int | None = None
     distributed_optimizer: bool = False
     # TSP's default kernel (kernels/zigzag.py) splits each zigzag chunk into a non-causal prefix and a causal
     # diagonal: no mask, no work on future keys. True models the reference kernel (kernels/local.py), which
@@ -221,6 +226,8 @@ class Workload:
     @property
     def recompute_label(self) -> str:
         """The recompute mode as the planner prints it."""
+        if self.recompute == "full" and self.recompute_layers is not None:
+            return f"block {self.recompute_layers}"
         return "selective+mlp" if self.recompute == "selective" and self.recompute_mlp else self.recompute
 
     @property
@@ -608,7 +615,8 @@ def _megatron_mlp_saved_bytes(model: ModelShape, work: Workload, layout: Layout,
     are :func:`layer_kept_fc1_bytes`) and MoE layers."""
     if layout.kind == "TSP" or moe:
         return Fraction(0)
-    return _mlp_activation_elements(model, model.ffn) * Fraction(work.tokens, layout.context) / layout.tensor * work.act_bytes
+    context_tokens = Fraction(work.tokens, layout.context)
+    return _mlp_activation_elements(model, model.ffn) * context_tokens / layout.tensor * work.act_bytes
 
 
 def layer_kept_weight_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
@@ -707,7 +715,8 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
 
     mlp = Fraction(0)
     if not moe:
-        mlp = shard_backward(model.ffn, local_tokens) + _ring_buffer_bytes(work, Fraction(model.mlp_weights(model.ffn), t))
+        mlp = (shard_backward(model.ffn, local_tokens)
+               + _ring_buffer_bytes(work, Fraction(model.mlp_weights(model.ffn), t)))
     elif layout.expert_ring:
         mlp = (shard_backward(model.expert_ffn, model.topk * local_tokens)
                + _ring_buffer_bytes(work, Fraction(_local_expert_weights(model, layout), t)))
@@ -751,31 +760,45 @@ class Memory:
         return self.weights + self.grads + self.optimizer + self.activations + self.working
 
 
+def layer_groups(work: Workload, stage: Stage) -> list[tuple[Fraction, bool, Workload]]:
+    """A stage's layers as (count, moe, the workload they run): with block recompute (``recompute_layers``
+    N) N of them recompute in full and the others keep their activations, dense and MoE layers in
+    proportion (Megatron takes the stage's first N, whichever kind they are)."""
+    total = stage.dense_layers + stage.moe_layers
+    share = Fraction(1)
+    if work.recompute == "full" and work.recompute_layers is not None:
+        share = min(share, work.recompute_layers / total)
+    kept = replace(work, recompute="none", recompute_layers=None)
+    groups = []
+    for count, moe in ((stage.dense_layers, False), (stage.moe_layers, True)):
+        groups += [(part, moe, w) for part, w in ((count * share, work), (count * (1 - share), kept)) if part]
+    return groups
+
+
 def stage_memory(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -> Memory:
     """Peak memory of one pipeline stage (module docstring)."""
     dense, expert = stage_params(model, layout, stage)
     optimizer_bytes = 8 + (4 if work.param_bytes < 4 else 0)
     dense_shards = layout.data * layout.context if work.distributed_optimizer else 1
     expert_shards = layout.expert_data if work.distributed_optimizer else 1
-    full = work.recompute == "full"
     stored = Fraction(0)
     working = Fraction(0)
-    for count, moe in ((stage.dense_layers, False), (stage.moe_layers, True)):
-        if not count:
-            continue
-        saved = layer_saved_bytes(model, work, layout, moe)
-        kept_weights = layer_kept_weight_bytes(model, work, layout, moe)  # every layer's, or one's (full)
-        kept = (kept_weights + layer_kept_attention_bytes(model, work, layout)
-                + layer_kept_fc1_bytes(model, work, layout, moe))
+    for count, moe, layer_work in layer_groups(work, stage):
+        full = layer_work.recompute == "full"
+        saved = layer_saved_bytes(model, layer_work, layout, moe)
+        kept_weights = layer_kept_weight_bytes(model, layer_work, layout, moe)  # every layer's, or one's (full)
+        kept_fc1 = layer_kept_fc1_bytes(model, layer_work, layout, moe)
+        kept = kept_weights + layer_kept_attention_bytes(model, layer_work, layout) + kept_fc1
         # --recompute-modules mlp: the MLP's activations are not stored but made again in its backward
         # (Megatron's, with their grads, in the factor's term; TSP's kept fc1 outputs in the transient one)
-        recomputed_mlp = _megatron_mlp_saved_bytes(model, work, layout, moe) if work.mlp_recomputed_alone(moe) else 0
-        not_stored = recomputed_mlp + (layer_kept_fc1_bytes(model, work, layout, moe)
-                                       if work.mlp_recomputed_alone(moe) else 0)
-        stored += stage.in_flight * count * (layer_input_bytes(model, work, layout) if full
+        mlp_alone = layer_work.mlp_recomputed_alone(moe)
+        recomputed_mlp = _megatron_mlp_saved_bytes(model, layer_work, layout, moe) if mlp_alone else 0
+        not_stored = recomputed_mlp + (kept_fc1 if mlp_alone else 0)
+        stored += stage.in_flight * count * (layer_input_bytes(model, layer_work, layout) if full
                                              else saved + kept - not_stored)
         backward = Fraction(BACKWARD_FACTOR) * saved - (0 if full else saved - recomputed_mlp)
-        working = max(working, backward + layer_transient_bytes(model, work, layout, moe) + kept_weights * full)
+        transient = layer_transient_bytes(model, layer_work, layout, moe)
+        working = max(working, backward + transient + kept_weights * full)
     if stage.output:
         working = max(working, logits_bytes(model, work, layout))
     return Memory(weights=float((dense + expert) * work.param_bytes),
@@ -920,8 +943,8 @@ def step_cost(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, m
     for stage in pipeline_stages(model, layout):
         parts = [(1, output_layer_flops(model, work, layout) if stage.output else LayerFlops(0.0, 0.0),
                   edge_comm(model, work, layout, stage))]
-        parts += [(count, layer_flops(model, work, layout, moe), layer_comm(model, work, layout, moe))
-                  for count, moe in ((stage.dense_layers, False), (stage.moe_layers, True)) if count]
+        parts += [(count, layer_flops(model, group_work, layout, moe), layer_comm(model, group_work, layout, moe))
+                  for count, moe, group_work in layer_groups(work, stage)]
         stage_s.append(sum(float(count) * _seconds(flops, comm, hw) for count, flops, comm in parts))
         compute_s.append(sum(float(count) * hw.compute_seconds(f.forward + f.recompute + f.backward)
                              for count, f, _ in parts))

@@ -1,8 +1,8 @@
 """Pick a parallel layout for a model, a sequence length and a GPU count, from the cost model (``cost.py``).
 
     python -m megatron_tsp.plan --config configs/X.yaml --seq-length S --gpus N [--gpu h100|h200|mi300x]
-        [--micro-batch-size B] [--recompute none|selective|selective+mlp|full|auto] [--dense-mask-attention]
-        [--plot out.png] [--all]
+        [--micro-batch-size B] [--recompute none|selective|selective+mlp|full|auto] [--recompute-num-layers N]
+        [--dense-mask-attention] [--plot out.png] [--all]
 
 The model shape, precision, recompute mode, micro and global batch come from the config (flat Megatron
 flags, Megatron's defaults where a flag is absent). Every step compared processes the same global batch:
@@ -13,12 +13,14 @@ that fits in memory with the lowest estimated step time.
 from __future__ import annotations
 
 import argparse
+import bisect
+import math
 import sys
 from dataclasses import dataclass, replace
 from typing import Sequence
 
 from megatron_tsp.args import OUTPUT_LAYERS, config_to_argv
-from megatron_tsp.cost import KINDS, Hardware, Layout, ModelShape, StepCost, Workload, step_cost
+from megatron_tsp.cost import KINDS, Hardware, Layout, ModelShape, StepCost, Workload, memory, step_cost
 
 GiB = 2**30
 # A layout fits if its modelled peak is within this fraction below the GPU's memory: the memory model's error
@@ -62,6 +64,8 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
     parser.add_argument("--moe-router-topk", type=int, default=2)
     parser.add_argument("--moe-layer-freq", type=int, default=1)
     parser.add_argument("--recompute-granularity", choices=("full", "selective"))
+    parser.add_argument("--recompute-method", choices=("uniform", "block"))
+    parser.add_argument("--recompute-num-layers", type=int)
     parser.add_argument("--recompute-modules", nargs="*", default=["core_attn"])
     parser.add_argument("--tsp-output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0])
     return parser.parse_known_args(list(argv))[0]
@@ -133,21 +137,32 @@ class Candidate:
     fits: bool
 
 
+def recompute_options(model: ModelShape, work: Workload, layout: Layout, budget: float) -> list[Workload]:
+    """The recompute modes worth costing for ``layout``: none, selective recompute of the MLPs, full, and block
+    recompute of the fewest layers per pipeline stage that fits in ``budget`` bytes (if any: memory falls as
+    the count grows, so a bisection finds it)."""
+    none = replace(work, recompute="none", recompute_mlp=False, recompute_layers=None)
+    full = replace(none, recompute="full")
+    options = [none, replace(none, recompute="selective", recompute_mlp=True), full]
+    counts = range(1, math.ceil(model.layers / layout.pipeline))
+    fewest = bisect.bisect_left(counts, True, key=lambda n: memory(model, replace(full, recompute_layers=n),
+                                                                     layout).total <= budget)
+    if fewest < len(counts):
+        options.append(replace(full, recompute_layers=counts[fewest]))
+    return options
+
+
 def evaluate(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, global_batch: int,
              auto_recompute: bool) -> Candidate:
-    """Cost one layout; with ``auto_recompute`` the first of none, selective recompute of the MLPs, full
-    that fits (in that order of compute; selective of core attention alone saves nothing with a fused kernel,
-    see cost.py)."""
+    """Cost one layout; with ``auto_recompute`` the fastest of :func:`recompute_options` that fits (or, if none
+    fits, the leanest)."""
     microbatches = global_batch // (work.micro_batch * layout.data)
-    modes = (("none", False), ("selective", True), ("full", False)) if auto_recompute else \
-        ((work.recompute, work.recompute_mlp),)
-    for mode, recompute_mlp in modes:
-        trial = replace(work, recompute=mode, recompute_mlp=recompute_mlp)
-        cost = step_cost(model, trial, layout, hw, microbatches)
-        fits = cost.memory.total <= (1 - MEMORY_MARGIN) * hw.memory_bytes
-        if fits:
-            break
-    return Candidate(layout, trial, cost, fits)
+    budget = (1 - MEMORY_MARGIN) * hw.memory_bytes
+    trials = recompute_options(model, work, layout, budget) if auto_recompute else [work]
+    costed = [Candidate(layout, trial, cost, cost.memory.total <= budget)
+              for trial in trials for cost in (step_cost(model, trial, layout, hw, microbatches),)]
+    fitting = [c for c in costed if c.fits]
+    return min(fitting, key=lambda c: c.cost.step_s) if fitting else min(costed, key=lambda c: c.cost.memory.total)
 
 
 def plan(model: ModelShape, work: Workload, gpus: int, hw: Hardware, global_batch: int,
@@ -292,9 +307,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     parser.add_argument("--micro-batch-size", type=int, help="overrides the config's")
     parser.add_argument("--recompute", choices=("none", "selective", "selective+mlp", "full", "auto"),
-                        help="overrides the config's --recompute-granularity (and -modules); selective+mlp: "
-                             "selective with --recompute-modules core_attn mlp; auto: the first of none, "
-                             "selective+mlp, full that fits")
+                        help="overrides the config's --recompute-granularity (and -modules, -method); "
+                             "selective+mlp: selective with --recompute-modules core_attn mlp; auto: the fastest "
+                             "that fits of none, selective+mlp, block recompute of the fewest layers, full")
+    parser.add_argument("--recompute-num-layers", type=int,
+                        help="with --recompute full: block recompute of this many layers per pipeline stage "
+                             "(--recompute-method block); default: the config's, else every layer")
     parser.add_argument("--dense-mask-attention", action="store_true",
                         help="cost TSP with the reference dense-mask attention kernel instead of the default "
                              "zigzag prefix/diagonal kernel")
@@ -306,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--all", action="store_true", help="print every candidate layout, not the first 25")
     args = parser.parse_args(argv)
 
+    if args.recompute_num_layers is not None and args.recompute != "full":
+        parser.error("--recompute-num-layers (block recompute) needs --recompute full")
     flags = _megatron_flags(config_to_argv(args.config), args.config)
     model = model_from_flags(flags)
     micro_batch = args.micro_batch_size or flags.micro_batch_size
@@ -314,9 +334,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     recompute_mlp = recompute == "selective+mlp" or (args.recompute is None and recompute == "selective"
                                                      and "mlp" in flags.recompute_modules)
     recompute = "selective" if recompute == "selective+mlp" else recompute
+    recompute_layers = args.recompute_num_layers or (flags.recompute_num_layers if args.recompute is None and
+                                                     flags.recompute_method == "block" else None)
     work = Workload(micro_batch=micro_batch, seq_len=args.seq_length, param_bytes=2 if sixteen_bit else 4,
                     act_bytes=2 if sixteen_bit else 4, recompute="none" if recompute == "auto" else recompute,
-                    recompute_mlp=recompute_mlp,
+                    recompute_mlp=recompute_mlp, recompute_layers=recompute_layers if recompute == "full" else None,
                     distributed_optimizer=flags.use_distributed_optimizer, tsp_dense_mask=args.dense_mask_attention,
                     tsp_keep_weights=args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards,
                     tsp_vocab_ring=(args.tsp_output_layer or flags.tsp_output_layer) == "vocab-ring")

@@ -2,10 +2,10 @@
 
 ``--tsp-report-comm-bytes`` counts every TSP collective (comm.py's per-rank convention) over the whole run;
 ``megatron_tsp.cost`` predicts the same per layer and micro-batch, plus the output layer's vocabulary ring. The counted runs are the loss-parity runs
-themselves (test_loss_parity, 10 iterations), at five shapes: D=4 with MHA, D=2 with GQA and full
-recompute (whose backward repeats the forward's collectives), D=2 with weight shards kept for backward, D=2
-with selective recompute of the MLPs (their ring forward repeated), and D=2 MoE with the expert ring. The
-bar is 1%; in fact they agree exactly.
+themselves (test_loss_parity, 10 iterations), at six shapes: D=4 with MHA, D=2 with GQA and full
+recompute (whose backward repeats the forward's collectives), D=2 with one of two layers recomputed (block),
+D=2 with weight shards kept for backward, D=2 with selective recompute of the MLPs (their ring forward
+repeated), and D=2 MoE with the expert ring. The bar is 1%; in fact they agree exactly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import replace
 
 import pytest
 
-from megatron_tsp.cost import Layout, ModelShape, Workload, bytes_by_op, edge_comm, layer_comm, pipeline_stages
+from megatron_tsp.cost import (Layout, ModelShape, Workload, bytes_by_op, edge_comm, layer_comm, layer_groups,
+                               pipeline_stages)
 from tests.test_loss_parity import tsp_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
@@ -38,6 +39,7 @@ CASES = {  # loss-parity case: (model, layout, workload); micro-batches per step
                                 replace(FP32, recompute="full")),
     "tsp2_recompute_selective_keep_weight_shards": (TINY, Layout(kind="TSP", tensor=2),
                                                     replace(FP32, recompute="selective", tsp_keep_weights=True)),
+    "tsp2_recompute_block": (TINY, Layout(kind="TSP", tensor=2), replace(FP32, recompute="full", recompute_layers=1)),
     "tsp2_recompute_selective_mlp": (TINY, Layout(kind="TSP", tensor=2),
                                      replace(FP32, recompute="selective", recompute_mlp=True)),
     "moe_tsp2_ep2_expert_ring_shared_expert": (TINY_MOE, Layout(kind="TSP", tensor=2, data=2, expert=2,
@@ -54,7 +56,8 @@ def test_counted_bytes_match_the_cost_model(name: str) -> None:
 
     # Per micro-batch: every layer, and the model's edges (the output layer's vocabulary ring).
     (stage,) = pipeline_stages(model, layout)
-    layers = layer_comm(model, work, layout, moe=bool(model.experts)).transfers * model.layers
+    layers = tuple(transfer for count, moe, layer_work in layer_groups(work, stage)  # block recompute: two groups
+                   for transfer in layer_comm(model, layer_work, layout, moe).transfers * int(count))
     transfers = tuple(t for t in layers + edge_comm(model, work, layout, stage).transfers
                       if t.what not in MEGATRON_OWN)
     steps = ITERATIONS * (2 // layout.data)

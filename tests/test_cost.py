@@ -284,9 +284,29 @@ def test_selective_mlp_recompute_trades_the_mlp_activations_for_its_forward(kind
     assert flops["selective+mlp"] - flops["selective"] == 2 * seq * 3 * model.hidden * model.ffn / d
     recomputed = bytes_by_op(layer_comm(model, with_mlp, layout, moe=False).recompute)
     share = Fraction(d - 1, d)
+    gather = seq * model.hidden * a * share  # Megatron's MLP forward: all_gather and reduce_scatter of [S, B, h]
     assert recomputed == ({"ring_send": 3 * model.hidden * model.ffn * a * share} if kind == "TSP" else
-                          {"all_gather": seq * model.hidden * a * share, "reduce_scatter": seq * model.hidden * a * share})
+                          {"all_gather": gather, "reduce_scatter": gather})
     assert layer_flops(_MOE, with_mlp, layout, moe=True) == layer_flops(_MOE, selective, layout, moe=True)
+
+
+def test_block_recompute_sits_between_none_and_full() -> None:
+    """--recompute-method block --recompute-num-layers N: N of a stage's layers store only their input, the
+    others everything, and only the N repeat their forward (FLOPs and bytes); the working set is the larger
+    of a recomputed layer's and a kept one's."""
+    model, layout, n = _SEVEN_B, Layout("TP+SP", tensor=8), 8
+    full = Workload(1, 65536, recompute="full")
+    block, none = replace(full, recompute_layers=n), replace(full, recompute="none")
+    memories = {w.recompute_label: memory(model, w, layout) for w in (none, block, full)}
+    share = n / model.layers
+    assert memories["block 8"].activations == pytest.approx(
+        share * memories["full"].activations + (1 - share) * memories["none"].activations)
+    assert memories["block 8"].working == max(memories["none"].working, memories["full"].working)
+    costs = {w.recompute_label: step_cost(model, w, layout, plan.GPUS["h100"], microbatches=1)
+             for w in (none, block, full)}
+    assert costs["block 8"].sent.recompute == pytest.approx(share * costs["full"].sent.recompute)
+    assert costs["block 8"].compute_s == pytest.approx(
+        share * costs["full"].compute_s + (1 - share) * costs["none"].compute_s)
 
 
 def test_planner_cli_recommends(capsys: pytest.CaptureFixture[str]) -> None:
@@ -305,11 +325,33 @@ def test_planner_plot_writes_png(tmp_path, capsys: pytest.CaptureFixture[str]) -
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
-def test_auto_recompute_takes_none_where_it_fits() -> None:
-    """7B at 128K on H200: TSP8 fits without recompute (85 GiB by the model); TP+SP at degree 2 needs full
-    recompute (selective recompute of the MLPs is not enough)."""
-    h200, work = plan.GPUS["h200"], Workload(1, 131072, recompute="full")
-    chosen = {layout.name: plan.evaluate(_SEVEN_B, work, layout, h200, global_batch=8, auto_recompute=True)
-              for layout in (Layout("TSP", tensor=8), Layout("TP+SP", tensor=2, data=4))}
-    assert chosen["TSP8"].work.recompute == "none" and chosen["TSP8"].fits
-    assert chosen["TP+SP2 DP4"].work.recompute == "full" and chosen["TP+SP2 DP4"].fits
+def test_auto_recompute_takes_the_fastest_mode_that_fits() -> None:
+    """7B at 128K: on H200 TSP8 fits without recompute (85 GiB by the model) and TP+SP at degree 2 with 31 of
+    its 32 layers recomputed (block); on H100 TSP8 needs selective recompute of its MLPs and TP+SP8 18
+    recomputed layers, each faster than full recompute."""
+    work = Workload(1, 131072)
+    layouts = (Layout("TSP", tensor=8), Layout("TP+SP", tensor=2, data=4), Layout("TP+SP", tensor=8))
+    chosen = {(gpu, layout.name): plan.evaluate(_SEVEN_B, work, layout, plan.GPUS[gpu], global_batch=8,
+                                                auto_recompute=True)
+              for gpu in ("h200", "h100") for layout in layouts}
+    expected = {("h200", "TSP8"): "none", ("h200", "TP+SP2 DP4"): "block 31",
+                ("h100", "TSP8"): "selective+mlp", ("h100", "TP+SP8"): "block 18"}
+    for key, label in expected.items():
+        candidate = chosen[key]
+        assert candidate.work.recompute_label == label and candidate.fits, (key, candidate.work.recompute_label)
+        full = plan.evaluate(_SEVEN_B, replace(work, recompute="full"), candidate.layout, plan.GPUS[key[0]],
+                             global_batch=8, auto_recompute=False)
+        assert candidate.cost.step_s < full.cost.step_s
+    # block 17 would not fit: 18 is the fewest
+    fewer = replace(chosen[("h100", "TP+SP8")].work, recompute_layers=17)
+    budget = (1 - plan.MEMORY_MARGIN) * plan.GPUS["h100"].memory_bytes
+    assert memory(_SEVEN_B, fewer, Layout("TP+SP", tensor=8)).total > budget
+
+
+def test_planner_reads_block_recompute(capsys: pytest.CaptureFixture[str]) -> None:
+    plan.main(["--config", TINY_CONFIG, "--gpus", "2", "--seq-length", "128", "--recompute", "full",
+               "--recompute-num-layers", "1"])
+    assert "block 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        plan.main(["--config", TINY_CONFIG, "--gpus", "2", "--seq-length", "128", "--recompute-num-layers", "1"])
+    assert "--recompute-num-layers (block recompute) needs --recompute full" in capsys.readouterr().err
