@@ -23,8 +23,9 @@ Assumptions (stated once, used throughout)
 - Megatron's local layer spec with a fused SDPA kernel (no S^2 score matrix kept), dropout 0, RMSNorm.
 - Selective recompute (Megatron's default module, core attention) saves no memory with a fused kernel: the
   kernel keeps only q, k, v, output and the log-sum-exp either way. It re-runs the core attention forward.
-  With ``recompute_mlp`` (``--recompute-modules ... mlp``) dense layers' MLPs keep only their input and
-  re-run their forward in backward (for TSP too: Megatron checkpoints the TSP MLP like its own).
+  Megatron's ``--recompute-modules`` pick what selective recompute covers (``recompute_modules``: core_attn,
+  its default, and mlp are modelled): with mlp dense layers' MLPs keep only their input and re-run their
+  forward in backward (for TSP too: Megatron checkpoints the TSP MLP like its own).
 - TSP layers keep from forward what their backward needs (attention.py, mlp.py: each head bucket's qkv
   projection, core-attention output and LSE; each MLP shard's fc1 output) and recompute only elementwise
   work (norms, RoPE, the activation), so their backward costs two forwards, like Megatron's. Megatron's
@@ -200,9 +201,10 @@ class Workload:
     param_bytes: int = 2
     act_bytes: int = 2
     recompute: Recompute = "none"
-    # --recompute-modules with mlp (with --recompute-granularity selective): dense layers' MLPs keep only
-    # their input and run their forward again in backward (Megatron skips MoE layers' MLPs).
-    recompute_mlp: bool = False
+    # --recompute-modules (with --recompute-granularity selective): core_attn re-runs core attention (not
+    # TSP's); mlp makes dense layers' MLPs keep only their input and run their forward again in backward
+    # (Megatron skips MoE layers' MLPs).
+    recompute_modules: tuple[str, ...] = ("core_attn",)
     # With full recompute, --recompute-method block --recompute-num-layers N: the first N layers of each
     # pipeline stage recompute, the others keep their activations. None: every layer recomputes (uniform).
     recompute_layers: int | None = None
@@ -219,16 +221,22 @@ class Workload:
     # or Megatron's output layer over gathered hidden states (False).
     tsp_vocab_ring: bool = True
 
-    def mlp_recomputed_alone(self, moe: bool) -> bool:
-        """Whether selective recompute re-runs this layer's MLP (and no more of it)."""
-        return self.recompute == "selective" and self.recompute_mlp and not moe
+    def mlp_selectively_recomputed(self, moe: bool) -> bool:
+        """Whether selective recompute re-runs this layer's MLP (module mlp; dense layers only)."""
+        return self.recompute == "selective" and "mlp" in self.recompute_modules and not moe
+
+    def core_attention_recomputed(self) -> bool:
+        """Whether selective recompute re-runs Megatron's core attention (TSP attention keeps its outputs)."""
+        return self.recompute == "selective" and "core_attn" in self.recompute_modules
 
     @property
     def recompute_label(self) -> str:
         """The recompute mode as the planner prints it."""
         if self.recompute == "full" and self.recompute_layers is not None:
             return f"block {self.recompute_layers}"
-        return "selective+mlp" if self.recompute == "selective" and self.recompute_mlp else self.recompute
+        if self.recompute == "selective":
+            return "sel:" + "+".join(self.recompute_modules)
+        return self.recompute
 
     @property
     def grad_bytes(self) -> int:
@@ -454,7 +462,7 @@ def layer_comm(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> 
     """One transformer layer's transfers on one GPU for one micro-batch; ``moe`` picks the MoE variant.
 
     Full recompute re-runs the layer forward (its transfers again); selective recompute re-runs core
-    attention, which only CP's ring makes communicate, and with ``recompute_mlp`` a dense layer's MLP.
+    attention (module core_attn), which only CP's ring makes communicate, and a dense layer's MLP (mlp).
     """
     t = layout.tensor
     x = work.tokens * Fraction(model.hidden * work.act_bytes, layout.context)  # one [S/c, B, h] activation
@@ -471,9 +479,9 @@ def layer_comm(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> 
     if work.recompute == "full":
         return replace(layer, recompute=layer.forward)
     recompute: tuple[Transfer, ...] = ()
-    if work.recompute == "selective" and layout.context > 1:
+    if work.core_attention_recomputed() and layout.context > 1:
         recompute += _context_ring(model, work, layout).forward
-    if work.mlp_recomputed_alone(moe):
+    if work.mlp_selectively_recomputed(moe):
         recompute += mlp.forward
     return replace(layer, recompute=recompute)
 
@@ -611,7 +619,7 @@ def layer_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bo
 
 def _megatron_mlp_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
     """A Megatron dense MLP's activations (:func:`_mlp_activation_elements`/t per token of the context
-    shard), the part of :func:`layer_saved_bytes` that ``recompute_mlp`` drops. Zero for TSP (its MLP's
+    shard), the part of :func:`layer_saved_bytes` that recomputing the mlp module drops. Zero for TSP (its MLP's
     are :func:`layer_kept_fc1_bytes`) and MoE layers."""
     if layout.kind == "TSP" or moe:
         return Fraction(0)
@@ -724,7 +732,7 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
         kept_attention = layer_kept_attention_bytes(model, work, layout)
         attention += kept_attention
         mlp += kept_attention
-    if work.recompute == "full" or work.mlp_recomputed_alone(moe):
+    if work.recompute == "full" or work.mlp_selectively_recomputed(moe):
         mlp += layer_kept_fc1_bytes(model, work, layout, moe)
     return 4 * local_tokens * model.hidden + max(attention, mlp)
 
@@ -791,7 +799,7 @@ def stage_memory(model: ModelShape, work: Workload, layout: Layout, stage: Stage
         kept = kept_weights + layer_kept_attention_bytes(model, layer_work, layout) + kept_fc1
         # --recompute-modules mlp: the MLP's activations are not stored but made again in its backward
         # (Megatron's, with their grads, in the factor's term; TSP's kept fc1 outputs in the transient one)
-        mlp_alone = layer_work.mlp_recomputed_alone(moe)
+        mlp_alone = layer_work.mlp_selectively_recomputed(moe)
         recomputed_mlp = _megatron_mlp_saved_bytes(model, layer_work, layout, moe) if mlp_alone else 0
         not_stored = recomputed_mlp + (kept_fc1 if mlp_alone else 0)
         stored += stage.in_flight * count * (layer_input_bytes(model, layer_work, layout) if full
@@ -863,8 +871,8 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
     Backward is 2 forwards, TSP's too (its schedules keep their GEMM outputs, attention.py and mlp.py); TSP
     core attention with the dense mask computes the full S/D x S rectangle (2x the causal FLOPs; BASELINES.md
     measured 1.71x TP's time even for a bottom-right causal mask, 0.91x for a split prefix/diagonal kernel).
-    Full recompute adds a forward; selective adds Megatron's core attention forward (not TSP's) and with
-    ``recompute_mlp`` a dense layer's MLP forward.
+    Full recompute adds a forward; selective adds Megatron's core attention forward (not TSP's; module
+    core_attn) and a dense layer's MLP forward (module mlp).
     """
     ranks = layout.tensor * layout.context
     core = 2.0 * work.micro_batch * work.seq_len**2 * model.heads * model.head_dim / ranks
@@ -877,8 +885,10 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
     else:
         mlp_weights = model.mlp_weights(model.ffn, with_bias=False)
     forward = attention + 2.0 * work.tokens * mlp_weights / ranks
-    recompute = {"none": 0.0, "selective": core if layout.kind != "TSP" else 0.0, "full": forward}[work.recompute]
-    if work.mlp_recomputed_alone(moe):
+    recompute = forward if work.recompute == "full" else 0.0
+    if work.core_attention_recomputed() and layout.kind != "TSP":
+        recompute += core
+    if work.mlp_selectively_recomputed(moe):
         recompute += 2.0 * work.tokens * mlp_weights / ranks
     return LayerFlops(forward, 2 * forward, recompute)
 

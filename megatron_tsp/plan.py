@@ -1,8 +1,8 @@
 """Pick a parallel layout for a model, a sequence length and a GPU count, from the cost model (``cost.py``).
 
     python -m megatron_tsp.plan --config configs/X.yaml --seq-length S --gpus N [--gpu h100|h200|mi300x]
-        [--micro-batch-size B] [--recompute none|selective|selective+mlp|full|auto] [--recompute-num-layers N]
-        [--dense-mask-attention] [--plot out.png] [--all]
+        [--micro-batch-size B] [--recompute none|selective|full|auto] [--recompute-modules M ...]
+        [--recompute-num-layers N] [--dense-mask-attention] [--plot out.png] [--all]
 
 The model shape, precision, recompute mode, micro and global batch come from the config (flat Megatron
 flags, Megatron's defaults where a flag is absent). Every step compared processes the same global batch:
@@ -66,7 +66,7 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
     parser.add_argument("--recompute-granularity", choices=("full", "selective"))
     parser.add_argument("--recompute-method", choices=("uniform", "block"))
     parser.add_argument("--recompute-num-layers", type=int)
-    parser.add_argument("--recompute-modules", nargs="*", default=["core_attn"])
+    parser.add_argument("--recompute-modules", nargs="+", default=["core_attn"])
     parser.add_argument("--tsp-output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0])
     return parser.parse_known_args(list(argv))[0]
 
@@ -140,10 +140,11 @@ class Candidate:
 def recompute_options(model: ModelShape, work: Workload, layout: Layout, budget: float) -> list[Workload]:
     """The recompute modes worth costing for ``layout``: none, selective recompute of the MLPs, full, and block
     recompute of the fewest layers per pipeline stage that fits in ``budget`` bytes (if any: memory falls as
-    the count grows, so a bisection finds it)."""
-    none = replace(work, recompute="none", recompute_mlp=False, recompute_layers=None)
+    the count grows, so a bisection finds it). Selective recompute of core attention saves no memory with a
+    fused kernel (cost.py), so it is left out."""
+    none = replace(work, recompute="none", recompute_layers=None)
     full = replace(none, recompute="full")
-    options = [none, replace(none, recompute="selective", recompute_mlp=True), full]
+    options = [none, replace(none, recompute="selective", recompute_modules=("mlp",)), full]
     counts = range(1, math.ceil(model.layers / layout.pipeline))
     fewest = bisect.bisect_left(counts, True, key=lambda n: memory(model, replace(full, recompute_layers=n),
                                                                      layout).total <= budget)
@@ -198,7 +199,7 @@ def _si(value: float, unit: str) -> str:
 
 def _row(c: Candidate) -> str:
     cost, fits = c.cost, "yes" if c.fits else "NO"
-    return (f"{c.layout.name:<30} {c.work.recompute_label:<13} {cost.memory.total / GiB:>8.3g} {fits:>4} "
+    return (f"{c.layout.name:<30} {c.work.recompute_label:<17} {cost.memory.total / GiB:>8.3g} {fits:>4} "
             f"{_si(cost.comm_bytes, 'B'):>11} {_si(cost.compute_s, 's'):>10} {_si(cost.exposed_comm_s, 's'):>12} "
             f"{_si(cost.step_s, 's'):>10}")
 
@@ -219,7 +220,7 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
         f"hardware: {gpus} x {hw.name}, {hw.memory_bytes / GiB:.1f} GiB, {hw.matmul_flops / 1e12:.0f} TFLOP/s "
         f"matmul, {hw.node_bandwidth / 1e9:.0f} GB/s in node",
         "",
-        f"{'layout':<30} {'recompute':<13} {'GiB/GPU':>8} {'fits':>4} {'sent/GPU':>11} {'compute':>10} "
+        f"{'layout':<30} {'recompute':<17} {'GiB/GPU':>8} {'fits':>4} {'sent/GPU':>11} {'compute':>10} "
         f"{'comm+bubble':>12} {'step':>10}",
     ]
     lines += [_row(c) for c in candidates[:max_rows]]
@@ -306,10 +307,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gpus", type=int, required=True)
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     parser.add_argument("--micro-batch-size", type=int, help="overrides the config's")
-    parser.add_argument("--recompute", choices=("none", "selective", "selective+mlp", "full", "auto"),
-                        help="overrides the config's --recompute-granularity (and -modules, -method); "
-                             "selective+mlp: selective with --recompute-modules core_attn mlp; auto: the fastest "
-                             "that fits of none, selective+mlp, block recompute of the fewest layers, full")
+    parser.add_argument("--recompute", choices=("none", "selective", "full", "auto"),
+                        help="overrides the config's --recompute-granularity (and -method); auto: the fastest "
+                             "that fits of none, selective recompute of the MLPs, block recompute of the fewest "
+                             "layers, full")
+    parser.add_argument("--recompute-modules", nargs="+", choices=("core_attn", "mlp"),
+                        help="with --recompute selective: what it recomputes (Megatron's flag; default: the "
+                             "config's, else core_attn)")
     parser.add_argument("--recompute-num-layers", type=int,
                         help="with --recompute full: block recompute of this many layers per pipeline stage "
                              "(--recompute-method block); default: the config's, else every layer")
@@ -326,19 +330,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.recompute_num_layers is not None and args.recompute != "full":
         parser.error("--recompute-num-layers (block recompute) needs --recompute full")
+    if args.recompute_modules is not None and args.recompute != "selective":
+        parser.error("--recompute-modules needs --recompute selective")
     flags = _megatron_flags(config_to_argv(args.config), args.config)
     model = model_from_flags(flags)
     micro_batch = args.micro_batch_size or flags.micro_batch_size
     sixteen_bit = flags.bf16 or flags.fp16
     recompute = args.recompute or flags.recompute_granularity or "none"
-    recompute_mlp = recompute == "selective+mlp" or (args.recompute is None and recompute == "selective"
-                                                     and "mlp" in flags.recompute_modules)
-    recompute = "selective" if recompute == "selective+mlp" else recompute
     recompute_layers = args.recompute_num_layers or (flags.recompute_num_layers if args.recompute is None and
                                                      flags.recompute_method == "block" else None)
     work = Workload(micro_batch=micro_batch, seq_len=args.seq_length, param_bytes=2 if sixteen_bit else 4,
                     act_bytes=2 if sixteen_bit else 4, recompute="none" if recompute == "auto" else recompute,
-                    recompute_mlp=recompute_mlp, recompute_layers=recompute_layers if recompute == "full" else None,
+                    recompute_modules=tuple(args.recompute_modules or flags.recompute_modules),
+                    recompute_layers=recompute_layers if recompute == "full" else None,
                     distributed_optimizer=flags.use_distributed_optimizer, tsp_dense_mask=args.dense_mask_attention,
                     tsp_keep_weights=args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards,
                     tsp_vocab_ring=(args.tsp_output_layer or flags.tsp_output_layer) == "vocab-ring")

@@ -41,7 +41,7 @@ CASES = {  # loss-parity case: (model, layout, workload); micro-batches per step
                                                     replace(FP32, recompute="selective", tsp_keep_weights=True)),
     "tsp2_recompute_block": (TINY, Layout(kind="TSP", tensor=2), replace(FP32, recompute="full", recompute_layers=1)),
     "tsp2_recompute_selective_mlp": (TINY, Layout(kind="TSP", tensor=2),
-                                     replace(FP32, recompute="selective", recompute_mlp=True)),
+                                     replace(FP32, recompute="selective", recompute_modules=("core_attn", "mlp"))),
     "moe_tsp2_ep2_expert_ring_shared_expert": (TINY_MOE, Layout(kind="TSP", tensor=2, data=2, expert=2,
                                                                 expert_ring=True), FP32),
 }

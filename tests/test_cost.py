@@ -273,15 +273,17 @@ def test_selective_mlp_recompute_trades_the_mlp_activations_for_its_forward(kind
     model, seq, d, a = _SEVEN_B, 32768, 8, 2
     layout = Layout(kind, tensor=d)
     selective = Workload(1, seq, recompute="selective")
-    with_mlp = replace(selective, recompute_mlp=True)
+    with_mlp = replace(selective, recompute_modules=("core_attn", "mlp"))
     stored = {w.recompute_label: memory(model, w, layout).activations
               for w in (Workload(1, seq), selective, with_mlp, replace(selective, recompute="full"))}
     mlp_per_layer = seq // d * (2 if kind == "TSP" else 4) * model.ffn * a
-    assert stored["selective"] - stored["selective+mlp"] == model.layers * mlp_per_layer
-    assert stored["full"] < stored["selective+mlp"] < stored["none"]
+    assert stored["sel:core_attn"] - stored["sel:core_attn+mlp"] == model.layers * mlp_per_layer
+    assert stored["full"] < stored["sel:core_attn+mlp"] < stored["none"]
 
     flops = {w.recompute_label: layer_flops(model, w, layout, moe=False).recompute for w in (selective, with_mlp)}
-    assert flops["selective+mlp"] - flops["selective"] == 2 * seq * 3 * model.hidden * model.ffn / d
+    assert flops["sel:core_attn+mlp"] - flops["sel:core_attn"] == 2 * seq * 3 * model.hidden * model.ffn / d
+    mlp_only = layer_flops(model, replace(selective, recompute_modules=("mlp",)), layout, moe=False).recompute
+    assert mlp_only == 2 * seq * 3 * model.hidden * model.ffn / d  # no core attention without core_attn
     recomputed = bytes_by_op(layer_comm(model, with_mlp, layout, moe=False).recompute)
     share = Fraction(d - 1, d)
     gather = seq * model.hidden * a * share  # Megatron's MLP forward: all_gather and reduce_scatter of [S, B, h]
@@ -327,31 +329,38 @@ def test_planner_plot_writes_png(tmp_path, capsys: pytest.CaptureFixture[str]) -
 
 def test_auto_recompute_takes_the_fastest_mode_that_fits() -> None:
     """7B at 128K: on H200 TSP8 fits without recompute (85 GiB by the model) and TP+SP at degree 2 with 31 of
-    its 32 layers recomputed (block); on H100 TSP8 needs selective recompute of its MLPs and TP+SP8 18
-    recomputed layers, each faster than full recompute."""
+    its 32 layers recomputed (block); on H100 TSP8 and TP+SP8 need selective recompute of their MLPs, each
+    faster than full recompute. The block option costed is the fewest layers that fit."""
     work = Workload(1, 131072)
     layouts = (Layout("TSP", tensor=8), Layout("TP+SP", tensor=2, data=4), Layout("TP+SP", tensor=8))
     chosen = {(gpu, layout.name): plan.evaluate(_SEVEN_B, work, layout, plan.GPUS[gpu], global_batch=8,
                                                 auto_recompute=True)
               for gpu in ("h200", "h100") for layout in layouts}
     expected = {("h200", "TSP8"): "none", ("h200", "TP+SP2 DP4"): "block 31",
-                ("h100", "TSP8"): "selective+mlp", ("h100", "TP+SP8"): "block 18"}
+                ("h100", "TSP8"): "sel:mlp", ("h100", "TP+SP8"): "sel:mlp"}
     for key, label in expected.items():
         candidate = chosen[key]
         assert candidate.work.recompute_label == label and candidate.fits, (key, candidate.work.recompute_label)
         full = plan.evaluate(_SEVEN_B, replace(work, recompute="full"), candidate.layout, plan.GPUS[key[0]],
                              global_batch=8, auto_recompute=False)
         assert candidate.cost.step_s < full.cost.step_s
-    # block 17 would not fit: 18 is the fewest
-    fewer = replace(chosen[("h100", "TP+SP8")].work, recompute_layers=17)
-    budget = (1 - plan.MEMORY_MARGIN) * plan.GPUS["h100"].memory_bytes
-    assert memory(_SEVEN_B, fewer, Layout("TP+SP", tensor=8)).total > budget
+    budget, tp_sp = (1 - plan.MEMORY_MARGIN) * plan.GPUS["h100"].memory_bytes, Layout("TP+SP", tensor=8)
+    *_, block = plan.recompute_options(_SEVEN_B, work, tp_sp, budget)
+    assert block.recompute_label == "block 18" and memory(_SEVEN_B, block, tp_sp).total <= budget
+    assert memory(_SEVEN_B, replace(block, recompute_layers=17), tp_sp).total > budget
 
 
-def test_planner_reads_block_recompute(capsys: pytest.CaptureFixture[str]) -> None:
-    plan.main(["--config", TINY_CONFIG, "--gpus", "2", "--seq-length", "128", "--recompute", "full",
-               "--recompute-num-layers", "1"])
-    assert "block 1" in capsys.readouterr().out
+@pytest.mark.parametrize("flags,label,refused", [
+    (("--recompute", "full", "--recompute-num-layers", "1"), "block 1",
+     "--recompute-num-layers (block recompute) needs --recompute full"),
+    (("--recompute", "selective", "--recompute-modules", "mlp"), "sel:mlp",
+     "--recompute-modules needs --recompute selective"),
+])
+def test_planner_reads_recompute_modes(flags: tuple[str, ...], label: str, refused: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["--config", TINY_CONFIG, "--gpus", "2", "--seq-length", "128"]
+    plan.main([*common, *flags])
+    assert f" {label} " in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        plan.main(["--config", TINY_CONFIG, "--gpus", "2", "--seq-length", "128", "--recompute-num-layers", "1"])
-    assert "--recompute-num-layers (block recompute) needs --recompute full" in capsys.readouterr().err
+        plan.main([*common, *flags[2:]])  # the mode's detail without the mode
+    assert refused in capsys.readouterr().err
