@@ -3,7 +3,8 @@
 #   1. tests/test_kernels.py, whose cuDNN part-kernel cases run only on a GPU;
 #   2. the attention-kernel benchmark at the shape of ../shared/reference/BASELINES.md (S = 128K, D = 8,
 #      4 heads of 128 per bucket, bf16): TSP's zigzag kernel against TP's square causal call;
-#   3. one TSP rank and one Megatron TP+SP rank (scripts/bench_gpu.py, both in one process), and Megatron's
+#   3. TSP's attention and MLP schedules, forward and backward, at the paper's 7B shapes (D = 8, S = 32K, bf16);
+#   4. one TSP rank and one Megatron TP+SP rank (scripts/bench_gpu.py, both in one process), and Megatron's
 #      TP+SP and TP by the shared harness (TP_BASELINE) that measured BASELINES.md, on the paper's 7B at D = 8,
 #      SEQS, in the same call on the same GPU (LAYERS, HIDDEN, HEADS, FFN, VOCAB: another model for all, as
 #      the shared harness reads them).
@@ -25,6 +26,8 @@ python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py > "$out/kernel_te
 tail -3 "$out/kernel_tests.txt"
 python3 scripts/bench_attention_kernel.py --seq-len "${ATTENTION_SEQ:-131072}" --tsp-size 8 --heads 4 --kv-heads 4 \
     --head-dim 128 --dtype bfloat16 --repeats 3 --no-reference 2>&1 | tee "$out/attention_kernel.txt" || status=1
+python3 scripts/bench_layer.py --tsp 8 --seq "${LAYER_SEQ:-32768}" --hidden "${HIDDEN:-4096}" --heads "${HEADS:-32}" \
+    --ffn "${FFN:-16384}" --dtype bfloat16 2>&1 | tee "$out/layer.txt" || status=1
 python3 scripts/bench_gpu.py --seqs "$seqs" --layers "${LAYERS:-32}" --hidden "${HIDDEN:-4096}" --heads "${HEADS:-32}" \
     --ffn "${FFN:-16384}" --vocab "${VOCAB:-32000}" --out "$out/bench_gpu.json" || status=1
 SEQS="$seqs" NAME=tp_baseline OUT="$out" python3 "${TP_BASELINE:-../shared/tools/megatron_tp_baseline.py}" || status=1

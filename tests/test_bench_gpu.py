@@ -1,4 +1,4 @@
-"""The GPU benchmark script runs end to end (here on CPU): what a device session will run, and the cost
+"""The GPU benchmark scripts run end to end (here on CPU): what a device session will run, and the cost
 model's peak memory against the allocator's.
 
 No timing is asserted (benchmarks report numbers; tests do not judge them). What is checked: every case
@@ -10,6 +10,7 @@ layouts (a buffer kept longer than the schedule needs, or one the model forgets,
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,13 @@ def test_cost_model_peak_matches_allocator(tmp_path: Path) -> None:
     for record in records[:2]:
         predicted = record["model_peak_GiB"] - record["model_offset_GiB"]
         assert abs(predicted / record["peak_GiB"] - 1) < 0.10, record
+
+
+def test_bench_layer_smoke_on_cpu() -> None:
+    """scripts/bench_layer.py times both TSP schedules, forward and backward."""
+    done = subprocess.run([sys.executable, "scripts/bench_layer.py", "--tsp", "2", "--seq", "64", "--hidden", "32",
+                           "--heads", "4", "--ffn", "64", "--repeats", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    timed = re.findall(r"(\w+): forward +[0-9.]+ ms, backward +[0-9.]+ ms", done.stdout)
+    assert timed == ["attention", "mlp"], done.stdout
