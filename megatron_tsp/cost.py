@@ -607,20 +607,20 @@ def layer_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bo
     a, t = work.act_bytes, layout.tensor
     local_tokens = Fraction(work.tokens, layout.sequence_shard)
     context_tokens = Fraction(work.tokens, layout.context)  # tokens of a tensor-sharded (head/ffn) region
-    saved = 4 * model.hidden * local_tokens + _megatron_mlp_saved_bytes(model, work, layout, moe) / a
+    saved = 4 * model.hidden * local_tokens
     if layout.kind != "TSP":
         saved += (2 * model.heads + 2 * model.kv_groups) * model.head_dim * context_tokens / t
     if moe:
         per_copy = 2 * model.hidden + (0 if layout.expert_ring else _mlp_activation_elements(model, model.expert_ffn))
         saved += model.topk * per_copy * local_tokens
         saved += _mlp_activation_elements(model, model.shared_expert_ffn) * context_tokens / t
-    return saved * a
+    return saved * a + _megatron_mlp_saved_bytes(model, work, layout, moe)
 
 
 def _megatron_mlp_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
     """A Megatron dense MLP's activations (:func:`_mlp_activation_elements`/t per token of the context
-    shard), the part of :func:`layer_saved_bytes` that recomputing the mlp module drops. Zero for TSP (its MLP's
-    are :func:`layer_kept_fc1_bytes`) and MoE layers."""
+    shard), the part of :func:`layer_saved_bytes` that recomputing the mlp module drops. Zero for TSP (its
+    MLP's are :func:`layer_kept_fc1_bytes`) and MoE layers."""
     if layout.kind == "TSP" or moe:
         return Fraction(0)
     context_tokens = Fraction(work.tokens, layout.context)
@@ -799,9 +799,9 @@ def stage_memory(model: ModelShape, work: Workload, layout: Layout, stage: Stage
         kept = kept_weights + layer_kept_attention_bytes(model, layer_work, layout) + kept_fc1
         # --recompute-modules mlp: the MLP's activations are not stored but made again in its backward
         # (Megatron's, with their grads, in the factor's term; TSP's kept fc1 outputs in the transient one)
-        mlp_alone = layer_work.mlp_selectively_recomputed(moe)
-        recomputed_mlp = _megatron_mlp_saved_bytes(model, layer_work, layout, moe) if mlp_alone else 0
-        not_stored = recomputed_mlp + (kept_fc1 if mlp_alone else 0)
+        mlp_recomputed = layer_work.mlp_selectively_recomputed(moe)
+        recomputed_mlp = _megatron_mlp_saved_bytes(model, layer_work, layout, moe) if mlp_recomputed else 0
+        not_stored = recomputed_mlp + (kept_fc1 if mlp_recomputed else 0)
         stored += stage.in_flight * count * (layer_input_bytes(model, layer_work, layout) if full
                                              else saved + kept - not_stored)
         backward = Fraction(BACKWARD_FACTOR) * saved - (0 if full else saved - recomputed_mlp)
