@@ -67,7 +67,9 @@ Residual = model / measured - 1.
 | Llama-3-8B TP+SP 32K    |          9.9 |     10.13 |   +2.3%  |            21.2 / 21.35 |
 | Llama-3-8B TP+SP 128K   |         22.8 |     23.43 |   +2.8%  |            34.0 / 34.65 |
 
-Without SP the model misses a roughly constant 0.6-1 GiB (not identified). The Llama rows test the output
+Without SP the model misses a roughly constant 0.6-1 GiB (not identified). Without full recompute (no
+GPU measurement) the CPU allocator keeps 12-17% more for TP+SP than the model says (docs/benchmarks.md:
+unfused norm and RoPE intermediates, the qkv output kept whole by the v view); TSP's stay within 7%. The Llama rows test the output
 layer's working set (its peak is the fp32 logits, V/D = 16032), overestimated by 2-3%.
 
 Step time: ``COMPUTE_EFFICIENCY`` = 0.73 is the fitted fraction of the measured matmul rate (787 TFLOP/s,

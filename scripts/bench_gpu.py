@@ -18,7 +18,8 @@ Layouts (``--layouts``), both in the same process so that their ratio compares l
   Megatron's own output layer and loss. These are the settings of ``../shared/tools/megatron_tp_baseline.py``,
   which measured BASELINES.md's numbers.
 
-Both in bf16 (or fp32) with fp32 grad buffers (Megatron DDP), full recompute, micro-batch 1.
+Both in bf16 (or fp32) with fp32 grad buffers (Megatron DDP), micro-batch 1, full recompute (BASELINES.md's
+setting) unless ``--recompute`` says none or selective recompute of the MLPs (``--recompute-modules mlp``).
 
 Prints one JSON line per case, then the TSP / TP+SP ratios per length, and writes them all to ``--out``.
 The numbers of received shards are garbage under the fake group (nothing is received); shapes, memory and
@@ -63,6 +64,8 @@ from megatron_tsp.norm import SequenceShardedNorm  # noqa: E402
 from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec, tsp_output_loss  # noqa: E402
 
 LAYOUTS = {"tsp": "TSP", "tp_sp": "TP+SP"}  # --layouts choice -> the cost model's layout kind
+# --recompute choice -> (Megatron's recompute_granularity, its recompute_modules)
+RECOMPUTE = {"full": ("full", None), "none": (None, None), "selective-mlp": ("selective", ["mlp"])}
 
 
 def parse_args() -> argparse.Namespace:
@@ -78,6 +81,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {', '.join(LAYOUTS)}")
     parser.add_argument("--output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0])
     parser.add_argument("--keep-weight-shards", action="store_true")
+    parser.add_argument("--recompute", choices=RECOMPUTE, default="full")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--out", type=Path, help="write the results here (JSON list)")
     args = parser.parse_args()
@@ -124,7 +128,8 @@ def build_model(args: argparse.Namespace, layout: str, seq: int, device: torch.d
         tensor_model_parallel_size=args.tsp, sequence_parallel=True, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, pipeline_dtype=dtype, gated_linear_unit=True, activation_func=F.silu,
         normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1,
+        recompute_granularity=RECOMPUTE[args.recompute][0], recompute_modules=RECOMPUTE[args.recompute][1],
+        **({"recompute_method": "uniform", "recompute_num_layers": 1} if args.recompute == "full" else {}),
         gradient_accumulation_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
         use_cpu_initialization=device.type == "cpu")
@@ -157,7 +162,7 @@ def measure(args: argparse.Namespace, layout: str, seq: int, device: torch.devic
     """One warm-up step, then one timed step with the peak-memory counter reset."""
     record = {"layout": layout, "D": args.tsp, "seq": seq, "layers": args.layers, "hidden": args.hidden,
               "heads": args.heads, "kv": args.kv_groups or args.heads, "ffn": args.ffn, "vocab": args.vocab,
-              "dtype": args.dtype}
+              "dtype": args.dtype, "recompute": args.recompute}
     if layout == "tsp":
         record.update(output_layer=args.output_layer, keep_weight_shards=args.keep_weight_shards)
     gc.collect()
@@ -206,8 +211,10 @@ def cost_inputs(args: argparse.Namespace, layout: str, seq: int) -> tuple[cost.M
     model = cost.ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads,
                             kv_groups=args.kv_groups or args.heads, head_dim=args.hidden // args.heads,
                             ffn=args.ffn, vocab=args.vocab)
-    work = cost.Workload(1, seq, param_bytes=element, act_bytes=element, recompute="full",
-                         tsp_keep_weights=args.keep_weight_shards, tsp_vocab_ring=args.output_layer == "vocab-ring")
+    granularity, modules = RECOMPUTE[args.recompute]
+    work = cost.Workload(1, seq, param_bytes=element, act_bytes=element, recompute=granularity or "none",
+                         recompute_modules=tuple(modules or ("core_attn",)), tsp_keep_weights=args.keep_weight_shards,
+                         tsp_vocab_ring=args.output_layer == "vocab-ring")
     return model, work, cost.Layout(LAYOUTS[layout], tensor=args.tsp)
 
 
