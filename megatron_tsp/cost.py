@@ -802,11 +802,11 @@ def stage_memory(model: ModelShape, work: Workload, layout: Layout, stage: Stage
         # --recompute-modules mlp: the MLP's activations are not stored but made again in its backward
         # (Megatron's, with their grads, in the factor's term; TSP's kept fc1 outputs in the transient one)
         mlp_recomputed = layer_work.mlp_selectively_recomputed(moe)
-        recomputed_mlp = _megatron_mlp_saved_bytes(model, layer_work, layout, moe) if mlp_recomputed else 0
-        not_stored = recomputed_mlp + (kept_fc1 if mlp_recomputed else 0)
+        megatron_mlp = _megatron_mlp_saved_bytes(model, layer_work, layout, moe) if mlp_recomputed else 0
+        not_stored = megatron_mlp + (kept_fc1 if mlp_recomputed else 0)
         stored += stage.in_flight * count * (layer_input_bytes(model, layer_work, layout) if full
                                              else saved + kept - not_stored)
-        backward = Fraction(BACKWARD_FACTOR) * saved - (0 if full else saved - recomputed_mlp)
+        backward = Fraction(BACKWARD_FACTOR) * saved - (0 if full else saved - megatron_mlp)
         transient = layer_transient_bytes(model, layer_work, layout, moe)
         working = max(working, backward + transient + kept_weights * full)
     if stage.output:

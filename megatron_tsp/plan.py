@@ -160,8 +160,10 @@ def evaluate(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, gl
     microbatches = global_batch // (work.micro_batch * layout.data)
     budget = (1 - MEMORY_MARGIN) * hw.memory_bytes
     trials = recompute_options(model, work, layout, budget) if auto_recompute else [work]
-    costed = [Candidate(layout, trial, cost, cost.memory.total <= budget)
-              for trial in trials for cost in (step_cost(model, trial, layout, hw, microbatches),)]
+    costed = []
+    for trial in trials:
+        cost = step_cost(model, trial, layout, hw, microbatches)
+        costed.append(Candidate(layout, trial, cost, cost.memory.total <= budget))
     fitting = [c for c in costed if c.fits]
     return min(fitting, key=lambda c: c.cost.step_s) if fitting else min(costed, key=lambda c: c.cost.memory.total)
 
