@@ -23,9 +23,11 @@ Assumptions (stated once, used throughout)
 - Megatron's local layer spec with a fused SDPA kernel (no S^2 score matrix kept), dropout 0, RMSNorm.
 - Selective recompute (Megatron's default module, core attention) saves no memory with a fused kernel: the
   kernel keeps only q, k, v, output and the log-sum-exp either way. It re-runs the core attention forward.
-  Megatron's ``--recompute-modules`` pick what selective recompute covers (``recompute_modules``: core_attn,
-  its default, and mlp are modelled): with mlp dense layers' MLPs keep only their input and re-run their
-  forward in backward (for TSP too: Megatron checkpoints the TSP MLP like its own).
+  Megatron's ``--recompute-modules`` pick what selective recompute covers (``Workload.recompute_modules``;
+  ``RECOMPUTE_MODULES`` are modelled): layernorm drops the norm outputs (local spec: the norms are modules
+  of their own), mlp / moe make a layer's MLP keep only its input and re-run its forward in backward (for
+  TSP too: Megatron checkpoints the TSP MLP, MoE layer and expert ring like its own), moe_act and
+  shared_experts drop part of a MoE layer's (:func:`layer_recomputed_bytes`).
 - TSP layers keep from forward what their backward needs (attention.py, mlp.py: each head bucket's qkv
   projection, core-attention output and LSE; each MLP shard's fc1 output) and recompute only elementwise
   work (norms, RoPE, the activation), so their backward costs two forwards, like Megatron's. Megatron's
@@ -39,15 +41,18 @@ Peak memory model (``Memory``)
 - Model state: weights e + main grads e_acc per parameter, Adam 12 bytes (fp32 master copy + 2 moments; 8
   for fp32 params), divided over data-parallel ranks with the distributed optimizer (dense params over
   DP x CP, experts over the expert-data-parallel ranks).
-- Stored activations: each layer keeps :func:`layer_saved_bytes` (no or selective recompute) or its input
-  (full recompute; with block recompute only some layers do, :func:`layer_groups`), times the micro-batches
+- Stored activations: each layer keeps :func:`layer_saved_bytes` (no or selective recompute, less
+  :func:`layer_recomputed_bytes`) or its input (full recompute; with block recompute only some layers do,
+  :func:`layer_groups`; with uniform chunks of N layers one in N), times the micro-batches
   in flight on the stage (1F1B: PP on the first stage); with no full recompute also
   :func:`layer_kept_attention_bytes`, :func:`layer_kept_fc1_bytes` and, with ``tsp_keep_weights``,
   :func:`layer_kept_weight_bytes`.
 - Working set, the larger of: one layer's backward, ``BACKWARD_FACTOR`` x its saved activations (the
   recomputed activations and their gradients) plus :func:`layer_transient_bytes` (which under full
   recompute holds what the TSP schedules keep from the recomputed forward) plus the layer's kept weights
-  under full recompute; and the output layer's :func:`logits_bytes`. Plus a constant ``OFFSET_BYTES``.
+  under full recompute, plus, with uniform chunks of N layers, the other N-1 layers' saved and kept
+  activations (re-made together before the chunk's backward); and the output layer's :func:`logits_bytes`.
+  Plus a constant ``OFFSET_BYTES``.
 
 Calibration against BASELINES.md (one H200, fake process group, D = 8, full recompute, micro-batch 1, no
 vocab padding; the peaks exclude Adam state). ``BACKWARD_FACTOR`` = 1.55 and ``OFFSET_BYTES`` = 0.08 GiB are
@@ -68,9 +73,11 @@ Residual = model / measured - 1.
 | Llama-3-8B TP+SP 128K   |         22.8 |     23.43 |   +2.8%  |            34.0 / 34.65 |
 
 Without SP the model misses a roughly constant 0.6-1 GiB (not identified). Without full recompute (no
-GPU measurement) the CPU allocator keeps 12-17% more for TP+SP than the model says (docs/benchmarks.md:
-unfused norm and RoPE intermediates, the qkv output kept whole by the v view); TSP's stay within 7%. The Llama rows test the output
-layer's working set (its peak is the fp32 logits, V/D = 16032), overestimated by 2-3%.
+GPU measurement) the CPU allocator keeps 7-17% more for TP+SP than the model says (docs/benchmarks.md:
+unfused norm and RoPE intermediates, the qkv output kept whole by the v view); TSP's stay within 7%. The
+norm's intermediate is CPU-only (torch's CUDA rms_norm is one fused kernel keeping its input and rstd), so
+the model counts a norm's input and output only. The Llama rows test the output layer's working set (its
+peak is the fp32 logits, V/D = 16032), overestimated by 2-3%.
 
 Step time: ``COMPUTE_EFFICIENCY`` = 0.73 is the fitted fraction of the measured matmul rate (787 TFLOP/s,
 BASELINES.md) that the 7B TP+SP step reaches with communication faked (4/3 of model FLOPs with full
@@ -91,6 +98,7 @@ __all__ = [
     "COMPUTE_EFFICIENCY",
     "KINDS",
     "OFFSET_BYTES",
+    "RECOMPUTE_MODULES",
     "Hardware",
     "LayerComm",
     "LayerFlops",
@@ -112,6 +120,7 @@ __all__ = [
     "layer_kept_attention_bytes",
     "layer_kept_fc1_bytes",
     "layer_kept_weight_bytes",
+    "layer_recomputed_bytes",
     "layer_saved_bytes",
     "layer_transient_bytes",
     "logits_bytes",
@@ -126,6 +135,9 @@ __all__ = [
 ]
 
 Recompute = Literal["none", "selective", "full"]
+# Megatron's --recompute-modules the model knows (Workload.recompute_modules); mla_up_proj and gdn_norm_out
+# belong to attention variants it does not model.
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts")
 Kind = Literal["TP", "TP+SP", "CP", "TPxCP", "TSP"]
 KINDS: tuple[Kind, ...] = ("TP", "TP+SP", "CP", "TPxCP", "TSP")
 
@@ -203,13 +215,20 @@ class Workload:
     param_bytes: int = 2
     act_bytes: int = 2
     recompute: Recompute = "none"
-    # --recompute-modules (with --recompute-granularity selective): core_attn re-runs core attention (not
-    # TSP's); mlp makes dense layers' MLPs keep only their input and run their forward again in backward
-    # (Megatron skips MoE layers' MLPs).
+    # --recompute-modules (with --recompute-granularity selective), as megatron-core 0.19.2 reads them (one of
+    # RECOMPUTE_MODULES): core_attn re-runs core attention (not TSP's); layernorm drops both norms' outputs
+    # and re-runs the norms in backward; mlp (dense layers) and moe (MoE layers: router, dispatch, experts,
+    # combine, shared expert) keep only the MLP's input and run its forward again in backward; moe_act drops
+    # Megatron's experts' activation outputs (its grouped-GEMM experts; the expert ring keeps none);
+    # shared_experts re-runs the shared expert. moe covers what moe_act and shared_experts would drop.
     recompute_modules: tuple[str, ...] = ("core_attn",)
     # With full recompute, --recompute-method block --recompute-num-layers N: the first N layers of each
     # pipeline stage recompute, the others keep their activations. None: every layer recomputes (uniform).
     recompute_layers: int | None = None
+    # With full recompute, --recompute-method uniform --recompute-num-layers N: each stage's layers are
+    # checkpointed in chunks of N; a chunk keeps its input, and its backward first re-runs all N layers'
+    # forward, holding their activations until each layer's backward has used them.
+    recompute_chunk: int = 1
     distributed_optimizer: bool = False
     # TSP's default kernel (kernels/zigzag.py) splits each zigzag chunk into a non-causal prefix and a causal
     # diagonal: no mask, no work on future keys. True models the reference kernel (kernels/local.py), which
@@ -223,19 +242,45 @@ class Workload:
     # or Megatron's output layer over gathered hidden states (False).
     tsp_vocab_ring: bool = True
 
+    def __post_init__(self) -> None:
+        if self.recompute_chunk < 1 or (self.recompute_chunk > 1 and self.recompute_layers is not None):
+            raise ValueError(f"recompute_chunk {self.recompute_chunk}: a positive count of layers, and 1 with "
+                             f"block recompute (recompute_layers)")
+        unknown = set(self.recompute_modules) - set(RECOMPUTE_MODULES)
+        if unknown:
+            raise ValueError(f"--recompute-modules {' '.join(sorted(unknown))}: not modelled; the cost model "
+                             f"knows {', '.join(RECOMPUTE_MODULES)}")
+
+    def _selective(self, module: str) -> bool:
+        return self.recompute == "selective" and module in self.recompute_modules
+
     def mlp_selectively_recomputed(self, moe: bool) -> bool:
-        """Whether selective recompute re-runs this layer's MLP (module mlp; dense layers only)."""
-        return self.recompute == "selective" and "mlp" in self.recompute_modules and not moe
+        """Whether selective recompute re-runs this layer's whole MLP (module mlp, or moe in MoE layers)."""
+        return self._selective("moe" if moe else "mlp")
 
     def core_attention_recomputed(self) -> bool:
         """Whether selective recompute re-runs Megatron's core attention (TSP attention keeps its outputs)."""
-        return self.recompute == "selective" and "core_attn" in self.recompute_modules
+        return self._selective("core_attn")
+
+    def norms_recomputed(self) -> bool:
+        """Whether selective recompute drops the norms' outputs (module layernorm)."""
+        return self._selective("layernorm")
+
+    def expert_activation_recomputed(self, moe: bool) -> bool:
+        """Whether selective recompute drops this MoE layer's expert activation outputs (module moe_act)."""
+        return moe and self._selective("moe_act") and not self.mlp_selectively_recomputed(moe)
+
+    def shared_expert_recomputed(self, moe: bool) -> bool:
+        """Whether selective recompute re-runs this MoE layer's shared expert alone (module shared_experts)."""
+        return moe and self._selective("shared_experts") and not self.mlp_selectively_recomputed(moe)
 
     @property
     def recompute_label(self) -> str:
         """The recompute mode as the planner prints it."""
         if self.recompute == "full" and self.recompute_layers is not None:
             return f"block {self.recompute_layers}"
+        if self.recompute == "full" and self.recompute_chunk > 1:
+            return f"uniform {self.recompute_chunk}"
         if self.recompute == "selective":
             return "sel:" + "+".join(self.recompute_modules)
         return self.recompute
@@ -455,16 +500,20 @@ def _moe_comm(model: ModelShape, work: Workload, layout: Layout, x: Fraction) ->
     if layout.expert_ring:
         moe += _weight_ring_comm("expert", _local_expert_weights(model, layout), work, layout.tensor,
                                  work.tsp_keep_weights)
-    if model.shared_expert_ffn:
-        moe += _tensor_parallel_block(x, layout.tensor, True, "shared expert")
-    return moe
+    return moe + _shared_expert_comm(model, layout, x)
+
+
+def _shared_expert_comm(model: ModelShape, layout: Layout, x: Fraction) -> LayerComm:
+    """A MoE layer's shared expert, Megatron's SP MLP on the tensor axis (none without one)."""
+    return _tensor_parallel_block(x, layout.tensor, True, "shared expert") if model.shared_expert_ffn else LayerComm()
 
 
 def layer_comm(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> LayerComm:
     """One transformer layer's transfers on one GPU for one micro-batch; ``moe`` picks the MoE variant.
 
     Full recompute re-runs the layer forward (its transfers again); selective recompute re-runs core
-    attention (module core_attn), which only CP's ring makes communicate, and a dense layer's MLP (mlp).
+    attention (module core_attn), which only CP's ring makes communicate, a dense layer's MLP (mlp), a MoE
+    layer's dispatch, experts and shared expert (moe) or its shared expert alone (shared_experts).
     """
     t = layout.tensor
     x = work.tokens * Fraction(model.hidden * work.act_bytes, layout.context)  # one [S/c, B, h] activation
@@ -485,6 +534,8 @@ def layer_comm(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> 
         recompute += _context_ring(model, work, layout).forward
     if work.mlp_selectively_recomputed(moe):
         recompute += mlp.forward
+    elif work.shared_expert_recomputed(moe):
+        recompute += _shared_expert_comm(model, layout, x).forward
     return replace(layer, recompute=recompute)
 
 
@@ -594,39 +645,61 @@ def _mlp_activation_elements(model: ModelShape, ffn: int) -> int:
     return (4 if model.gated else 2) * ffn
 
 
-def layer_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
-    """Bytes one layer keeps for backward (no recompute), one GPU, one micro-batch.
+def _saved_elements(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> dict[str, Fraction]:
+    """What one layer keeps for backward without recompute, in activation elements, by part (one GPU, one
+    micro-batch); :func:`layer_saved_bytes` sums them, :func:`layer_recomputed_bytes` picks the parts
+    selective recompute drops.
 
-    Norm region: input norm in/out and pre-MLP norm in/out, 4*h per local token (under SP Megatron's
-    column-parallel linears keep the sharded input and re-gather it). Megatron attention: q, k, v and
-    output, (2nq + 2nkv)*hd/t per token of the context shard; MLP: :func:`_mlp_activation_elements`/t.
-    TSP attention and MLP keep their input, the norm output already counted, and what
-    :func:`layer_kept_attention_bytes` and :func:`layer_kept_fc1_bytes` count.
-    MoE (all kinds): per local token, top-k copies of the dispatched input, expert activations (with the
-    expert ring its kept fc1 outputs, :func:`layer_kept_fc1_bytes`) and expert output, plus a shared
-    expert kept like a Megatron MLP of the tensor axis over the gathered tokens.
+    Norms: input norm and pre-MLP norm, their inputs and their outputs, h each per local token (under SP
+    Megatron's column-parallel linears keep the sharded norm output and re-gather it). Megatron attention:
+    q, k, v and output, (2nq + 2nkv)*hd/t per token of the context shard; Megatron's dense MLP:
+    :func:`_mlp_activation_elements`/t. TSP attention and MLP keep their input, the norm output already
+    counted, and what :func:`layer_kept_attention_bytes` and :func:`layer_kept_fc1_bytes` count. MoE (all
+    kinds): per local token, top-k copies of the dispatched input and of the expert output ("routed"), the
+    experts' fc1 outputs and the rest of their activations (not with the expert ring: its fc1 outputs are
+    :func:`layer_kept_fc1_bytes`), plus a shared expert kept like a Megatron MLP of the tensor axis over the
+    gathered tokens.
     """
-    a, t = work.act_bytes, layout.tensor
+    t = layout.tensor
     local_tokens = Fraction(work.tokens, layout.sequence_shard)
     context_tokens = Fraction(work.tokens, layout.context)  # tokens of a tensor-sharded (head/ffn) region
-    saved = 4 * model.hidden * local_tokens
+    parts = {"norm inputs": 2 * model.hidden * local_tokens, "norm outputs": 2 * model.hidden * local_tokens}
     if layout.kind != "TSP":
-        saved += (2 * model.heads + 2 * model.kv_groups) * model.head_dim * context_tokens / t
+        parts["attention"] = (2 * model.heads + 2 * model.kv_groups) * model.head_dim * context_tokens / t
     if moe:
-        per_copy = 2 * model.hidden + (0 if layout.expert_ring else _mlp_activation_elements(model, model.expert_ffn))
-        saved += model.topk * per_copy * local_tokens
-        saved += _mlp_activation_elements(model, model.shared_expert_ffn) * context_tokens / t
-    return saved * a + _megatron_mlp_saved_bytes(model, work, layout, moe)
+        copies = model.topk * local_tokens
+        parts["routed"] = 2 * model.hidden * copies
+        if not layout.expert_ring:
+            fc1 = _fc1_rows(model) * model.expert_ffn
+            parts["expert fc1"] = fc1 * copies
+            parts["expert activation"] = (_mlp_activation_elements(model, model.expert_ffn) - fc1) * copies
+        parts["shared expert"] = _mlp_activation_elements(model, model.shared_expert_ffn) * context_tokens / t
+    elif layout.kind != "TSP":
+        parts["mlp"] = _mlp_activation_elements(model, model.ffn) * context_tokens / t
+    return parts
 
 
-def _megatron_mlp_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
-    """A Megatron dense MLP's activations (:func:`_mlp_activation_elements`/t per token of the context
-    shard), the part of :func:`layer_saved_bytes` that recomputing the mlp module drops. Zero for TSP (its
-    MLP's are :func:`layer_kept_fc1_bytes`) and MoE layers."""
-    if layout.kind == "TSP" or moe:
-        return Fraction(0)
-    context_tokens = Fraction(work.tokens, layout.context)
-    return _mlp_activation_elements(model, model.ffn) * context_tokens / layout.tensor * work.act_bytes
+def layer_saved_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
+    """Bytes one layer keeps for backward (no recompute), one GPU, one micro-batch: :func:`_saved_elements`."""
+    return sum(_saved_elements(model, work, layout, moe).values(), Fraction(0)) * work.act_bytes
+
+
+def layer_recomputed_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
+    """The part of :func:`layer_saved_bytes` that selective recompute does not store but makes again in the
+    layer's backward: the norm outputs (layernorm), a dense Megatron MLP's activations (mlp), a MoE layer's
+    (moe), its experts' activations beyond fc1 (moe_act), its shared expert's (shared_experts). TSP's kept
+    fc1 outputs are apart (:func:`layer_kept_fc1_bytes`)."""
+    dropped: set[str] = set()
+    if work.norms_recomputed():
+        dropped.add("norm outputs")
+    if work.mlp_selectively_recomputed(moe):
+        dropped |= {"mlp", "routed", "expert fc1", "expert activation", "shared expert"}
+    if work.expert_activation_recomputed(moe):
+        dropped.add("expert activation")
+    if work.shared_expert_recomputed(moe):
+        dropped.add("shared expert")
+    parts = _saved_elements(model, work, layout, moe)
+    return sum((parts[part] for part in dropped if part in parts), Fraction(0)) * work.act_bytes
 
 
 def layer_kept_weight_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
@@ -799,16 +872,20 @@ def stage_memory(model: ModelShape, work: Workload, layout: Layout, stage: Stage
         kept_weights = layer_kept_weight_bytes(model, layer_work, layout, moe)  # every layer's, or one's (full)
         kept_fc1 = layer_kept_fc1_bytes(model, layer_work, layout, moe)
         kept = kept_weights + layer_kept_attention_bytes(model, layer_work, layout) + kept_fc1
-        # --recompute-modules mlp: the MLP's activations are not stored but made again in its backward
-        # (Megatron's, with their grads, in the factor's term; TSP's kept fc1 outputs in the transient one)
-        mlp_recomputed = layer_work.mlp_selectively_recomputed(moe)
-        megatron_mlp = _megatron_mlp_saved_bytes(model, layer_work, layout, moe) if mlp_recomputed else 0
-        not_stored = megatron_mlp + (kept_fc1 if mlp_recomputed else 0)
-        stored += stage.in_flight * count * (layer_input_bytes(model, layer_work, layout) if full
-                                             else saved + kept - not_stored)
-        backward = Fraction(BACKWARD_FACTOR) * saved - (0 if full else saved - megatron_mlp)
+        # Selective recompute: what it drops is not stored but made again in the layer's backward (Megatron's
+        # activations, with their grads, in the factor's term; TSP's kept fc1 outputs in the transient one)
+        recomputed = layer_recomputed_bytes(model, layer_work, layout, moe)
+        not_stored = recomputed + (kept_fc1 if layer_work.mlp_selectively_recomputed(moe) else 0)
+        if full:  # one input per chunk of layers; the chunk's other layers' activations are back in its backward
+            chunks = count / layer_work.recompute_chunk
+            stored += stage.in_flight * chunks * layer_input_bytes(model, layer_work, layout)
+            rest_of_chunk = (layer_work.recompute_chunk - 1) * (saved + kept)
+        else:
+            stored += stage.in_flight * count * (saved + kept - not_stored)
+            rest_of_chunk = Fraction(0)
+        backward = Fraction(BACKWARD_FACTOR) * saved - (0 if full else saved - recomputed)
         transient = layer_transient_bytes(model, layer_work, layout, moe)
-        working = max(working, backward + transient + kept_weights * full)
+        working = max(working, backward + transient + kept_weights * full + rest_of_chunk)
     if stage.output:
         working = max(working, logits_bytes(model, work, layout))
     return Memory(weights=float((dense + expert) * work.param_bytes),
@@ -874,7 +951,8 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
     core attention with the dense mask computes the full S/D x S rectangle (2x the causal FLOPs; BASELINES.md
     measured 1.71x TP's time even for a bottom-right causal mask, 0.91x for a split prefix/diagonal kernel).
     Full recompute adds a forward; selective adds Megatron's core attention forward (not TSP's; module
-    core_attn) and a dense layer's MLP forward (module mlp).
+    core_attn), a dense layer's MLP forward (module mlp), a MoE layer's experts and shared expert (moe) or
+    its shared expert alone (shared_experts). Norms and activations (layernorm, moe_act) are not counted.
     """
     ranks = layout.tensor * layout.context
     core = 2.0 * work.micro_batch * work.seq_len**2 * model.heads * model.head_dim / ranks
@@ -892,6 +970,8 @@ def layer_flops(model: ModelShape, work: Workload, layout: Layout, moe: bool) ->
         recompute += core
     if work.mlp_selectively_recomputed(moe):
         recompute += 2.0 * work.tokens * mlp_weights / ranks
+    elif work.shared_expert_recomputed(moe):
+        recompute += 2.0 * work.tokens * model.mlp_weights(model.shared_expert_ffn, with_bias=False) / ranks
     return LayerFlops(forward, 2 * forward, recompute)
 
 

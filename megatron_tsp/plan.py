@@ -20,7 +20,8 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from megatron_tsp.args import OUTPUT_LAYERS, config_to_argv
-from megatron_tsp.cost import KINDS, Hardware, Layout, ModelShape, StepCost, Workload, memory, step_cost
+from megatron_tsp.cost import (KINDS, RECOMPUTE_MODULES, Hardware, Layout, ModelShape, StepCost, Workload, memory,
+                               step_cost)
 
 GiB = 2**30
 # A layout fits if its modelled peak is within this fraction below the GPU's memory: the memory model's error
@@ -138,13 +139,16 @@ class Candidate:
 
 
 def recompute_options(model: ModelShape, work: Workload, layout: Layout, budget: float) -> list[Workload]:
-    """The recompute modes worth costing for ``layout``: none, selective recompute of the MLPs, full, and block
-    recompute of the fewest layers per pipeline stage that fits in ``budget`` bytes (if any: memory falls as
-    the count grows, so a bisection finds it). Selective recompute of core attention saves no memory with a
-    fused kernel (cost.py), so it is left out."""
-    none = replace(work, recompute="none", recompute_layers=None)
+    """The recompute modes worth costing for ``layout``: none; selective recompute of the norms, then also of
+    the MLPs (dense and MoE); full; and block recompute of the fewest layers per pipeline stage that fits in
+    ``budget`` bytes (if any: memory falls as the count grows, so a bisection finds it). Selective recompute
+    of core attention saves no memory with a fused kernel (cost.py), so it is left out; so is moe_act, which
+    needs Megatron's grouped-GEMM experts."""
+    none = replace(work, recompute="none", recompute_layers=None, recompute_chunk=1)
     full = replace(none, recompute="full")
-    options = [none, replace(none, recompute="selective", recompute_modules=("mlp",)), full]
+    norms = replace(none, recompute="selective", recompute_modules=("layernorm",))
+    mlps = replace(norms, recompute_modules=("layernorm", "mlp", "moe") if model.experts else ("layernorm", "mlp"))
+    options = [none, norms, mlps, full]
     counts = range(1, math.ceil(model.layers / layout.pipeline))
     fewest = bisect.bisect_left(counts, True, key=lambda n: memory(model, replace(full, recompute_layers=n),
                                                                      layout).total <= budget)
@@ -201,7 +205,7 @@ def _si(value: float, unit: str) -> str:
 
 def _row(c: Candidate) -> str:
     cost, fits = c.cost, "yes" if c.fits else "NO"
-    return (f"{c.layout.name:<30} {c.work.recompute_label:<17} {cost.memory.total / GiB:>8.3g} {fits:>4} "
+    return (f"{c.layout.name:<30} {c.work.recompute_label:<22} {cost.memory.total / GiB:>8.3g} {fits:>4} "
             f"{_si(cost.comm_bytes, 'B'):>11} {_si(cost.compute_s, 's'):>10} {_si(cost.exposed_comm_s, 's'):>12} "
             f"{_si(cost.step_s, 's'):>10}")
 
@@ -222,7 +226,7 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
         f"hardware: {gpus} x {hw.name}, {hw.memory_bytes / GiB:.1f} GiB, {hw.matmul_flops / 1e12:.0f} TFLOP/s "
         f"matmul, {hw.node_bandwidth / 1e9:.0f} GB/s in node",
         "",
-        f"{'layout':<30} {'recompute':<17} {'GiB/GPU':>8} {'fits':>4} {'sent/GPU':>11} {'compute':>10} "
+        f"{'layout':<30} {'recompute':<22} {'GiB/GPU':>8} {'fits':>4} {'sent/GPU':>11} {'compute':>10} "
         f"{'comm+bubble':>12} {'step':>10}",
     ]
     lines += [_row(c) for c in candidates[:max_rows]]
@@ -311,14 +315,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--micro-batch-size", type=int, help="overrides the config's")
     parser.add_argument("--recompute", choices=("none", "selective", "full", "auto"),
                         help="overrides the config's --recompute-granularity (and -method); auto: the fastest "
-                             "that fits of none, selective recompute of the MLPs, block recompute of the fewest "
-                             "layers, full")
-    parser.add_argument("--recompute-modules", nargs="+", choices=("core_attn", "mlp"),
+                             "that fits of none, selective recompute of the norms (and of the MLPs), block "
+                             "recompute of the fewest layers, full")
+    parser.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES,
                         help="with --recompute selective: what it recomputes (Megatron's flag; default: the "
                              "config's, else core_attn)")
     parser.add_argument("--recompute-num-layers", type=int,
                         help="with --recompute full: block recompute of this many layers per pipeline stage "
-                             "(--recompute-method block); default: the config's, else every layer")
+                             "(--recompute-method block); default: the config's recompute method and layers "
+                             "(block, or uniform chunks), else every layer on its own")
     parser.add_argument("--dense-mask-attention", action="store_true",
                         help="cost TSP with the reference dense-mask attention kernel instead of the default "
                              "zigzag prefix/diagonal kernel")
@@ -341,13 +346,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     recompute = args.recompute or flags.recompute_granularity or "none"
     recompute_layers = args.recompute_num_layers or (flags.recompute_num_layers if args.recompute is None and
                                                      flags.recompute_method == "block" else None)
-    work = Workload(micro_batch=micro_batch, seq_len=args.seq_length, param_bytes=2 if sixteen_bit else 4,
-                    act_bytes=2 if sixteen_bit else 4, recompute="none" if recompute == "auto" else recompute,
-                    recompute_modules=tuple(args.recompute_modules or flags.recompute_modules),
-                    recompute_layers=recompute_layers if recompute == "full" else None,
-                    distributed_optimizer=flags.use_distributed_optimizer, tsp_dense_mask=args.dense_mask_attention,
-                    tsp_keep_weights=args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards,
-                    tsp_vocab_ring=(args.tsp_output_layer or flags.tsp_output_layer) == "vocab-ring")
+    # The config's --recompute-method uniform --recompute-num-layers N (N layers per checkpointed chunk)
+    chunk = (flags.recompute_num_layers or 1) if args.recompute is None and flags.recompute_method == "uniform" else 1
+    try:
+        work = Workload(micro_batch=micro_batch, seq_len=args.seq_length, param_bytes=2 if sixteen_bit else 4,
+                        act_bytes=2 if sixteen_bit else 4, recompute="none" if recompute == "auto" else recompute,
+                        recompute_modules=tuple(args.recompute_modules or flags.recompute_modules),
+                        recompute_layers=recompute_layers if recompute == "full" else None,
+                        recompute_chunk=chunk if recompute == "full" else 1,
+                        distributed_optimizer=flags.use_distributed_optimizer,
+                        tsp_dense_mask=args.dense_mask_attention,
+                        tsp_keep_weights=args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards,
+                        tsp_vocab_ring=(args.tsp_output_layer or flags.tsp_output_layer) == "vocab-ring")
+    except ValueError as error:  # the config's --recompute-modules has one the cost model does not know
+        parser.error(f"{error} (in {args.config})")
     global_batch = flags.global_batch_size or micro_batch * args.gpus
     hw = GPUS[args.gpu]
     candidates = plan(model, work, args.gpus, hw, global_batch, auto_recompute=recompute == "auto")

@@ -19,7 +19,7 @@ Layouts (``--layouts``), both in the same process so that their ratio compares l
   which measured BASELINES.md's numbers.
 
 Both in bf16 (or fp32) with fp32 grad buffers (Megatron DDP), micro-batch 1, full recompute (BASELINES.md's
-setting) unless ``--recompute`` says none or selective recompute of the MLPs (``--recompute-modules mlp``).
+setting) unless ``--recompute`` says none or selective (Megatron's ``--recompute-modules``, e.g. layernorm mlp).
 
 Prints one JSON line per case, then the TSP / TP+SP ratios per length, and writes them all to ``--out``.
 The numbers of received shards are garbage under the fake group (nothing is received); shapes, memory and
@@ -64,8 +64,8 @@ from megatron_tsp.norm import SequenceShardedNorm  # noqa: E402
 from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec, tsp_output_loss  # noqa: E402
 
 LAYOUTS = {"tsp": "TSP", "tp_sp": "TP+SP"}  # --layouts choice -> the cost model's layout kind
-# --recompute choice -> (Megatron's recompute_granularity, its recompute_modules)
-RECOMPUTE = {"full": ("full", None), "none": (None, None), "selective-mlp": ("selective", ["mlp"])}
+# Megatron's --recompute-modules that apply to this dense GPT (cost.RECOMPUTE_MODULES less the MoE ones)
+DENSE_RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 
 
 def parse_args() -> argparse.Namespace:
@@ -81,10 +81,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {', '.join(LAYOUTS)}")
     parser.add_argument("--output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0])
     parser.add_argument("--keep-weight-shards", action="store_true")
-    parser.add_argument("--recompute", choices=RECOMPUTE, default="full")
+    parser.add_argument("--recompute", choices=("full", "none", "selective"), default="full",
+                        help="Megatron's --recompute-granularity (full: --recompute-method uniform, 1 layer)")
+    parser.add_argument("--recompute-modules", nargs="+", choices=DENSE_RECOMPUTE_MODULES,
+                        help="with --recompute selective: Megatron's --recompute-modules (default: core_attn)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--out", type=Path, help="write the results here (JSON list)")
     args = parser.parse_args()
+    if args.recompute_modules is not None and args.recompute != "selective":
+        parser.error("--recompute-modules needs --recompute selective")
+    args.recompute_modules = args.recompute_modules or ["core_attn"]
     args.layouts = args.layouts.split(",")
     unknown = sorted(set(args.layouts) - set(LAYOUTS))
     if unknown:
@@ -128,7 +134,8 @@ def build_model(args: argparse.Namespace, layout: str, seq: int, device: torch.d
         tensor_model_parallel_size=args.tsp, sequence_parallel=True, params_dtype=dtype,
         bf16=dtype == torch.bfloat16, pipeline_dtype=dtype, gated_linear_unit=True, activation_func=F.silu,
         normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
-        recompute_granularity=RECOMPUTE[args.recompute][0], recompute_modules=RECOMPUTE[args.recompute][1],
+        recompute_granularity=None if args.recompute == "none" else args.recompute,
+        recompute_modules=args.recompute_modules,
         **({"recompute_method": "uniform", "recompute_num_layers": 1} if args.recompute == "full" else {}),
         gradient_accumulation_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
@@ -162,7 +169,7 @@ def measure(args: argparse.Namespace, layout: str, seq: int, device: torch.devic
     """One warm-up step, then one timed step with the peak-memory counter reset."""
     record = {"layout": layout, "D": args.tsp, "seq": seq, "layers": args.layers, "hidden": args.hidden,
               "heads": args.heads, "kv": args.kv_groups or args.heads, "ffn": args.ffn, "vocab": args.vocab,
-              "dtype": args.dtype, "recompute": args.recompute}
+              "dtype": args.dtype, "recompute": cost_inputs(args, layout, seq)[1].recompute_label}
     if layout == "tsp":
         record.update(output_layer=args.output_layer, keep_weight_shards=args.keep_weight_shards)
     gc.collect()
@@ -211,9 +218,8 @@ def cost_inputs(args: argparse.Namespace, layout: str, seq: int) -> tuple[cost.M
     model = cost.ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads,
                             kv_groups=args.kv_groups or args.heads, head_dim=args.hidden // args.heads,
                             ffn=args.ffn, vocab=args.vocab)
-    granularity, modules = RECOMPUTE[args.recompute]
-    work = cost.Workload(1, seq, param_bytes=element, act_bytes=element, recompute=granularity or "none",
-                         recompute_modules=tuple(modules or ("core_attn",)), tsp_keep_weights=args.keep_weight_shards,
+    work = cost.Workload(1, seq, param_bytes=element, act_bytes=element, recompute=args.recompute,
+                         recompute_modules=tuple(args.recompute_modules), tsp_keep_weights=args.keep_weight_shards,
                          tsp_vocab_ring=args.output_layer == "vocab-ring")
     return model, work, cost.Layout(LAYOUTS[layout], tensor=args.tsp)
 

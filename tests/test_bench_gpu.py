@@ -48,12 +48,14 @@ def test_bench_gpu_smoke_on_cpu(tmp_path: Path, extra: tuple[str, ...]) -> None:
     assert ratios[0]["tsp_over_tp_sp_peak_GiB"] == cases[0]["peak_GiB"] / cases[2]["peak_GiB"]
 
 
-@pytest.mark.parametrize("recompute,layouts", [("full", "tsp,tp_sp"), ("none", "tsp")])
-def test_cost_model_peak_matches_allocator(tmp_path: Path, recompute: str, layouts: str) -> None:
+@pytest.mark.parametrize("recompute,layouts", [(("full",), "tsp,tp_sp"), (("none",), "tsp"),
+                                               (("selective", "--recompute-modules", "layernorm", "mlp"), "tsp")])
+def test_cost_model_peak_matches_allocator(tmp_path: Path, recompute: tuple[str, ...], layouts: str) -> None:
     """docs/benchmarks.md's CPU comparison at S = 8192: the model (less its GPU-fitted offset) within 10%;
-    without recompute for TSP only (the model's TP+SP terms miss 17% there on CPU, see docs/benchmarks.md)."""
+    without full recompute for TSP only (the model's TP+SP terms miss up to 17% there on CPU, see
+    docs/benchmarks.md)."""
     records = _bench(tmp_path, "--tsp", "4", "--layers", "2", "--hidden", "512", "--heads", "8", "--ffn", "2048",
-                     "--vocab", "4096", "--seqs", "8192", "--recompute", recompute, "--layouts", layouts)
+                     "--vocab", "4096", "--seqs", "8192", "--recompute", *recompute, "--layouts", layouts)
     measured = [record for record in records if "layout" in record]
     assert [record["layout"] for record in measured] == layouts.split(",")
     for record in measured:

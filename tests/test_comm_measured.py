@@ -2,10 +2,11 @@
 
 ``--tsp-report-comm-bytes`` counts every TSP collective (comm.py's per-rank convention) over the whole run;
 ``megatron_tsp.cost`` predicts the same per layer and micro-batch, plus the output layer's vocabulary ring. The counted runs are the loss-parity runs
-themselves (test_loss_parity, 10 iterations), at six shapes: D=4 with MHA, D=2 with GQA and full
+themselves (test_loss_parity, 10 iterations), at seven shapes: D=4 with MHA, D=2 with GQA and full
 recompute (whose backward repeats the forward's collectives), D=2 with one of two layers recomputed (block),
-D=2 with weight shards kept for backward, D=2 with selective recompute of the MLPs (their ring forward
-repeated), and D=2 MoE with the expert ring. The bar is 1%; in fact they agree exactly.
+D=2 with weight shards kept for backward, D=2 with selective recompute of the MLPs and norms (their ring
+forward repeated), and D=2 MoE with the expert ring, without and with selective recompute of the MoE layers
+(the expert ring's forward repeated). The bar is 1%; in fact they agree exactly.
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ CASES = {  # loss-parity case: (model, layout, workload); micro-batches per step
     "tsp2_recompute_selective_keep_weight_shards": (TINY, Layout(kind="TSP", tensor=2),
                                                     replace(FP32, recompute="selective", tsp_keep_weights=True)),
     "tsp2_recompute_block": (TINY, Layout(kind="TSP", tensor=2), replace(FP32, recompute="full", recompute_layers=1)),
-    "tsp2_recompute_selective_mlp": (TINY, Layout(kind="TSP", tensor=2),
-                                     replace(FP32, recompute="selective", recompute_modules=("core_attn", "mlp"))),
+    "tsp2_recompute_selective_mlp_layernorm": (TINY, Layout(kind="TSP", tensor=2),
+                                               replace(FP32, recompute="selective",
+                                                       recompute_modules=("core_attn", "mlp", "layernorm"))),
     "moe_tsp2_ep2_expert_ring_shared_expert": (TINY_MOE, Layout(kind="TSP", tensor=2, data=2, expert=2,
                                                                 expert_ring=True), FP32),
+    "moe_tsp2_ep2_expert_ring_recompute_moe_layernorm": (
+        TINY_MOE, Layout(kind="TSP", tensor=2, data=2, expert=2, expert_ring=True),
+        replace(FP32, recompute="selective", recompute_modules=("moe", "layernorm"))),
 }
 
 

@@ -22,6 +22,7 @@ from megatron_tsp.cost import (
     layer_comm,
     layer_flops,
     layer_kept_weight_bytes,
+    layer_saved_bytes,
     memory,
     pipeline_stages,
     stage_params,
@@ -292,6 +293,105 @@ def test_selective_mlp_recompute_trades_the_mlp_activations_for_its_forward(kind
     assert layer_flops(_MOE, with_mlp, layout, moe=True) == layer_flops(_MOE, selective, layout, moe=True)
 
 
+@pytest.mark.parametrize("kind", ["TSP", "TP+SP", "TP"])
+def test_selective_layernorm_recompute_drops_the_norm_outputs(kind: str) -> None:
+    """--recompute-modules layernorm: every layer stores its two norm outputs (h per token of its sequence
+    shard each) less, and nothing else changes: norms are not counted in FLOPs and move no bytes."""
+    model, seq, d, a = _SEVEN_B, 32768, 8, 2
+    layout = Layout(kind, tensor=d)
+    core = Workload(1, seq, recompute="selective")
+    norms = replace(core, recompute_modules=("core_attn", "layernorm"))
+    local_tokens = seq // (d if kind != "TP" else 1)
+    dropped = memory(model, core, layout).activations - memory(model, norms, layout).activations
+    assert dropped == model.layers * 2 * model.hidden * local_tokens * a
+    assert layer_flops(model, norms, layout, moe=False) == layer_flops(model, core, layout, moe=False)
+    assert layer_comm(model, norms, layout, moe=False) == layer_comm(model, core, layout, moe=False)
+
+
+_MOE_LAYOUTS = {"tsp": Layout("TSP", tensor=4, expert=2),
+                "tsp_ring": Layout("TSP", tensor=4, expert=2, expert_ring=True),
+                "tp_sp": Layout("TP+SP", tensor=4, expert=2)}
+
+
+@pytest.mark.parametrize("name", list(_MOE_LAYOUTS))
+def test_selective_moe_recompute_modules(name: str) -> None:
+    """MoE layers under --recompute-modules moe store only their input: per local token less the top-k routed
+    copies of input and output (2h each), the experts' activations (4*ffn_e per copy gated; the expert ring's
+    kept fc1 outputs, 2*ffn_e) and the shared expert's (4*ffn_s), and re-run the experts' and shared expert's
+    forward: FLOPs and collectives (dispatch, expert ring, shared expert) once more. moe_act drops the
+    activations beyond fc1 (2*ffn_e per copy; nothing for the ring), shared_experts the shared expert's with its
+    forward; moe covers both. Dense layers are untouched."""
+    model, seq, a, layout = _MOE, 16384, 2, _MOE_LAYOUTS[name]
+    h, topk, expert_ffn, shared_ffn, t = model.hidden, model.topk, model.expert_ffn, model.shared_expert_ffn, 4
+    local_tokens, moe_layers = seq // t, model.moe_layers
+    core = Workload(1, seq, recompute="selective")
+    works = {modules: replace(core, recompute_modules=("core_attn", *modules))
+             for modules in ((), ("moe",), ("moe_act",), ("shared_experts",), ("moe", "moe_act", "shared_experts"))}
+
+    def dropped(modules: tuple[str, ...]) -> float:
+        return (memory(model, works[()], layout).activations - memory(model, works[modules], layout).activations) / (
+            moe_layers * local_tokens * a)
+
+    experts = topk * (2 if layout.expert_ring else 4) * expert_ffn
+    assert dropped(("moe",)) == 2 * topk * h + experts + 4 * shared_ffn
+    assert dropped(("moe_act",)) == (0 if layout.expert_ring else topk * 2 * expert_ffn)
+    assert dropped(("shared_experts",)) == 4 * shared_ffn
+
+    def recomputed(modules: tuple[str, ...]) -> tuple[float, tuple]:  # beyond core attention's (core_attn)
+        return (layer_flops(model, works[modules], layout, moe=True).recompute
+                - layer_flops(model, core, layout, moe=True).recompute,
+                layer_comm(model, works[modules], layout, moe=True).recompute)
+
+    forward = layer_comm(model, Workload(1, seq), layout, moe=True).forward
+    attention = ("attention", "attention weights", "K/V")
+    shared_flops = 2 * seq * 3 * h * shared_ffn / t
+    assert recomputed(("moe",)) == (2 * seq * topk * 3 * h * expert_ffn / t + shared_flops,
+                                    tuple(tr for tr in forward if tr.what not in attention))
+    assert recomputed(("moe_act",)) == (0, ())
+    assert recomputed(("shared_experts",)) == (shared_flops, tuple(tr for tr in forward if tr.what == "shared expert"))
+    everything = ("moe", "moe_act", "shared_experts")
+    assert recomputed(everything) == recomputed(("moe",)) and dropped(everything) == dropped(("moe",))
+    for modules, work in works.items():
+        assert layer_flops(model, work, layout, moe=False) == layer_flops(model, core, layout, moe=False), modules
+        assert layer_saved_bytes(model, work, layout, moe=False) == layer_saved_bytes(model, core, layout, moe=False)
+
+
+@pytest.mark.parametrize("kind", ["TSP", "TP+SP"])
+def test_uniform_recompute_chunks_store_one_input_per_chunk(kind: str) -> None:
+    """--recompute-method uniform --recompute-num-layers 4: a stage stores one input per chunk of 4 layers, and
+    a chunk's backward holds its 3 other layers' activations (what each stores without recompute) on top of one
+    layer's full-recompute working set; FLOPs and bytes are full recompute's."""
+    model, layout = _SEVEN_B, Layout(kind, tensor=8)
+    full = Workload(1, 32768, recompute="full")
+    chunked = replace(full, recompute_chunk=4)
+    per_layer = memory(model, replace(full, recompute="none"), layout).activations / model.layers
+    assert memory(model, chunked, layout).activations == memory(model, full, layout).activations / 4
+    assert memory(model, chunked, layout).working == pytest.approx(memory(model, full, layout).working + 3 * per_layer)
+    assert layer_flops(model, chunked, layout, moe=False) == layer_flops(model, full, layout, moe=False)
+    assert layer_comm(model, chunked, layout, moe=False) == layer_comm(model, full, layout, moe=False)
+    assert chunked.recompute_label == "uniform 4"
+    with pytest.raises(ValueError, match="recompute_chunk"):
+        replace(chunked, recompute_layers=2)
+
+
+def test_planner_reads_uniform_chunks_from_the_config(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "chunks.yaml"
+    config.write_text(open(TINY_CONFIG).read() + "recompute-granularity: full\nrecompute-method: uniform\n"
+                      "recompute-num-layers: 2\n")
+    plan.main(["--config", str(config), "--gpus", "2", "--seq-length", "128"])
+    assert " uniform 2 " in capsys.readouterr().out
+
+
+def test_unmodelled_recompute_module_is_refused(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="--recompute-modules mla_up_proj: not modelled"):
+        Workload(1, 128, recompute="selective", recompute_modules=("core_attn", "mla_up_proj"))
+    config = tmp_path / "mla.yaml"
+    config.write_text(open(TINY_CONFIG).read() + "recompute-granularity: selective\nrecompute-modules: mla_up_proj\n")
+    with pytest.raises(SystemExit):
+        plan.main(["--config", str(config), "--gpus", "2", "--seq-length", "128"])
+    assert "--recompute-modules mla_up_proj: not modelled" in capsys.readouterr().err
+
+
 def test_block_recompute_sits_between_none_and_full() -> None:
     """--recompute-method block --recompute-num-layers N: N of a stage's layers store only their input, the
     others everything, and only the N repeat their forward (FLOPs and bytes); the working set is the larger
@@ -329,15 +429,16 @@ def test_planner_plot_writes_png(tmp_path, capsys: pytest.CaptureFixture[str]) -
 
 def test_auto_recompute_takes_the_fastest_mode_that_fits() -> None:
     """7B at 128K: on H200 TSP8 fits without recompute (85 GiB by the model) and TP+SP at degree 2 with 31 of
-    its 32 layers recomputed (block); on H100 TSP8 and TP+SP8 need selective recompute of their MLPs, each
-    faster than full recompute. The block option costed is the fewest layers that fit."""
+    its 32 layers recomputed (block); on H100 TSP8 and TP+SP8 need selective recompute of their norms and MLPs
+    (the norms alone are not enough), each faster than full recompute. The block option costed is the fewest
+    layers that fit."""
     work = Workload(1, 131072)
     layouts = (Layout("TSP", tensor=8), Layout("TP+SP", tensor=2, data=4), Layout("TP+SP", tensor=8))
     chosen = {(gpu, layout.name): plan.evaluate(_SEVEN_B, work, layout, plan.GPUS[gpu], global_batch=8,
                                                 auto_recompute=True)
               for gpu in ("h200", "h100") for layout in layouts}
     expected = {("h200", "TSP8"): "none", ("h200", "TP+SP2 DP4"): "block 31",
-                ("h100", "TSP8"): "sel:mlp", ("h100", "TP+SP8"): "sel:mlp"}
+                ("h100", "TSP8"): "sel:layernorm+mlp", ("h100", "TP+SP8"): "sel:layernorm+mlp"}
     for key, label in expected.items():
         candidate = chosen[key]
         assert candidate.work.recompute_label == label and candidate.fits, (key, candidate.work.recompute_label)

@@ -100,9 +100,10 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
     "tsp2_recompute_block": (2, ("--tsp-size", "2", "--recompute-granularity", "full", "--recompute-method",
                                  "block", "--recompute-num-layers", "1"), (), 1),
     # Megatron's selective recompute of the MLP: the TSP MLP's first forward (no grad) keeps nothing, its
-    # recompute keeps the fc1 outputs for backward.
-    "tsp2_recompute_selective_mlp": (2, ("--tsp-size", "2", "--recompute-granularity", "selective",
-                                         "--recompute-modules", "core_attn", "mlp"), (), 1),
+    # recompute keeps the fc1 outputs for backward. And of the norms: Megatron frees their outputs, which the
+    # TSP schedules saved, after the forward and refills them before the schedules' backward.
+    "tsp2_recompute_selective_mlp_layernorm": (2, ("--tsp-size", "2", "--recompute-granularity", "selective",
+                                                   "--recompute-modules", "core_attn", "mlp", "layernorm"), (), 1),
     # Weight shards kept from forward to backward instead of fetched again (--tsp-keep-weight-shards).
     "tsp2_recompute_selective_keep_weight_shards": (2, ("--tsp-size", "2", "--recompute-granularity", "selective",
                                                         "--tsp-keep-weight-shards"), (), 1),
@@ -116,6 +117,10 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
     "moe_tsp2_ep2_dp2_shared_expert": (4, ("--tsp-size", "2"), (*MOE, *SHARED_EXPERT), 2),
     # Experts sharded over the TSP axis and run by the ring (expert-TP 2, expert-DP 1), same reference.
     "moe_tsp2_ep2_expert_ring_shared_expert": (4, EXPERT_RING, (*MOE, *SHARED_EXPERT), 2),
+    # The same with the MoE layers (router, dispatch, expert ring, shared expert) and the norms recomputed.
+    "moe_tsp2_ep2_expert_ring_recompute_moe_layernorm": (4, (*EXPERT_RING, "--recompute-granularity", "selective",
+                                                             "--recompute-modules", "moe", "layernorm"),
+                                                         (*MOE, *SHARED_EXPERT), 2),
     "moe_tsp2_pp2_ep2": (4, ("--tsp-size", "2"), (*MOE, *PP2), 4),
     # Dense and MoE layers mixed, linear biases everywhere, expert biases included (Megatron 0.19.2 refuses
     # biases in a shared expert, so that one has its own case).

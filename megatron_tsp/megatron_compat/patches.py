@@ -145,6 +145,18 @@ def _copy_loaded_state(original: Callable) -> Callable:
     return _set_main_param_and_optimizer_states
 
 
+def _no_fp8_without_te(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def __init__(self, fp8=False):
+        original(self, fp8)
+        from megatron.core.tensor_parallel import random
+
+        if not random.HAVE_TE:  # no Transformer Engine, no fp8: Megatron's flag reads False as fp8 on
+            self.fp8 = False
+
+    return __init__
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.process_groups_config", "ProcessGroupCollection.use_mpu_process_groups", False,
           "expose the tsp axis as `pg_collection.tsp` on every collection Megatron builds from its "
@@ -177,6 +189,11 @@ PATCHES: tuple[Patch, ...] = (
           "reshardable format: KeyError) or a stale placeholder (default format: resets the step to 0); with "
           "fp32 params the default format's loader copies into leaves that require grad outside no_grad",
           _copy_loaded_state),
+    Patch("megatron.core.tensor_parallel.random", "CheckpointWithoutOutput.__init__", False,
+          "it sets `self.fp8 = fp8 is not None`, True for its default fp8=False, so without Transformer Engine "
+          "every output-discarding recompute (--recompute-modules layernorm, moe_act) calls TE's "
+          "FP8GlobalStateManager, which was never imported: NameError at the first forward",
+          _no_fp8_without_te),
 )
 
 
