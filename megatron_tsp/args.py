@@ -165,10 +165,23 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
         "reset_attention_mask": "--reset-attention-mask (packed sequences)",
         "multi_latent_attention": "--multi-latent-attention",
         "hybrid_context_parallel": "--hybrid-context-parallel",
+        # Attention math Megatron applies inside the attention modules TSP attention replaces: TSP layers
+        # would train without it, silently.
+        "attention_output_gate": "--attention-output-gate",
+        "qk_clip": "--qk-clip",
+        "log_max_attention_logit": "--log-max-attention-logit",
+        "experimental_attention_variant": "--experimental-attention-variant",
+        "linear_attention_freq": "--linear-attention-freq",
+        # Transformer Engine's low-precision recipes: TSP layers run their GEMMs in the parameter dtype.
+        "fp8": "--fp8-format",
+        "fp4": "--fp4-format",
     }
     for attribute, flag in unsupported.items():
-        _check(not getattr(args, attribute, False),
+        _check(not getattr(args, attribute, None),
                f"{flag} is not supported with --tsp-size {d}; remove it or run with --tsp-size 1")
+    _check(getattr(args, "softmax_type", "vanilla") == "vanilla",
+           f"--softmax-type {getattr(args, 'softmax_type', None)} (attention sinks) is not supported with "
+           f"--tsp-size {d}: the TSP attention kernels compute the plain softmax; use --softmax-type vanilla")
     _check(getattr(args, "window_size", None) is None,
            f"--window-size (sliding-window attention) is not supported with --tsp-size {d}; remove it")
 

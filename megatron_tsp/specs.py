@@ -84,6 +84,10 @@ class TSPSelfAttention(SelfAttention):
             "--window-size (sliding window)": config.window_size is not None,
             "--multi-latent-attention": config.multi_latent_attention,
             "a non-causal attention mask": attn_mask_type != AttnMaskType.causal,
+            "--softmax-type other than vanilla (attention sinks)": config.softmax_type != "vanilla",
+            "--qk-clip or --log-max-attention-logit": config.qk_clip or config.log_max_attention_logit,
+            "--experimental-attention-variant": config.experimental_attention_variant is not None,
+            "--fp8-format or --fp4-format": config.fp8 is not None or config.fp4 is not None,
         }
         for feature, used in unsupported.items():
             if used:
@@ -106,6 +110,8 @@ class TSPSelfAttention(SelfAttention):
         tsp_size, tsp_rank = dist.get_world_size(group), dist.get_rank(group)
         seq_len, device = hidden_states.shape[0] * tsp_size, hidden_states.device
         q_positions, k_positions = _zigzag_positions(seq_len, tsp_size, tsp_rank, device)
+        if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:
+            rotary_pos_emb = None  # a layer without RoPE (--no-rope-freq), as in Megatron's attention
         rotary_freqs = None
         if rotary_pos_emb is not None:
             if isinstance(rotary_pos_emb, tuple):  # Megatron passes (q, k) angles; for self-attention equal

@@ -82,7 +82,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0])
     parser.add_argument("--keep-weight-shards", action="store_true")
     parser.add_argument("--recompute", choices=("full", "none", "selective"), default="full",
-                        help="Megatron's --recompute-granularity (full: --recompute-method uniform, 1 layer)")
+                        help="Megatron's --recompute-granularity (full: --recompute-method uniform)")
+    parser.add_argument("--recompute-num-layers", type=int, default=1,
+                        help="with --recompute full: layers per uniformly checkpointed chunk")
     parser.add_argument("--recompute-modules", nargs="+", choices=DENSE_RECOMPUTE_MODULES,
                         help="with --recompute selective: Megatron's --recompute-modules (default: core_attn)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
@@ -90,6 +92,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.recompute_modules is not None and args.recompute != "selective":
         parser.error("--recompute-modules needs --recompute selective")
+    if args.recompute_num_layers != 1 and args.recompute != "full":
+        parser.error("--recompute-num-layers needs --recompute full")
     args.recompute_modules = args.recompute_modules or ["core_attn"]
     args.layouts = args.layouts.split(",")
     unknown = sorted(set(args.layouts) - set(LAYOUTS))
@@ -136,7 +140,8 @@ def build_model(args: argparse.Namespace, layout: str, seq: int, device: torch.d
         normalization="RMSNorm", add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
         recompute_granularity=None if args.recompute == "none" else args.recompute,
         recompute_modules=args.recompute_modules,
-        **({"recompute_method": "uniform", "recompute_num_layers": 1} if args.recompute == "full" else {}),
+        **({"recompute_method": "uniform", "recompute_num_layers": args.recompute_num_layers}
+           if args.recompute == "full" else {}),
         gradient_accumulation_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
         use_cpu_initialization=device.type == "cpu")
@@ -219,7 +224,9 @@ def cost_inputs(args: argparse.Namespace, layout: str, seq: int) -> tuple[cost.M
                             kv_groups=args.kv_groups or args.heads, head_dim=args.hidden // args.heads,
                             ffn=args.ffn, vocab=args.vocab)
     work = cost.Workload(1, seq, param_bytes=element, act_bytes=element, recompute=args.recompute,
-                         recompute_modules=tuple(args.recompute_modules), tsp_keep_weights=args.keep_weight_shards,
+                         recompute_modules=tuple(args.recompute_modules),
+                         recompute_chunk=args.recompute_num_layers if args.recompute == "full" else 1,
+                         tsp_keep_weights=args.keep_weight_shards,
                          tsp_vocab_ring=args.output_layer == "vocab-ring")
     return model, work, cost.Layout(LAYOUTS[layout], tensor=args.tsp)
 

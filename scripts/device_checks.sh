@@ -7,7 +7,10 @@
 #   4. one TSP rank and one Megatron TP+SP rank (scripts/bench_gpu.py, both in one process), and Megatron's
 #      TP+SP and TP by the shared harness (TP_BASELINE) that measured BASELINES.md, on the paper's 7B at D = 8,
 #      SEQS, in the same call on the same GPU (LAYERS, HIDDEN, HEADS, FFN, VOCAB: another model for all, as
-#      the shared harness reads them).
+#      the shared harness reads them);
+#   5. the same two ranks in the other recompute modes the planner weighs: none at NONE_SEQ (32K), selective
+#      recompute of the norms and MLPs at SELECTIVE_SEQ (128K, the planner's pick for the 7B on 8 H100s), so
+#      that the cost model's terms for them (only checked on CPU so far) meet a GPU's allocator.
 # Wheels in .whl/ (megatron-core, which the GPU image lacks) are installed first.
 set -uo pipefail
 out=${OUT:?set OUT to the results folder}
@@ -28,7 +31,13 @@ python3 scripts/bench_attention_kernel.py --seq-len "${ATTENTION_SEQ:-131072}" -
     --head-dim 128 --dtype bfloat16 --repeats 3 --no-reference 2>&1 | tee "$out/attention_kernel.txt" || status=1
 python3 scripts/bench_layer.py --tsp 8 --seq "${LAYER_SEQ:-32768}" --hidden "${HIDDEN:-4096}" --heads "${HEADS:-32}" \
     --ffn "${FFN:-16384}" --dtype bfloat16 2>&1 | tee "$out/layer.txt" || status=1
-python3 scripts/bench_gpu.py --seqs "$seqs" --layers "${LAYERS:-32}" --hidden "${HIDDEN:-4096}" --heads "${HEADS:-32}" \
-    --ffn "${FFN:-16384}" --vocab "${VOCAB:-32000}" --out "$out/bench_gpu.json" || status=1
+bench_gpu() {
+    python3 scripts/bench_gpu.py --layers "${LAYERS:-32}" --hidden "${HIDDEN:-4096}" --heads "${HEADS:-32}" \
+        --ffn "${FFN:-16384}" --vocab "${VOCAB:-32000}" "$@"
+}
+bench_gpu --seqs "$seqs" --out "$out/bench_gpu.json" || status=1
 SEQS="$seqs" NAME=tp_baseline OUT="$out" python3 "${TP_BASELINE:-../shared/tools/megatron_tp_baseline.py}" || status=1
+bench_gpu --seqs "${NONE_SEQ:-32768}" --recompute none --out "$out/bench_gpu_none.json" || status=1
+bench_gpu --seqs "${SELECTIVE_SEQ:-131072}" --recompute selective --recompute-modules layernorm mlp \
+    --out "$out/bench_gpu_selective.json" || status=1
 exit $status

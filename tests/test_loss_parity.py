@@ -92,9 +92,10 @@ EXPERT_RING = ("--tsp-size", "2", "--tsp-expert-ring")
 CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 reference, reference ranks)
     "tsp2": (2, ("--tsp-size", "2"), (), 1),
     "tsp4": (4, ("--tsp-size", "4"), (), 1),
+    # Also a layer without RoPE (--no-rope-freq 2: the second of the two).
     "tsp2_gqa_recompute_full": (2, ("--tsp-size", "2", "--recompute-granularity", "full", "--recompute-method",
                                     "uniform", "--recompute-num-layers", "1"),
-                                ("--group-query-attention", "--num-query-groups", "2"), 1),
+                                ("--group-query-attention", "--num-query-groups", "2", "--no-rope-freq", "2"), 1),
     # Partial recompute (first layer recomputed, the other keeping its activations): the memory/time knob
     # between full and none.
     "tsp2_recompute_block": (2, ("--tsp-size", "2", "--recompute-granularity", "full", "--recompute-method",
