@@ -29,7 +29,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset  # noqa: E402
 from megatron.core.enums import ModelType  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec  # noqa: E402
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
 from megatron.training import get_args, get_tokenizer, pretrain, print_rank_0  # noqa: E402
 from megatron.training.argument_utils import (  # noqa: E402
@@ -65,9 +65,15 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     """Megatron model provider: one GPT model chunk for this pipeline (and virtual pipeline) stage."""
     args = get_args()
     config = config or core_transformer_config_from_args(args)
+    decoder = layer_spec(args, config, vp_stage)
+    mtp = None  # multi-token prediction, as Megatron's pretrain_gpt.py builds it (args.py refuses it with TSP)
+    if args.mtp_num_layers:
+        mtp = get_gpt_mtp_block_spec(config, decoder, use_transformer_engine=HAVE_TE and not running_on_cpu(),
+                                     vp_stage=vp_stage)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(args, config, vp_stage),
+        transformer_layer_spec=decoder,
+        mtp_block_spec=mtp,
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,
