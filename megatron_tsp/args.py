@@ -184,9 +184,6 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
            f"--tsp-size {d}: the TSP attention kernels compute the plain softmax; use --softmax-type vanilla")
     _check(getattr(args, "window_size", None) is None,
            f"--window-size (sliding-window attention) is not supported with --tsp-size {d}; remove it")
-    _check(not getattr(args, "mtp_num_layers", None),
-           f"--mtp-num-layers (multi-token prediction) is not supported with --tsp-size {d}: its token shift "
-           f"runs along the sequence, which TSP ranks hold in zigzag chunks; remove it or run with --tsp-size 1")
 
 
 def _validate_expert_ring(args: argparse.Namespace, world_size: int) -> None:

@@ -39,9 +39,10 @@ __all__ = ["TSPVocabLossFunction", "tsp_vocab_parallel_loss"]
 class _VocabSpec:
     tsp_group: dist.ProcessGroup
     shard_rows: int  # V/D
-    # The weight is also the input embedding: its grad must go through autograd, where the embedding's
-    # part is added to it, not straight into Megatron's main_grad (grads.py).
-    tied_to_embedding: bool
+    # The weight has other users in the graph (the tied input embedding, multi-token prediction's output
+    # layer): its grad must go through autograd, where theirs is added to it, not straight into Megatron's
+    # main_grad (grads.py), where DDP would then drop theirs.
+    shared_weight: bool
 
 
 def _loss_dtype(hidden: Tensor) -> torch.dtype:
@@ -105,7 +106,7 @@ class TSPVocabLossFunction(torch.autograd.Function):
             return [grad_logits.flatten(0, -2).t() @ hidden.flatten(0, -2)]
 
         (own_grad,) = gather_shard_grads([weight], spec.tsp_group, shard_grads)
-        grad_weight = own_grad.to(weight.dtype) if spec.tied_to_embedding else weight_grad_for_autograd(weight, own_grad)
+        grad_weight = own_grad.to(weight.dtype) if spec.shared_weight else weight_grad_for_autograd(weight, own_grad)
         return grad_hidden.to(hidden.dtype), None, None, grad_weight
 
 
@@ -125,12 +126,12 @@ class _GatherLosses(torch.autograd.Function):
 
 
 def tsp_vocab_parallel_loss(hidden: Tensor, weight: Tensor, labels: Tensor, tsp_group: dist.ProcessGroup, *,
-                            tied_to_embedding: bool = False) -> Tensor:
+                            shared_weight: bool = False) -> Tensor:
     """Per-token cross entropy of a sequence-sharded model: hidden ``[S/D, B, h]`` (rank p's tokens, rows
     p*S/D.. of the sequence as the batch orders it), weight ``[V/D, h]`` (vocab shard p), labels ``[B, S]``
     (the whole sequence, as Megatron passes them) -> losses ``[B, S]`` (fp32 or fp64, Megatron's
-    ``compute_language_model_loss`` shape), equal on every rank of the group. ``tied_to_embedding``: the
-    weight is the input embedding's too.
+    ``compute_language_model_loss`` shape), equal on every rank of the group. ``shared_weight``: the weight
+    has other users whose grads autograd adds (the tied input embedding, multi-token prediction).
     """
     rank, tokens = dist.get_rank(tsp_group), hidden.shape[0]
     if labels.shape != (hidden.shape[1], tokens * dist.get_world_size(tsp_group)):
@@ -138,6 +139,6 @@ def tsp_vocab_parallel_loss(hidden: Tensor, weight: Tensor, labels: Tensor, tsp_
                          f"TSP group of {dist.get_world_size(tsp_group)}: expected [B, S] = "
                          f"[{hidden.shape[1]}, {tokens * dist.get_world_size(tsp_group)}]")
     local_labels = labels.t()[rank * tokens:(rank + 1) * tokens]  # [S/D, B]
-    spec = _VocabSpec(tsp_group=tsp_group, shard_rows=weight.shape[0], tied_to_embedding=tied_to_embedding)
+    spec = _VocabSpec(tsp_group=tsp_group, shard_rows=weight.shape[0], shared_weight=shared_weight)
     losses = TSPVocabLossFunction.apply(hidden, local_labels, spec, weight)
     return _GatherLosses.apply(losses, tsp_group).t().contiguous()

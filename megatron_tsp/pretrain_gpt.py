@@ -43,7 +43,11 @@ from megatron.training.utils import get_blend_and_blend_per_split  # noqa: E402
 from megatron_tsp.args import TSPConfigError, add_tsp_args, configure_tsp, expand_config  # noqa: E402
 from megatron_tsp.comm import comm_bytes  # noqa: E402
 from megatron_tsp.mesh import initialize_model_parallel  # noqa: E402
-from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec, tsp_output_loss  # noqa: E402
+from megatron_tsp.specs import (  # noqa: E402
+    get_gpt_decoder_block_tsp_spec,
+    get_gpt_mtp_block_tsp_spec,
+    tsp_output_loss,
+)
 from megatron_tsp.zigzag import zigzag_batch  # noqa: E402
 
 # Transformer Engine is optional: Megatron's TE layer spec is used automatically (on GPUs) when installed.
@@ -66,8 +70,10 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
     args = get_args()
     config = config or core_transformer_config_from_args(args)
     decoder = layer_spec(args, config, vp_stage)
-    mtp = None  # multi-token prediction, as Megatron's pretrain_gpt.py builds it (args.py refuses it with TSP)
-    if args.mtp_num_layers:
+    mtp = None  # multi-token prediction (--mtp-num-layers), as Megatron's pretrain_gpt.py builds it
+    if args.mtp_num_layers and args.tsp_size > 1:
+        mtp = get_gpt_mtp_block_tsp_spec(config, decoder, vp_stage=vp_stage)
+    elif args.mtp_num_layers:
         mtp = get_gpt_mtp_block_spec(config, decoder, use_transformer_engine=HAVE_TE and not running_on_cpu(),
                                      vp_stage=vp_stage)
     model = GPTModel(

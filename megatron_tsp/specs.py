@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec_for_backend
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -250,7 +251,7 @@ def tsp_output_loss(*, hidden_states: torch.Tensor, output_layer: ColumnParallel
                          "bias; use --tsp-output-layer megatron")
     weight = output_layer.weight if output_weight is None else output_weight
     return tsp_vocab_parallel_loss(hidden_states, weight, labels, output_layer.tp_group,
-                                   tied_to_embedding=output_weight is not None)
+                                   shared_weight=output_weight is not None or bool(config.mtp_num_layers))
 
 
 def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int] = None,
@@ -332,3 +333,20 @@ def get_gpt_decoder_block_tsp_spec(config: TransformerConfig, vp_stage: Optional
     first = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=layers[first:first + count], layer_norm=SequenceShardedNorm)
+
+
+class _SequenceShardedNormBackend(LocalSpecProvider):
+    """Megatron's local backend with TSP's sequence-sharded norm (Megatron's torch norm refuses sequence
+    parallelism, and a multi-token prediction layer normalises the rank's ``[S/D]`` tokens)."""
+
+    def layer_norm(self, rms_norm: bool = False, for_qk: bool = False, has_residual: bool = False) -> type:
+        return SequenceShardedNorm
+
+
+def get_gpt_mtp_block_tsp_spec(config: TransformerConfig, decoder: TransformerBlockSubmodules,
+                               vp_stage: Optional[int] = None) -> Any:
+    """Megatron's multi-token prediction block (``--mtp-num-layers``) over the decoder's last TSP layer spec,
+    with sequence-sharded norms; None on stages without MTP layers. Its inputs and labels are shifted in
+    natural order although TSP holds them in zigzag order (``megatron_compat.patches``); its loss runs through
+    Megatron's output layer (``[S, B, V/D]`` logits, which the vocabulary ring avoids for the main loss)."""
+    return get_gpt_mtp_block_spec_for_backend(config, decoder, _SequenceShardedNormBackend(), vp_stage=vp_stage)

@@ -22,6 +22,7 @@ __all__ = [
     "local_positions",
     "zigzag_batch",
     "zigzag_permutation",
+    "zigzag_shift",
 ]
 
 
@@ -90,3 +91,15 @@ def zigzag_batch(batch: dict[str, Any], tsp_size: int) -> dict[str, Any]:
     sample = next(iter(present.values()))
     order = zigzag_permutation(sample.shape[1], tsp_size, sample.device)
     return {**batch, **{name: field[:, order] for name, field in present.items()}, "attention_mask": None}
+
+
+def zigzag_shift(field: Tensor, shift: int, dim: int, tsp_size: int) -> Tensor:
+    """Shift a zigzag-ordered full sequence (``zigzag_batch``'s fields, ``dim`` of length S) by ``shift`` in
+    natural order and zero the position that wraps around, as Megatron's multi-token prediction rolls its
+    inputs and labels (``shift`` -1: each slot then holds the next token of the sample). Same shape and
+    order as ``field``."""
+    seq_len = field.shape[dim]
+    natural = field.index_select(dim, inverse_zigzag_permutation(seq_len, tsp_size, field.device))
+    shifted = torch.roll(natural, shifts=shift, dims=dim)
+    shifted.select(dim, shift).fill_(0)
+    return shifted.index_select(dim, zigzag_permutation(seq_len, tsp_size, field.device))

@@ -19,6 +19,7 @@ MOE = ("--num-experts", "4", "--moe-router-topk", "2", "--moe-token-dispatcher-t
 PRINTED_NORM_TOLERANCE = 1.001e-3
 _ITERATION = re.compile(r"iteration\s+(\d+)/\s*\d+ .*?lm loss: ([0-9.E+-]+) .*?grad norm: ([0-9.]+)")
 _PARAMS_NORM = re.compile(r"iteration\s+\d+/.*?params norm: ([0-9.]+)")
+_MTP_LOSS = re.compile(r"iteration\s+\d+/.*?mtp_1 loss: ([0-9.E+-]+)")
 
 
 @dataclass
@@ -28,6 +29,7 @@ class PretrainRun:
     losses: list[float]  # lm loss of each logged iteration (--log-interval 1)
     grad_norms: list[float]
     params_norms: list[float]  # only with --log-params-norm
+    mtp_losses: list[float]  # the first multi-token prediction loss as printed, only with --mtp-num-layers
 
 
 def _parse(returncode: int, output: str) -> PretrainRun:
@@ -39,7 +41,8 @@ def _parse(returncode: int, output: str) -> PretrainRun:
         # when comparing a resumed run with an uninterrupted one).
         losses[1] = 2 * losses[1] - losses[0]
     return PretrainRun(returncode, output, losses, [float(norm) for _, _, norm in found],
-                       [float(norm) for norm in _PARAMS_NORM.findall(output)])
+                       [float(norm) for norm in _PARAMS_NORM.findall(output)],
+                       [float(loss) for loss in _MTP_LOSS.findall(output)])
 
 
 def run_command(command: list[str], timeout_s: float = 300.0) -> PretrainRun:

@@ -55,7 +55,6 @@ BAD = [  # flags, world size, text the error must contain (the flag to change)
      "--experimental-attention-variant is not supported"),
     (["--tsp-size", "2", "--fp8-format", "hybrid"], 4, "--fp8-format is not supported"),
     (["--tsp-size", "2", "--fp4-format", "e2m1"], 4, "--fp4-format is not supported"),
-    (["--tsp-size", "2", "--mtp-num-layers", "1"], 4, "--mtp-num-layers (multi-token prediction)"),
     (["--tsp-size", "2", "--tsp-order", "tsp-dp-pp"], 4, "--tsp-order"),
     (["--tsp-size", "2", "--attention-dropout", "0.1"], 4, "pass --attention-dropout 0"),
     (["--tsp-size", "2", "--position-embedding-type", "yarn"], 4, "--position-embedding-type yarn"),

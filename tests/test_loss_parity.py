@@ -73,6 +73,7 @@ def assert_same_curve(run: PretrainRun, ref: PretrainRun, params_norm: bool = Tr
     assert len(run.losses) == 10, run.output[-4000:]
     assert run.losses == pytest.approx(ref.losses, rel=1e-5)
     assert run.grad_norms == pytest.approx(ref.grad_norms, abs=PRINTED_NORM_TOLERANCE)
+    assert run.mtp_losses == pytest.approx(ref.mtp_losses, rel=1e-5)
     if params_norm:
         assert len(run.params_norms) == 10
         assert run.params_norms == pytest.approx(ref.params_norms, abs=PRINTED_NORM_TOLERANCE)
@@ -110,6 +111,10 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
                                                         "--tsp-keep-weight-shards"), (), 1),
     # The output weight is the embedding's, on the other pipeline stage (grads summed between the two).
     "tsp2_pp2_virtual_tied_embeddings": (4, ("--tsp-size", "2"), VPP, 2),
+    # Multi-token prediction: a TSP layer behind the decoder, its inputs and labels shifted in natural order
+    # although TSP holds them in zigzag order, its loss through Megatron's output layer, whose weight the
+    # vocabulary ring then shares.
+    "tsp2_mtp": (2, ("--tsp-size", "2"), ("--mtp-num-layers", "1"), 1),
     # Megatron's output layer over gathered hidden states instead of the vocabulary ring.
     "tsp2_dp2_distopt_overlap_megatron_output": (4, ("--tsp-size", "2", "--use-distributed-optimizer",
                                                      "--overlap-grad-reduce", "--overlap-param-gather",
@@ -132,6 +137,8 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
 @pytest.mark.parametrize("name", list(CASES))
 def test_loss_curve_matches_tsp1(name: str) -> None:
     ranks, tsp_flags, shared, reference_ranks = CASES[name]
+    if "--mtp-num-layers" in shared:
+        assert len(reference(reference_ranks, case_config(name), *shared).mtp_losses) == 10
     # With --overlap-param-gather Megatron logs the params norm before the next forward gathers the updated
     # params, so it lags one step behind a run without it (at any TSP degree); losses and grad norms do not.
     assert_same_curve(tsp_run(name), reference(reference_ranks, case_config(name), *shared),

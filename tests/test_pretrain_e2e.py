@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.multiprocess import free_port
-from tests.pretrain_runs import PRINTED_NORM_TOLERANCE, REPO, TINY_CONFIG, pretrain, run_command
+from tests.pretrain_runs import PRINTED_NORM_TOLERANCE, REPO, TINY_CONFIG, run_command
 from tests.test_loss_parity import reference
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
@@ -54,10 +54,3 @@ def test_bad_configuration_fails_on_every_rank_before_any_collective() -> None:
         assert f"[rank {rank}] megatron-tsp configuration error: --seq-length 102 is not divisible" in output, \
             output[-3000:]
 
-
-def test_multi_token_prediction_at_tsp1() -> None:
-    """At --tsp-size 1 megatron_tsp.pretrain_gpt builds Megatron's MTP block like Megatron's own script: the
-    MTP loss is logged beside the LM loss (with --tsp-size > 1 args.py refuses it)."""
-    run = pretrain(1, "--train-iters", "3", "--mtp-num-layers", "1")
-    assert run.returncode == 0, run.output[-4000:]
-    assert len(run.losses) == 3 and run.output.count("mtp_1 loss:") == 3, run.output[-4000:]

@@ -11,6 +11,7 @@ from megatron_tsp.zigzag import (
     local_positions,
     zigzag_batch,
     zigzag_permutation,
+    zigzag_shift,
 )
 
 
@@ -66,3 +67,18 @@ def test_batch_fields_move_together_and_the_mask_goes() -> None:
     assert last_stage["tokens"] is None and last_stage["labels"].tolist() == permuted["labels"].tolist()
     with pytest.raises(ValueError, match="packed sequences"):
         zigzag_batch({**batch, "cu_seqlens": torch.tensor([0, 8])}, tsp_size=2)
+
+
+@pytest.mark.parametrize("tsp_size", [1, 2, 4])
+def test_shift_runs_in_natural_order(tsp_size: int) -> None:
+    """Multi-token prediction's shift of a zigzag-ordered [B, S] field: slot i gets the natural successor of
+    the token it holds, and the slot of the sample's last token gets 0 (Megatron's roll without CP)."""
+    seq_len = 4 * tsp_size
+    tokens = torch.arange(1, 2 * seq_len + 1).view(2, seq_len)  # [B, S], no zeros
+    perm = zigzag_permutation(seq_len, tsp_size)
+    zigzag = tokens[:, perm]
+    expected = torch.cat([tokens[:, 1:], torch.zeros(2, 1, dtype=tokens.dtype)], dim=1)[:, perm]
+    assert torch.equal(zigzag_shift(zigzag, -1, -1, tsp_size), expected)
+    if tsp_size > 1:  # a plain roll of the zigzag order is not the same
+        assert not torch.equal(torch.roll(zigzag, -1, -1), expected)
+

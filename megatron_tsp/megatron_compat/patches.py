@@ -157,6 +157,28 @@ def _no_fp8_without_te(original: Callable) -> Callable:
     return __init__
 
 
+def _tsp_layers_size() -> int:
+    """D when this run's TSP layers take samples in zigzag order (``args.tsp_size``), else 1."""
+    from megatron.training import global_vars
+
+    args = global_vars._GLOBAL_ARGS  # None outside Megatron's training entry points
+    return getattr(args, "tsp_size", 1) if args is not None else 1
+
+
+def _shift_in_natural_order(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def roll_tensor(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
+        tsp_size = _tsp_layers_size()
+        if tsp_size == 1 or tensor is None:
+            return original(tensor, shifts, dims, cp_group, packed_seq_params)
+        from megatron_tsp.zigzag import zigzag_shift
+
+        shifted = zigzag_shift(tensor, shifts, dims, tsp_size)
+        return shifted, shifted.sum()
+
+    return roll_tensor
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.process_groups_config", "ProcessGroupCollection.use_mpu_process_groups", False,
           "expose the tsp axis as `pg_collection.tsp` on every collection Megatron builds from its "
@@ -194,6 +216,11 @@ PATCHES: tuple[Patch, ...] = (
           "every output-discarding recompute (--recompute-modules layernorm, moe_act) calls TE's "
           "FP8GlobalStateManager, which was never imported: NameError at the first forward",
           _no_fp8_without_te),
+    Patch("megatron.core.transformer.multi_token_prediction", "roll_tensor", False,
+          "multi-token prediction shifts input ids, positions, labels and loss mask by one token along the "
+          "sequence with torch.roll; under TSP every rank holds them whole in zigzag chunk order (packed "
+          "sequences and CP are refused), so the shift must run in natural order",
+          _shift_in_natural_order),
 )
 
 
