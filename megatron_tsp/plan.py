@@ -64,6 +64,7 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     parser.add_argument("--moe-router-topk", type=int, default=2)
     parser.add_argument("--moe-layer-freq", type=int, default=1)
+    parser.add_argument("--mtp-num-layers", type=int)
     parser.add_argument("--recompute-granularity", choices=("full", "selective"))
     parser.add_argument("--recompute-method", choices=("uniform", "block"))
     parser.add_argument("--recompute-num-layers", type=int)
@@ -340,6 +341,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.recompute_modules is not None and args.recompute != "selective":
         parser.error("--recompute-modules needs --recompute selective")
     flags = _megatron_flags(config_to_argv(args.config), args.config)
+    if flags.mtp_num_layers:
+        parser.error(f"--mtp-num-layers {flags.mtp_num_layers} (in {args.config}): multi-token prediction is not "
+                     f"modelled by the cost model (its layers and logits); plan without it")
     model = model_from_flags(flags)
     micro_batch = args.micro_batch_size or flags.micro_batch_size
     sixteen_bit = flags.bf16 or flags.fp16

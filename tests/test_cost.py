@@ -382,7 +382,7 @@ def test_planner_reads_uniform_chunks_from_the_config(tmp_path, capsys: pytest.C
     assert " uniform 2 " in capsys.readouterr().out
 
 
-def test_unmodelled_recompute_module_is_refused(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unmodelled_features_are_refused(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match="--recompute-modules mla_up_proj: not modelled"):
         Workload(1, 128, recompute="selective", recompute_modules=("core_attn", "mla_up_proj"))
     config = tmp_path / "mla.yaml"
@@ -390,6 +390,10 @@ def test_unmodelled_recompute_module_is_refused(tmp_path, capsys: pytest.Capture
     with pytest.raises(SystemExit):
         plan.main(["--config", str(config), "--gpus", "2", "--seq-length", "128"])
     assert "--recompute-modules mla_up_proj: not modelled" in capsys.readouterr().err
+    config.write_text(open(TINY_CONFIG).read() + "mtp-num-layers: 1\n")
+    with pytest.raises(SystemExit):
+        plan.main(["--config", str(config), "--gpus", "2", "--seq-length", "128"])
+    assert "multi-token prediction is not modelled" in capsys.readouterr().err
 
 
 def test_block_recompute_sits_between_none_and_full() -> None:
