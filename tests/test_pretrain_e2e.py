@@ -53,4 +53,3 @@ def test_bad_configuration_fails_on_every_rank_before_any_collective() -> None:
         assert proc.returncode != 0
         assert f"[rank {rank}] megatron-tsp configuration error: --seq-length 102 is not divisible" in output, \
             output[-3000:]
-
