@@ -75,8 +75,8 @@ Residual = model / measured - 1.
 Without SP the model misses a roughly constant 0.6-1 GiB (not identified). Without full recompute (no
 GPU measurement) the CPU allocator keeps 7-17% more for TP+SP than the model says (docs/benchmarks.md:
 unfused norm and RoPE intermediates, the qkv output kept whole by the v view); TSP's stay within 7%. The
-norm's intermediate is CPU-only (torch's CUDA rms_norm is one fused kernel keeping its input and rstd), so
-the model counts a norm's input and output only. The Llama rows test the output layer's working set (its
+norm's intermediate is taken to be CPU-only (on CUDA torch runs rms_norm as one fused kernel, whose backward
+needs its input and rstd; unchecked on a GPU), so the model counts a norm's input and output only. The Llama rows test the output layer's working set (its
 peak is the fp32 logits, V/D = 16032), overestimated by 2-3%.
 
 Step time: ``COMPUTE_EFFICIENCY`` = 0.73 is the fitted fraction of the measured matmul rate (787 TFLOP/s,
