@@ -57,7 +57,7 @@ from megatron_tsp.comm import (
     reduce_scatter_zigzag,
     shard_buffer,
 )
-from megatron_tsp.grads import needs_backward, weight_grad_for_autograd
+from megatron_tsp.grads import linear_backward, needs_backward, weight_grad_for_autograd
 from megatron_tsp.kernels import ZIGZAG, AttentionBackend
 
 __all__ = [
@@ -202,12 +202,11 @@ def _bucket_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, 
     bucket's kernel."""
     leaf_projection, (qkv_weight, proj_weight), leaf_norm, (q, k, v), kv_gather = restarted
     attn = kept_attention[0]  # [S/D, B, nq/D*hd]
-    # out = attn @ proj_weight^T: grad_attn = grad_out @ proj_weight, grad_proj = grad_out^T @ attn
-    grad_proj_weight = grad_out.flatten(0, 1).t() @ attn.flatten(0, 1)
+    grad_attn, grad_proj = linear_backward(grad_out, attn, proj_weight)  # out = attn @ proj_weight^T
     full_k, full_v = kv_gather.wait().chunk(2, dim=2)
     grad_q, grad_full_k, grad_full_v = spec.core_attention.backward(
-        grad_out @ proj_weight, q, full_k, full_v, *kept_attention, q_positions, k_positions,
-        spec.softmax_scale)
+        grad_attn, q, full_k, full_v, *kept_attention, q_positions, k_positions, spec.softmax_scale)
+    del grad_attn
     grad_full_kv = torch.cat((grad_full_k, grad_full_v), dim=2)
     del grad_full_k, grad_full_v
     grad_k, grad_v = reduce_scatter_zigzag(grad_full_kv, spec.tsp_group).wait().chunk(2, dim=2)
@@ -218,11 +217,9 @@ def _bucket_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, 
     for total, part in zip(grad_norm, grad_norm_bucket):
         if total is not None:
             total += part
-    # projection = x @ qkv_weight^T + qkv_bias
-    grad_x += grad_projection @ qkv_weight
-    grad_projection = grad_projection.flatten(0, 1)
-    grad_qkv = [grad_projection.t() @ x.flatten(0, 1), *([grad_projection.sum(0)] if spec.has_qkv_bias else [])]
-    return [*grad_qkv, grad_proj_weight]
+    grad_x_bucket, grad_qkv = linear_backward(grad_projection, x, qkv_weight, spec.has_qkv_bias)
+    grad_x += grad_x_bucket
+    return [*grad_qkv, *grad_proj]
 
 
 def _qkv_bias_proj(parts: list[Tensor], spec: _BucketSpec) -> tuple[Tensor, Tensor | None, Tensor]:

@@ -8,7 +8,8 @@ still makes autograd run DDP's grad-ready hook on the main thread. We follow the
 manages the parameter (megatron-core 0.19.2: ``DistributedDataParallel`` sets both attributes and resets the
 mark when it zeroes the grad buffer).
 
-Also here: :func:`needs_backward`, which decides whether a schedule keeps its activations for backward.
+Also here: :func:`needs_backward`, which decides whether a schedule keeps its activations for backward, and
+:func:`linear_backward`, the grads of a linear layer that the schedules differentiate by hand.
 """
 
 from __future__ import annotations
@@ -36,3 +37,12 @@ def needs_backward(*tensors: Tensor | None) -> bool:
     the TSP schedules then keep what their backward needs instead of recomputing it. False inside a
     recompute region's first, gradient-free forward (Megatron's checkpointing)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor,
+                    bias: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """Grads of ``out = x @ weight^T (+ bias)``, x ``[..., in]``, weight ``[out, in]``: the input's
+    ``grad_out @ weight`` ``[..., in]`` and [the weight's ``[out, in]``, the bias's ``[out]`` if ``bias``],
+    summed over every leading (token) dim."""
+    rows = grad_out.flatten(0, -2)
+    return grad_out @ weight, [rows.t() @ x.flatten(0, -2), *([rows.sum(0)] if bias else [])]

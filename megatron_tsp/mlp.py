@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_tsp.grads import needs_backward, weight_grad_for_autograd
+from megatron_tsp.grads import linear_backward, needs_backward, weight_grad_for_autograd
 from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
 
 __all__ = ["TSPMLPFunction", "tsp_expert_mlps", "tsp_mlp"]
@@ -111,13 +111,12 @@ def _shard_grads(x: Tensor, shard: Sequence[Tensor], fc1_outs: Sequence[Tensor],
         with torch.enable_grad():
             leaf_fc1_out = fc1_out.detach().requires_grad_()
             hidden = _activate(leaf_fc1_out, spec)
-        grad_fc2 = grad_rows.flatten(0, -2).t() @ hidden.flatten(0, -2)
-        (grad_fc1_out,) = torch.autograd.grad(hidden, leaf_fc1_out, grad_rows @ mlp[-1])
-        del hidden, leaf_fc1_out
-        grad_x_rows += grad_fc1_out @ mlp[0]
-        grad_fc1_out = grad_fc1_out.flatten(0, -2)
-        grads += [grad_fc1_out.t() @ rows.flatten(0, -2), *([grad_fc1_out.sum(0)] if spec.has_fc1_bias else []),
-                  grad_fc2]
+        grad_hidden, grad_fc2 = linear_backward(grad_rows, hidden, mlp[-1])
+        (grad_fc1_out,) = torch.autograd.grad(hidden, leaf_fc1_out, grad_hidden)
+        del hidden, leaf_fc1_out, grad_hidden
+        grad_rows_x, grad_fc1 = linear_backward(grad_fc1_out, rows, mlp[0], spec.has_fc1_bias)
+        grad_x_rows += grad_rows_x
+        grads += [*grad_fc1, *grad_fc2]
     return grads
 
 

@@ -172,9 +172,10 @@ def synchronize(device: torch.device) -> None:
 
 def measure(args: argparse.Namespace, layout: str, seq: int, device: torch.device) -> dict:
     """One warm-up step, then one timed step with the peak-memory counter reset."""
+    described = cost_inputs(args, layout, seq)
     record = {"layout": layout, "D": args.tsp, "seq": seq, "layers": args.layers, "hidden": args.hidden,
               "heads": args.heads, "kv": args.kv_groups or args.heads, "ffn": args.ffn, "vocab": args.vocab,
-              "dtype": args.dtype, "recompute": cost_inputs(args, layout, seq)[1].recompute_label}
+              "dtype": args.dtype, "recompute": described[1].recompute_label}
     if layout == "tsp":
         record.update(output_layer=args.output_layer, keep_weight_shards=args.keep_weight_shards)
     gc.collect()
@@ -203,11 +204,11 @@ def measure(args: argparse.Namespace, layout: str, seq: int, device: torch.devic
         train_step(model, args, layout, seq, device)
         synchronize(device)
         record["step_s"] = time.perf_counter() - start
-        record["achieved_TFLOPs"] = step_flops(args, layout, seq) / record["step_s"] / 1e12
+        record["achieved_TFLOPs"] = step_flops(*described) / record["step_s"] / 1e12
         if device.type == "cuda":
             record["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         record["peak_plus_adam_GiB"] = record["peak_GiB"] + 12 * params / 2**30  # fp32 master + 2 moments
-        predicted = cost.memory(*cost_inputs(args, layout, seq))
+        predicted = cost.memory(*described)
         record["model_peak_GiB"] = (predicted.total - predicted.optimizer) / 2**30  # cost.py's, without Adam
         record["model_offset_GiB"] = cost.OFFSET_BYTES / 2**30  # in model_peak_GiB: fitted on a GPU, not on CPU
         del model
@@ -231,11 +232,10 @@ def cost_inputs(args: argparse.Namespace, layout: str, seq: int) -> tuple[cost.M
     return model, work, cost.Layout(LAYOUTS[layout], tensor=args.tsp)
 
 
-def step_flops(args: argparse.Namespace, layout: str, seq: int) -> float:
+def step_flops(model: cost.ModelShape, work: cost.Workload, kind: cost.Layout) -> float:
     """FLOPs the rank executes in one step by the cost model (recomputes included): layers and output layer."""
-    model, work, kind = cost_inputs(args, layout, seq)
     layer, output = cost.layer_flops(model, work, kind, moe=False), cost.output_layer_flops(model, work, kind)
-    return sum(args.layers * getattr(layer, phase) + getattr(output, phase)
+    return sum(model.layers * getattr(layer, phase) + getattr(output, phase)
                for phase in ("forward", "backward", "recompute"))
 
 
