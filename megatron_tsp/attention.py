@@ -58,7 +58,7 @@ from megatron_tsp.comm import (
     shard_buffer,
 )
 from megatron_tsp.grads import linear_backward, needs_backward, weight_grad_for_autograd
-from megatron_tsp.kernels import ZIGZAG, AttentionBackend
+from megatron_tsp.kernels import ZIGZAG, AttentionBackend, packed_kv
 
 __all__ = [
     "QKNorm",
@@ -207,7 +207,7 @@ def _bucket_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, 
     grad_q, grad_full_k, grad_full_v = spec.core_attention.backward(
         grad_attn, q, full_k, full_v, *kept_attention, q_positions, k_positions, spec.softmax_scale)
     del grad_attn
-    grad_full_kv = torch.cat((grad_full_k, grad_full_v), dim=2)
+    grad_full_kv = packed_kv(grad_full_k, grad_full_v)  # the zigzag backend's are packed already
     del grad_full_k, grad_full_v
     grad_k, grad_v = reduce_scatter_zigzag(grad_full_kv, spec.tsp_group).wait().chunk(2, dim=2)
     local_leaves = [leaf_projection] + leaf_norm

@@ -55,34 +55,50 @@ Peak memory model (``Memory``)
   Plus a constant ``OFFSET_BYTES``.
 
 Calibration against BASELINES.md (one H200, fake process group, D = 8, full recompute, micro-batch 1, no
-vocab padding; the peaks exclude Adam state). ``BACKWARD_FACTOR`` = 1.55 and ``OFFSET_BYTES`` = 0.08 GiB are
-least-squares fits (relative error) to the four "7B" TP+SP peaks; every other row is a prediction.
-Residual = model / measured - 1.
+vocab padding; the peaks exclude Adam state) and against this project's H100 measurements (docs/benchmarks.md,
+same method, scripts/bench_gpu.py, every recompute mode the planner weighs). ``BACKWARD_FACTOR`` = 1.2 and
+``OFFSET_BYTES`` = 0.08 GiB fit the "7B" TP+SP peaks of both GPUs; every other row is a prediction. What
+Megatron's layers keep without recompute (:func:`_megatron_attention_elements`,
+:func:`_megatron_mlp_activation_elements`) was read off its autograd graph on CPU and confirmed on the H100
+(the no-recompute and selective rows; before, the model missed 18% and 24% there). Residual = model /
+measured - 1.
 
-| case (D = 8)            | measured GiB | model GiB | residual | + Adam: measured / model |
-|-------------------------|-------------:|----------:|---------:|-------------------------:|
-| 7B TP+SP 16K            |          7.6 |      7.60 |   -0.1%  |            20.0 / 19.97 |
-| 7B TP+SP 32K            |          8.9 |      8.93 |   +0.3%  |            21.3 / 21.30 |
-| 7B TP+SP 64K            |         11.6 |     11.59 |   -0.1%  |            23.9 / 23.96 |
-| 7B TP+SP 128K           |         16.9 |     16.91 |   +0.1%  |            29.3 / 29.28 |
-| 7B TP (no SP) 16K       |         12.5 |     11.52 |   -7.8%  |            24.9 / 23.89 |
-| 7B TP (no SP) 32K       |         17.7 |     16.78 |   -5.2%  |            30.1 / 29.15 |
-| 7B TP (no SP) 64K       |         28.1 |     27.30 |   -2.8%  |            40.5 / 39.67 |
-| 7B TP (no SP) 128K      |         48.9 |     48.34 |   -1.1%  |            61.2 / 60.71 |
-| Llama-3-8B TP+SP 32K    |          9.9 |     10.13 |   +2.3%  |            21.2 / 21.35 |
-| Llama-3-8B TP+SP 128K   |         22.8 |     23.43 |   +2.8%  |            34.0 / 34.65 |
+| case (D = 8)                          | measured GiB | model GiB | residual | + Adam: measured / model |
+|---------------------------------------|-------------:|----------:|---------:|-------------------------:|
+| 7B TP+SP 16K (H200)                   |          7.6 |      7.60 |   -0.1%  |            20.0 / 19.97 |
+| 7B TP+SP 32K (H200)                   |          8.9 |      8.93 |   +0.3%  |            21.3 / 21.30 |
+| 7B TP+SP 64K (H200)                   |         11.6 |     11.59 |   -0.1%  |            23.9 / 23.96 |
+| 7B TP+SP 128K (H200)                  |         16.9 |     16.91 |   +0.1%  |            29.3 / 29.28 |
+| 7B TP (no SP) 16K (H200)              |         12.5 |     11.37 |   -9.0%  |            24.9 / 23.74 |
+| 7B TP (no SP) 32K (H200)              |         17.7 |     16.48 |   -6.9%  |            30.1 / 28.85 |
+| 7B TP (no SP) 64K (H200)              |         28.1 |     26.69 |   -5.0%  |            40.5 / 39.06 |
+| 7B TP (no SP) 128K (H200)             |         48.9 |     47.11 |   -3.7%  |            61.2 / 59.48 |
+| Llama-3-8B TP+SP 32K (H200)           |          9.9 |     10.13 |   +2.3%  |            21.2 / 21.35 |
+| Llama-3-8B TP+SP 128K (H200)          |         22.8 |     23.43 |   +2.8%  |            34.0 / 34.65 |
+| 7B TP+SP 128K (H100)                  |        17.01 |     16.91 |   -0.5%  |          29.38 / 29.28 |
+| 7B TP+SP 32K, no recompute (H100)     |        38.34 |     38.50 |   +0.4%  |          50.71 / 50.87 |
+| 7B TP+SP 128K, sel. norms+MLP (H100)  |        47.83 |     47.79 |   -0.1%  |          60.20 / 60.16 |
+| 7B TSP 16K (H100)                     |         7.41 |      7.43 |   +0.3%  |          19.78 / 19.80 |
+| 7B TSP 128K (H100)                    |        13.89 |     13.32 |   -4.1%  |          26.26 / 25.69 |
+| 7B TSP 32K, no recompute (H100)       |        22.84 |     22.79 |   -0.2%  |          35.21 / 35.16 |
+| 7B TSP 128K, sel. norms+MLP (H100)    |        32.83 |     32.63 |   -0.6%  |          45.20 / 45.00 |
 
-Without SP the model misses a roughly constant 0.6-1 GiB (not identified). Without full recompute (no
-GPU measurement) the CPU allocator keeps 7-17% more for TP+SP than the model says (docs/benchmarks.md:
-unfused norm and RoPE intermediates, the qkv output kept whole by the v view); TSP's stay within 7%. The
-norm's intermediate is taken to be CPU-only (on CUDA torch runs rms_norm as one fused kernel, whose backward
-needs its input and rstd; unchecked on a GPU), so the model counts a norm's input and output only. The Llama rows test the output layer's working set (its
-peak is the fp32 logits, V/D = 16032), overestimated by 2-3%.
+Without SP the model misses 1.1-1.8 GiB (not identified; the factor fitted to TP+SP underweights the backward
+of full-sequence norms). TSP under full recompute is low by 0.7-4.1% from 32K to 128K (a transient of its
+backward the model does not hold; that row's measurement predates the zigzag backward writing its grads in
+the input dtype, which the model already follows). The norm's intermediate is taken to be CPU-only (torch
+runs rms_norm as one fused CUDA kernel, whose backward needs its input and rstd), so the model counts a norm's
+input and output only. The Llama rows test the output layer's working set (its peak is the fp32 logits,
+V/D = 16032), overestimated by 2-3%.
 
 Step time: ``COMPUTE_EFFICIENCY`` = 0.73 is the fitted fraction of the measured matmul rate (787 TFLOP/s,
 BASELINES.md) that the 7B TP+SP step reaches with communication faked (4/3 of model FLOPs with full
 recompute). Compute time, model / measured - 1: 16K -3.4% (0.309 s vs 0.32), 32K +0.1%, 64K +2.1%,
-128K +3.2% (5.90 s vs 5.72). Communication time is bandwidth + latency per message with the overlap rules
+128K +3.2% (5.90 s vs 5.72). TSP's layers (measured on an H100, the same 7B): ``TSP_DEVICE_FACTOR`` x that
+time, and no less than ``TSP_HOST_SECONDS`` per layer, head bucket and forward-equivalent pass (the eager
+schedule's kernel launches); model / measured - 1 under full recompute: 16K +5.1%, 32K +1.2%, 64K -13.4%
+(host and device overlap only in part there), 128K +3.2%; 128K with the norms and MLPs recomputed +6.9%,
+32K without recompute +2.5%. Communication time is bandwidth + latency per message with the overlap rules
 of each :class:`Transfer`; it has not been measured against a real multi-GPU run.
 """
 
@@ -96,6 +112,8 @@ from typing import Literal
 __all__ = [
     "BACKWARD_FACTOR",
     "COMPUTE_EFFICIENCY",
+    "TSP_DEVICE_FACTOR",
+    "TSP_HOST_SECONDS",
     "KINDS",
     "OFFSET_BYTES",
     "RECOMPUTE_MODULES",
@@ -142,9 +160,16 @@ Kind = Literal["TP", "TP+SP", "CP", "TPxCP", "TSP"]
 KINDS: tuple[Kind, ...] = ("TP", "TP+SP", "CP", "TPxCP", "TSP")
 
 # Fitted to BASELINES.md (see the module docstring's table).
-BACKWARD_FACTOR = 1.55
+BACKWARD_FACTOR = 1.2
 OFFSET_BYTES = 0.08 * 2**30
 COMPUTE_EFFICIENCY = 0.73
+# Measured on one H100 (docs/benchmarks.md): a TSP layer's device time is this times the FLOP-rate time
+# (its GEMMs and attention kernels run at TP+SP's rate; the fp32 accumulation of bucket and shard partials,
+# K/V packing and LSE merges add memory-bound work: 1.26x TP+SP's step at 128K), and its eager schedule
+# launches about 10x TP+SP's kernels (per head bucket and ring step), so that the host sets the pace below
+# ~64K tokens: TSP_HOST_SECONDS per layer, head bucket and forward-equivalent pass (fitted at 16K and 32K).
+TSP_DEVICE_FACTOR = 1.26
+TSP_HOST_SECONDS = 1.85e-3
 
 
 @dataclass(frozen=True)
@@ -169,6 +194,11 @@ class ModelShape:
     expert_ffn: int = 0
     shared_expert_ffn: int = 0
     moe_layer_freq: int = 1  # every N-th layer from the first is MoE (Megatron's --moe-layer-freq N)
+    rotary_dim: int | None = None  # RoPE channels per head: None = head_dim (--rotary-percent 1), 0 = no RoPE
+
+    @property
+    def rope_dim(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
     def moe_layers(self) -> int:
@@ -645,6 +675,21 @@ def _mlp_activation_elements(model: ModelShape, ffn: int) -> int:
     return (4 if model.gated else 2) * ffn
 
 
+def _megatron_mlp_activation_elements(model: ModelShape, ffn: int) -> int:
+    """Elements Megatron's MLP (megatron-core 0.19, unfused: no TE, no bias-activation fusion) keeps per
+    token: :func:`_mlp_activation_elements` plus, gated, the linear half plus ``glu_linear_offset`` (a new
+    ffn-wide tensor its product saves). Measured on an H100 (docs/benchmarks.md)."""
+    return _mlp_activation_elements(model, ffn) + (ffn if model.gated else 0)
+
+
+def _megatron_attention_elements(model: ModelShape, tensor: int) -> Fraction:
+    """Elements Megatron's self-attention (unfused RoPE, SDPA core attention) keeps per token of the context
+    shard: the rotated q and k, the qkv projection output (kept whole, its v being a view of it), the core
+    attention's output, (3nq + 3nkv)*hd/t; and RoPE's cos and sin for q and for k, [s, 1, 1, rot] each, in
+    the activation dtype, per layer (not sharded by t). Measured on an H100 (docs/benchmarks.md)."""
+    return (Fraction(3 * (model.heads + model.kv_groups) * model.head_dim, tensor) + 4 * model.rope_dim)
+
+
 def _saved_elements(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> dict[str, Fraction]:
     """What one layer keeps for backward without recompute, in activation elements, by part (one GPU, one
     micro-batch); :func:`layer_saved_bytes` sums them, :func:`layer_recomputed_bytes` picks the parts
@@ -652,8 +697,8 @@ def _saved_elements(model: ModelShape, work: Workload, layout: Layout, moe: bool
 
     Norms: input norm and pre-MLP norm, their inputs and their outputs, h each per local token (under SP
     Megatron's column-parallel linears keep the sharded norm output and re-gather it). Megatron attention:
-    q, k, v and output, (2nq + 2nkv)*hd/t per token of the context shard; Megatron's dense MLP:
-    :func:`_mlp_activation_elements`/t. TSP attention and MLP keep their input, the norm output already
+    :func:`_megatron_attention_elements` per token of the context shard; Megatron's dense MLP (and its
+    experts and shared expert): :func:`_megatron_mlp_activation_elements`/t. TSP attention and MLP keep their input, the norm output already
     counted, and what :func:`layer_kept_attention_bytes` and :func:`layer_kept_fc1_bytes` count. MoE (all
     kinds): per local token, top-k copies of the dispatched input and of the expert output ("routed"), the
     experts' fc1 outputs and the rest of their activations (not with the expert ring: its fc1 outputs are
@@ -665,17 +710,18 @@ def _saved_elements(model: ModelShape, work: Workload, layout: Layout, moe: bool
     context_tokens = Fraction(work.tokens, layout.context)  # tokens of a tensor-sharded (head/ffn) region
     parts = {"norm inputs": 2 * model.hidden * local_tokens, "norm outputs": 2 * model.hidden * local_tokens}
     if layout.kind != "TSP":
-        parts["attention"] = (2 * model.heads + 2 * model.kv_groups) * model.head_dim * context_tokens / t
+        parts["attention"] = _megatron_attention_elements(model, t) * context_tokens
     if moe:
         copies = model.topk * local_tokens
         parts["routed"] = 2 * model.hidden * copies
         if not layout.expert_ring:
             fc1 = _fc1_rows(model) * model.expert_ffn
             parts["expert fc1"] = fc1 * copies
-            parts["expert activation"] = (_mlp_activation_elements(model, model.expert_ffn) - fc1) * copies
-        parts["shared expert"] = _mlp_activation_elements(model, model.shared_expert_ffn) * context_tokens / t
+            parts["expert activation"] = (_megatron_mlp_activation_elements(model, model.expert_ffn) - fc1) * copies
+        parts["shared expert"] = (_megatron_mlp_activation_elements(model, model.shared_expert_ffn)
+                                  * context_tokens / t)
     elif layout.kind != "TSP":
-        parts["mlp"] = _mlp_activation_elements(model, model.ffn) * context_tokens / t
+        parts["mlp"] = _megatron_mlp_activation_elements(model, model.ffn) * context_tokens / t
     return parts
 
 
@@ -765,12 +811,12 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     flight and the next one, with their dK/dV (4 x the rank's local K/V). TSP (derived from attention.py and
     mlp.py, checked against the allocator in docs/benchmarks.md): an fp32 [S/D, B, h] accumulator (output in
     forward, input grad in backward) plus the larger of
-    - attention: per element of one bucket's full-sequence K/V (2BS*nkv*hd/D), 3 x a + max(a, 4) bytes:
-      two buckets' K/V (the one differentiated and the next in flight), and inside the zigzag kernel's
-      backward (kernels/zigzag.py, which reads the gathered K/V in place) its dK/dV accumulators (>= fp32)
-      and one part's dK/dV, or at its end their cast to a; per local token, the same two buckets' rotated
-      q and k, (nq + nkv)*hd/D, in a; the differentiated bucket's attention-output grad (a) and the kernel's
-      dQ accumulator (>= fp32), nq*hd/D each; the ring buffers (:func:`_ring_buffer_bytes`) of W_attn/D;
+    - attention: per element of one bucket's full-sequence K/V (2BS*nkv*hd/D), 4 x a bytes: two buckets'
+      K/V (the one differentiated and the next in flight), and inside the zigzag kernel's backward
+      (kernels/zigzag.py, which reads the gathered K/V in place) its packed dK/dV and one part's dK/dV, in a;
+      per local token, the same two buckets' rotated q and k, (nq + nkv)*hd/D, in a; the differentiated
+      bucket's attention-output grad and the kernel's dQ, nq*hd/D each, in a; the ring buffers
+      (:func:`_ring_buffer_bytes`) of W_attn/D;
       with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
     - MLP (dense layers): one shard's recomputed activation and product, their grads and its fc1 output's
       grad for the local tokens, and the ring buffers of W_mlp/D; with the expert ring, the same for the
@@ -787,8 +833,8 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     bucket_kv = work.tokens * Fraction(model.kv_width, t)
     head = local_tokens * Fraction(model.head_dim, t)  # x nq: a bucket's local q (its nq/D heads)
     rotated = 2 * head * (model.heads + model.kv_groups) * a
-    differentiated = head * model.heads * (a + max(a, 4))
-    attention = (bucket_kv * (3 * a + max(a, 4)) + rotated + differentiated
+    differentiated = head * model.heads * 2 * a
+    attention = (bucket_kv * 4 * a + rotated + differentiated
                  + _ring_buffer_bytes(work, Fraction(model.attention_weights(), t), grad_buffers=3))
     if work.tsp_dense_mask:
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
@@ -983,14 +1029,27 @@ def output_layer_flops(model: ModelShape, work: Workload, layout: Layout) -> Lay
     return LayerFlops(forward, (3 if recomputes else 2) * forward)
 
 
-def _seconds(flops: LayerFlops, comm: LayerComm, hw: Hardware) -> float:
+def _compute_seconds(flops: LayerFlops, phase: str, tsp_buckets: int, hw: Hardware) -> float:
+    """Compute time of one phase ("forward", "recompute", "backward") of a layer: its FLOPs at the fitted
+    rate; for a TSP layer (``tsp_buckets`` = D, else 0) :data:`TSP_DEVICE_FACTOR` times that, and no less
+    than its host time, :data:`TSP_HOST_SECONDS` per head bucket and forward-equivalent pass (backward: 2,
+    a recompute: its share of a forward)."""
+    phase_flops = getattr(flops, phase)
+    seconds = hw.compute_seconds(phase_flops)
+    if not tsp_buckets or not phase_flops:
+        return seconds
+    passes = {"forward": 1.0, "recompute": phase_flops / flops.forward, "backward": 2.0}[phase]
+    return max(TSP_DEVICE_FACTOR * seconds, passes * tsp_buckets * TSP_HOST_SECONDS)
+
+
+def _seconds(flops: LayerFlops, comm: LayerComm, tsp_buckets: int, hw: Hardware) -> float:
     """Each phase takes max(compute, hidden transfers) + exposed transfers."""
     total = 0.0
-    for phase_flops, transfers in ((flops.forward, comm.forward), (flops.recompute, comm.recompute),
-                                   (flops.backward, comm.backward)):
+    for phase in ("forward", "recompute", "backward"):
+        transfers = getattr(comm, phase)
         hidden = sum(hw.seconds(t) for t in transfers if t.hidden)
         exposed = sum(hw.seconds(t) for t in transfers if not t.hidden)
-        total += max(hw.compute_seconds(phase_flops), hidden) + exposed
+        total += max(_compute_seconds(flops, phase, tsp_buckets, hw), hidden) + exposed
     return total
 
 
@@ -1033,20 +1092,25 @@ def step_cost(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, m
     stage; the data-parallel grad sync overlaps the last micro-batch's backward (``--overlap-grad-reduce``)."""
     stage_s, compute_s, sent, sync_exposed_s = [], [], [], []
     for stage in pipeline_stages(model, layout):
+        tsp_buckets = layout.tensor if layout.kind == "TSP" else 0  # the layers', not the output layer's
         parts = [(1, output_layer_flops(model, work, layout) if stage.output else LayerFlops(0.0, 0.0),
-                  edge_comm(model, work, layout, stage))]
-        parts += [(count, layer_flops(model, group_work, layout, moe), layer_comm(model, group_work, layout, moe))
-                  for count, moe, group_work in layer_groups(work, stage)]
-        stage_s.append(sum(float(count) * _seconds(flops, comm, hw) for count, flops, comm in parts))
-        compute_s.append(sum(float(count) * hw.compute_seconds(f.forward + f.recompute + f.backward)
-                             for count, f, _ in parts))
-        backward_s = sum(float(count) * hw.compute_seconds(f.recompute + f.backward) for count, f, _ in parts)
+                  edge_comm(model, work, layout, stage), 0)]
+        parts += [(count, layer_flops(model, group_work, layout, moe), layer_comm(model, group_work, layout, moe),
+                   tsp_buckets) for count, moe, group_work in layer_groups(work, stage)]
+        stage_s.append(sum(float(count) * _seconds(flops, comm, buckets, hw) for count, flops, comm, buckets in parts))
+
+        def phases_seconds(*phases: str) -> float:
+            return sum(float(count) * _compute_seconds(f, phase, buckets, hw)
+                       for count, f, _, buckets in parts for phase in phases)
+
+        compute_s.append(phases_seconds("forward", "recompute", "backward"))
+        backward_s = phases_seconds("recompute", "backward")
         sync = grad_sync_comm(model, work, layout, stage)
         sync_exposed_s.append(max(0.0, sum(hw.seconds(t) for t in sync) - backward_s))
 
         def phase_bytes(phase: str) -> float:
             return float(microbatches * sum(count * sum(t.nbytes for t in getattr(comm, phase))
-                                            for count, _, comm in parts))
+                                            for count, _, comm, _ in parts))
 
         sent.append(StepBytes(forward=phase_bytes("forward"), backward=phase_bytes("backward"),
                               recompute=phase_bytes("recompute"), grad_sync=float(sum(t.nbytes for t in sync))))

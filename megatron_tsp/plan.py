@@ -64,6 +64,8 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     parser.add_argument("--moe-router-topk", type=int, default=2)
     parser.add_argument("--moe-layer-freq", type=int, default=1)
+    parser.add_argument("--position-embedding-type", default="learned_absolute")
+    parser.add_argument("--rotary-percent", type=float, default=1.0)
     parser.add_argument("--mtp-num-layers", type=int)
     parser.add_argument("--recompute-granularity", choices=("full", "selective"))
     parser.add_argument("--recompute-method", choices=("uniform", "block"))
@@ -87,7 +89,9 @@ def model_from_flags(flags: argparse.Namespace) -> ModelShape:
         vocab_divisor=flags.make_vocab_size_divisible_by, experts=experts,
         topk=flags.moe_router_topk if experts else 0,
         expert_ffn=(flags.moe_ffn_hidden_size or ffn) if experts else 0,
-        shared_expert_ffn=flags.moe_shared_expert_intermediate_size or 0, moe_layer_freq=flags.moe_layer_freq)
+        shared_expert_ffn=flags.moe_shared_expert_intermediate_size or 0, moe_layer_freq=flags.moe_layer_freq,
+        rotary_dim=(int((flags.kv_channels or h // heads) * flags.rotary_percent)
+                    if flags.position_embedding_type in ("rope", "yarn", "mrope") else 0))
 
 
 def _divisors(n: int) -> list[int]:

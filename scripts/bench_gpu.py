@@ -63,6 +63,8 @@ from megatron_tsp.mesh import initialize_model_parallel  # noqa: E402
 from megatron_tsp.norm import SequenceShardedNorm  # noqa: E402
 from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec, tsp_output_loss  # noqa: E402
 
+from device_profile import print_device_profile  # noqa: E402  (scripts/)
+
 LAYOUTS = {"tsp": "TSP", "tp_sp": "TP+SP"}  # --layouts choice -> the cost model's layout kind
 # Megatron's --recompute-modules that apply to this dense GPT (cost.RECOMPUTE_MODULES less the MoE ones)
 DENSE_RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
@@ -89,6 +91,8 @@ def parse_args() -> argparse.Namespace:
                         help="with --recompute selective: Megatron's --recompute-modules (default: core_attn)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--out", type=Path, help="write the results here (JSON list)")
+    parser.add_argument("--profile", action="store_true",
+                        help="on a GPU, profile one more step per case: device-busy time and top kernels")
     args = parser.parse_args()
     if args.recompute_modules is not None and args.recompute != "selective":
         parser.error("--recompute-modules needs --recompute selective")
@@ -211,6 +215,8 @@ def measure(args: argparse.Namespace, layout: str, seq: int, device: torch.devic
         predicted = cost.memory(*described)
         record["model_peak_GiB"] = (predicted.total - predicted.optimizer) / 2**30  # cost.py's, without Adam
         record["model_offset_GiB"] = cost.OFFSET_BYTES / 2**30  # in model_peak_GiB: fitted on a GPU, not on CPU
+        if args.profile and device.type == "cuda":
+            print_device_profile(f"{layout} S={seq} step", lambda: train_step(model, args, layout, seq, device))
         del model
     except torch.OutOfMemoryError:
         record["error"] = "OOM"
@@ -242,7 +248,7 @@ def step_flops(model: cost.ModelShape, work: cost.Workload, kind: cost.Layout) -
 def ratios(results: list[dict]) -> list[dict]:
     """TSP over TP+SP, per sequence length measured in both layouts without error: peak memory (with and
     without Adam state) and step time."""
-    by_case = {(r["layout"], r["seq"]): r for r in results if "error" not in r}
+    by_case = {(r["layout"], r["seq"]): r for r in results if "layout" in r and "error" not in r}
     rows = []
     for (layout, seq), tsp in by_case.items():
         tp_sp = by_case.get(("tp_sp", seq))
@@ -274,21 +280,24 @@ def main() -> None:
     dist.init_process_group("fake", rank=0, world_size=args.tsp, store=FakeStore())
     initialize_model_parallel(tsp_size=args.tsp, create_gloo_process_groups=False)
     results = []
+    if device.type == "cuda":
+        report(results, {"matmul_bf16_TFLOPs": matmul_tflops(device), "device": torch.cuda.get_device_name()},
+               args.out)
     with cuda_to_cpu() if device.type == "cpu" else contextlib.nullcontext():
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        for layout in args.layouts:
-            for seq in (int(s) for s in args.seqs.split(",")):
-                record = measure(args, layout, seq, device)
-                print(json.dumps(record), flush=True)
-                results.append(record)
+        for seq in (int(s) for s in args.seqs.split(",")):  # both layouts per length: a cut run keeps pairs
+            for layout in args.layouts:
+                report(results, measure(args, layout, seq, device), args.out)
     for row in ratios(results):
-        print(json.dumps(row), flush=True)
-        results.append(row)
-    if device.type == "cuda":
-        results.append({"matmul_bf16_TFLOPs": matmul_tflops(device), "device": torch.cuda.get_device_name()})
-        print(json.dumps(results[-1]), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        report(results, row, args.out)
+
+
+def report(results: list[dict], record: dict, out: Path | None) -> None:
+    """Print ``record`` and rewrite ``out`` with every record so far (a run cut short keeps what it measured)."""
+    print(json.dumps(record), flush=True)
+    results.append(record)
+    if out:
+        out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

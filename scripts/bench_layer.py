@@ -25,6 +25,8 @@ from megatron_tsp.attention import tsp_attention
 from megatron_tsp.mlp import tsp_mlp
 from megatron_tsp.zigzag import gathered_positions, local_positions
 
+from device_profile import print_device_profile  # scripts/
+
 
 def _seconds(run: Callable[[], Tensor], device: torch.device, repeats: int) -> tuple[float, float]:
     """Median (forward, backward) seconds of ``run`` and its backward, after one warm-up call."""
@@ -44,6 +46,11 @@ def _seconds(run: Callable[[], Tensor], device: torch.device, repeats: int) -> t
     return statistics.median(forward[1:]), statistics.median(backward[1:])
 
 
+def _forward_backward(run: Callable[[], Tensor]) -> None:
+    out = run()
+    out.backward(torch.ones_like(out))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tsp", type=int, default=4, help="TSP degree D (the fake group's size)")
@@ -55,6 +62,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true",
+                        help="on a GPU, profile one forward and one forward + backward of each schedule")
     args = parser.parse_args()
 
     d, h, seq, heads = args.tsp, args.hidden, args.seq, args.heads
@@ -82,6 +91,9 @@ def main() -> None:
         forward, backward = _seconds(run, device, args.repeats)
         print(f"{name:>9}: forward {forward * 1e3:8.1f} ms, backward {backward * 1e3:8.1f} ms "
               f"({backward / forward:.2f}x forward)")
+        if args.profile and device.type == "cuda":
+            print_device_profile(f"{name} forward", run)
+            print_device_profile(f"{name} forward + backward", lambda: _forward_backward(run))
     dist.destroy_process_group()
 
 

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Every GPU check of megatron-tsp in one device call, results under $OUT (docs/benchmarks.md: staging and use).
-#   1. tests/test_kernels.py, whose cuDNN part-kernel cases run only on a GPU;
+# Every GPU check of megatron-tsp in one device call, results under $OUT (docs/benchmarks.md: staging and use),
+# most wanted first, each step under its own time limit (STEP_LIMIT_S, seconds) so that one slow or hung step
+# leaves the device's time to the rest:
+#   1. one TSP rank and one Megatron TP+SP rank (scripts/bench_gpu.py, both in one process, both layouts per
+#      length) on the paper's 7B at D = 8, SEQS, full recompute (LAYERS, HIDDEN, HEADS, FFN, VOCAB: another
+#      model for all steps, as the shared harness reads them);
 #   2. the attention-kernel benchmark at the shape of ../shared/reference/BASELINES.md (S = 128K, D = 8,
 #      4 heads of 128 per bucket, bf16): TSP's zigzag kernel against TP's square causal call;
-#   3. TSP's attention and MLP schedules, forward and backward, at the paper's 7B shapes (D = 8, S = 32K, bf16);
-#   4. one TSP rank and one Megatron TP+SP rank (scripts/bench_gpu.py, both in one process), and Megatron's
-#      TP+SP and TP by the shared harness (TP_BASELINE) that measured BASELINES.md, on the paper's 7B at D = 8,
-#      SEQS, in the same call on the same GPU (LAYERS, HIDDEN, HEADS, FFN, VOCAB: another model for all, as
-#      the shared harness reads them);
-#   5. the same two ranks in the other recompute modes the planner weighs: none at NONE_SEQ (32K), selective
-#      recompute of the norms and MLPs at SELECTIVE_SEQ (128K, the planner's pick for the 7B on 8 H100s), so
-#      that the cost model's terms for them (only checked on CPU so far) meet a GPU's allocator.
+#   3. tests/test_kernels.py, whose cuDNN part-kernel cases run only on a GPU;
+#   4. the same two ranks with the norms and MLPs recomputed at SELECTIVE_SEQ (128K, the planner's pick for
+#      the 7B on 8 H100s), and without recompute at NONE_SEQ (32K): the cost model's terms for them against a
+#      GPU's allocator;
+#   5. TSP's attention and MLP schedules, forward and backward, at the paper's 7B shapes (D = 8, S = 32K, bf16);
+#   6. Megatron's TP+SP by the shared harness (TP_BASELINE) that measured BASELINES.md, same model and SEQS,
+#      in the same call on the same GPU (the calibration of step 1's TP+SP rank);
+#   7. both ranks' steps profiled (device-busy time, kernel launches, top kernels) on 4 of the layers at the
+#      shortest and longest of SEQS (profiling all 32 layers' steps takes minutes).
+# About 5 minutes on an H100. Output: log.txt (every step's), device.txt and the JSONs (the device tool
+# returns at most 8 files).
 # Wheels in .whl/ (megatron-core, which the GPU image lacks) are installed first.
 set -uo pipefail
 out=${OUT:?set OUT to the results folder}
@@ -21,23 +28,29 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 seqs=${SEQS:-16384,32768,65536,131072}
+limit=${STEP_LIMIT_S:-300}
 status=0
+step() {  # step COMMAND...: run under the step limit, output to the terminal and $out/log.txt
+    echo "=== $(date -u +%T) $*" | tee -a "$out/log.txt"
+    timeout "$limit" "$@" 2>&1 | tee -a "$out/log.txt" || { status=1; echo "=== FAILED or cut at ${limit} s" |
+        tee -a "$out/log.txt"; }
+}
+bench_gpu=(python3 scripts/bench_gpu.py --layers "${LAYERS:-32}" --hidden "${HIDDEN:-4096}" --heads "${HEADS:-32}"
+           --ffn "${FFN:-16384}" --vocab "${VOCAB:-32000}")
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version())"
 } > "$out/device.txt" 2>&1
-python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py > "$out/kernel_tests.txt" 2>&1 || status=1
-tail -3 "$out/kernel_tests.txt"
-python3 scripts/bench_attention_kernel.py --seq-len "${ATTENTION_SEQ:-131072}" --tsp-size 8 --heads 4 --kv-heads 4 \
-    --head-dim 128 --dtype bfloat16 --repeats 3 --no-reference 2>&1 | tee "$out/attention_kernel.txt" || status=1
-python3 scripts/bench_layer.py --tsp 8 --seq "${LAYER_SEQ:-32768}" --hidden "${HIDDEN:-4096}" --heads "${HEADS:-32}" \
-    --ffn "${FFN:-16384}" --dtype bfloat16 2>&1 | tee "$out/layer.txt" || status=1
-bench_gpu() {
-    python3 scripts/bench_gpu.py --layers "${LAYERS:-32}" --hidden "${HIDDEN:-4096}" --heads "${HEADS:-32}" \
-        --ffn "${FFN:-16384}" --vocab "${VOCAB:-32000}" "$@"
-}
-bench_gpu --seqs "$seqs" --out "$out/bench_gpu.json" || status=1
-SEQS="$seqs" NAME=tp_baseline OUT="$out" python3 "${TP_BASELINE:-../shared/tools/megatron_tp_baseline.py}" || status=1
-bench_gpu --seqs "${NONE_SEQ:-32768}" --recompute none --out "$out/bench_gpu_none.json" || status=1
-bench_gpu --seqs "${SELECTIVE_SEQ:-131072}" --recompute selective --recompute-modules layernorm mlp \
-    --out "$out/bench_gpu_selective.json" || status=1
+step "${bench_gpu[@]}" --seqs "$seqs" --out "$out/bench_gpu.json"
+step python3 scripts/bench_attention_kernel.py --seq-len "${ATTENTION_SEQ:-131072}" \
+    --tsp-size 8 --heads 4 --kv-heads 4 --head-dim 128 --dtype bfloat16 --repeats 3 --no-reference
+step python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+step "${bench_gpu[@]}" --seqs "${SELECTIVE_SEQ:-131072}" --recompute selective \
+    --recompute-modules layernorm mlp --out "$out/bench_gpu_selective.json"
+step "${bench_gpu[@]}" --seqs "${NONE_SEQ:-32768}" --recompute none --out "$out/bench_gpu_none.json"
+step python3 scripts/bench_layer.py --tsp 8 --seq "${LAYER_SEQ:-32768}" --hidden "${HIDDEN:-4096}" \
+    --heads "${HEADS:-32}" --ffn "${FFN:-16384}" --dtype bfloat16
+[[ -n ${TP_BASELINE:-} || -e ../shared/tools/megatron_tp_baseline.py ]] &&
+    SEQS="$seqs" LAYOUTS=tp_sp NAME=tp_baseline OUT="$out" \
+        step python3 "${TP_BASELINE:-../shared/tools/megatron_tp_baseline.py}"
+step "${bench_gpu[@]}" --layers 4 --seqs "${seqs%%,*},${seqs##*,}" --profile --out "$out/bench_gpu_profiled.json"
 exit $status

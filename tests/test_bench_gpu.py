@@ -34,9 +34,10 @@ def test_bench_gpu_smoke_on_cpu(tmp_path: Path, extra: tuple[str, ...]) -> None:
     records = _bench(tmp_path, "--tsp", str(d), "--layers", "2", "--hidden", str(h), "--heads", "4", "--ffn",
                      str(ffn), "--vocab", str(vocab), "--seqs", "64,128", *extra)
     cases, ratios = records[:4], records[4:]
-    assert [(r["layout"], r["seq"]) for r in cases] == [("tsp", 64), ("tsp", 128), ("tp_sp", 64), ("tp_sp", 128)]
+    # both layouts per length, so that a run cut short by a device's time limit keeps comparable pairs
+    assert [(r["layout"], r["seq"]) for r in cases] == [("tsp", 64), ("tp_sp", 64), ("tsp", 128), ("tp_sp", 128)]
     assert all(r["step_s"] > 0 for r in cases)
-    assert cases[1]["achieved_TFLOPs"] * cases[1]["step_s"] > cases[0]["achieved_TFLOPs"] * cases[0]["step_s"]
+    assert cases[2]["achieved_TFLOPs"] * cases[2]["step_s"] > cases[0]["achieved_TFLOPs"] * cases[0]["step_s"]
     # measured (the profiler's allocator peak here) and predicted peaks are both reported
     assert all(0 < r["peak_GiB"] < r["peak_plus_adam_GiB"] and r["model_peak_GiB"] > r["model_offset_GiB"]
                for r in cases)
@@ -45,7 +46,7 @@ def test_bench_gpu_smoke_on_cpu(tmp_path: Path, extra: tuple[str, ...]) -> None:
     layer = 2 * h + (3 * h * h + h * h + 2 * ffn * h + ffn * h) // d
     assert all(r["params_per_rank"] == 2 * layer + 2 * vocab // d * h + h for r in cases)
     assert [r["seq"] for r in ratios] == [64, 128]
-    assert ratios[0]["tsp_over_tp_sp_peak_GiB"] == cases[0]["peak_GiB"] / cases[2]["peak_GiB"]
+    assert ratios[0]["tsp_over_tp_sp_peak_GiB"] == cases[0]["peak_GiB"] / cases[1]["peak_GiB"]
 
 
 @pytest.mark.parametrize("recompute,layouts", [(("full",), "tsp,tp_sp"), (("none",), "tsp"),

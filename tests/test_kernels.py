@@ -163,9 +163,16 @@ def test_never_a_dense_mask() -> None:
     def run(part_kernel: PartKernel | None) -> None:
         _output_and_grads(part_kernel, q, k, v, grad_out, q_positions, k_positions)
 
-    assert peak_allocated_bytes(partial(run, None)) >= mask_bytes  # the measurement sees the reference's mask
-    for part_kernel in (FUSED_CPU, math_part_kernel(block_elements=1 << 18)):
-        assert peak_allocated_bytes(partial(run, part_kernel)) < mask_bytes // 2
+    # aten's CPU flash kernel keeps scratch tiles per thread: at 16 threads (a GPU machine's CPU) they alone
+    # passed the bound, so measure at the 2 threads of CI
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert peak_allocated_bytes(partial(run, None)) >= mask_bytes  # the measurement sees the reference's mask
+        for part_kernel in (FUSED_CPU, math_part_kernel(block_elements=1 << 18)):
+            assert peak_allocated_bytes(partial(run, part_kernel)) < mask_bytes // 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_rejects_other_layouts() -> None:

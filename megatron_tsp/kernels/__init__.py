@@ -32,6 +32,7 @@ from megatron_tsp.kernels.zigzag import (
     PartKernel,
     default_part_kernel,
     math_part_kernel,
+    packed_kv,
     zigzag_attention_backward,
     zigzag_attention_forward,
     zigzag_causal_attention,
@@ -48,6 +49,7 @@ __all__ = [
     "causal_attention",
     "default_part_kernel",
     "math_part_kernel",
+    "packed_kv",
     "select_core_attention",
     "zigzag_causal_attention",
 ]

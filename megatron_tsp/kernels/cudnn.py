@@ -10,9 +10,10 @@ Contract of aten's cuDNN attention in torch 2.11 (schema and meta registration):
 k/v ``[b, nkv, sk, hd]`` with nkv dividing nq (GQA grouping as Megatron's), strided with a unit last stride;
 ``compute_log_sumexp=True`` returns the LSE as ``[b, nq, sq, 1]`` fp32; the backward takes it back in that shape
 (contiguous) with dropout seed/offset tensors that dropout 0 leaves unused, and no bias (None). ``is_causal`` is
-top-left aligned, which is all the zigzag plan needs (its causal parts are square). Written without a GPU to run
-it on: :func:`megatron_tsp.kernels.zigzag.default_part_kernel` checks it against the exact math kernel on the
-device before first use, and tests/test_kernels.py compares it on a GPU when one is present.
+top-left aligned, which is all the zigzag plan needs (its causal parts are square). Checked on an H100
+(tests/test_kernels.py, docs/benchmarks.md); :func:`megatron_tsp.kernels.zigzag.default_part_kernel` still
+checks it against the exact math kernel on each device before first use (another cuDNN or torch build may
+differ).
 """
 
 from __future__ import annotations

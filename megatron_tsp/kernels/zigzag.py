@@ -40,7 +40,7 @@ from megatron_tsp.kernels import cudnn
 from megatron_tsp.zigzag import gathered_positions, local_positions, zigzag_permutation
 
 __all__ = ["FUSED_CPU", "FUSED_CUDNN", "PART_KERNEL_ENV", "PartKernel", "default_part_kernel", "math_part_kernel",
-           "zigzag_attention_backward", "zigzag_attention_forward", "zigzag_causal_attention"]
+           "packed_kv", "zigzag_attention_backward", "zigzag_attention_forward", "zigzag_causal_attention"]
 
 PartForward = Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
 PartBackward = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor, Tensor]]
@@ -219,14 +219,18 @@ def _chunk_plan(chunk: int, tsp_size: int, tsp_rank: int) -> Plan:
     return plan
 
 
-def _merge(results: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    """Output and LSE of the same query rows over the union of the parts' disjoint key ranges (exact)."""
+def _merge_into(out: Tensor, lse: Tensor, results: list[tuple[Tensor, Tensor]]) -> None:
+    """Write the output and LSE of the same query rows over the union of one or two parts' disjoint key
+    ranges into ``out`` and ``lse`` (exact; few kernels, as it runs per chunk and head bucket)."""
     if len(results) == 1:
-        return results[0]
-    part_lse = torch.stack([lse for _, lse in results])
-    lse = part_lse.logsumexp(dim=0)
-    weights = (part_lse - lse).exp_().unsqueeze(-1)  # each part's share of the row's softmax mass
-    return sum(weight * out for weight, (out, _) in zip(weights, results, strict=True)), lse
+        out.copy_(results[0][0])
+        lse.copy_(results[0][1])
+        return
+    (out_a, lse_a), (out_b, lse_b) = results
+    torch.logaddexp(lse_a, lse_b, out=lse)
+    # each part's share of the row's softmax mass, in the accumulation dtype
+    weight_a, weight_b = ((part_lse - lse).exp_().unsqueeze(-1) for part_lse in (lse_a, lse_b))
+    torch.add(out_a * weight_a, out_b * weight_b, out=out)
 
 
 # Position pairs already checked: q positions -> (their k positions, both tensors' versions, (D, p)). TSP
@@ -274,6 +278,7 @@ def _call_layout(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positio
     return q_heads_first, k_heads_first, v_heads_first, _chunk_plan(local_len // 2, tsp_size, tsp_rank), kernel
 
 
+@torch.no_grad()  # a plain function by contract: its results are kept for zigzag_attention_backward
 def zigzag_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor,
                              softmax_scale: float, *, part_kernel: PartKernel | None = None) -> tuple[Tensor, Tensor]:
     """:func:`zigzag_causal_attention`'s forward without autograd: ``(out [S/D, b, nq*hd], lse [b, nq, S/D])``,
@@ -283,7 +288,7 @@ def zigzag_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tenso
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=_acc_dtype(q.dtype), device=q.device)
     for rows, parts in plan:
-        out[:, :, rows], lse[:, :, rows] = _merge([
+        _merge_into(out[:, :, rows], lse[:, :, rows], [
             kernel.forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], causal, softmax_scale)
             for keys, causal in parts])
     return out.permute(2, 0, 1, 3).flatten(2), lse
@@ -293,21 +298,81 @@ def zigzag_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
                               q_positions: Tensor, k_positions: Tensor, softmax_scale: float, *,
                               part_kernel: PartKernel | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Grads of q ``[S/D, b, nq, hd]`` and of k, v ``[S, b, nkv, hd]`` from ``grad_out`` and
-    :func:`zigzag_attention_forward`'s ``out`` (both ``[S/D, b, nq*hd]``) and ``lse``."""
+    :func:`zigzag_attention_forward`'s ``out`` (both ``[S/D, b, nq*hd]``) and ``lse``.
+
+    dK and dV are the two halves of one ``[S, b, 2*nkv, hd]`` tensor (``dim=2``), the packed layout TSP
+    attention reduce-scatters, so that it needs no concatenating copy (:func:`packed_kv`). The grads are
+    written in the inputs' dtype: each part's grad is copied into rows or keys no part has written yet and
+    added where one has, and no row or key gets more than two parts' grads (:func:`_chunk_plan`), whose sum
+    a 16-bit add rounds once, as an fp32 sum cast back would.
+    """
     query_shape, dtype = q.shape, q.dtype
     q, k, v, plan, kernel = _call_layout(q, k, v, q_positions, k_positions, part_kernel)  # heads-first views
     grad_out, out = (t.reshape(query_shape).permute(1, 2, 0, 3) for t in (grad_out, out))  # heads-first too
-    acc = _acc_dtype(dtype)  # a query row or a key gets grads from up to two parts
-    grad_q, grad_k, grad_v = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (q, k, v))
-    for rows, parts in plan:
+    grad_q = torch.empty(q.shape, dtype=dtype, device=q.device)
+    kv_heads = k.shape[1]
+    grad_kv = torch.empty((k.shape[2], k.shape[0], 2 * kv_heads, k.shape[3]), dtype=dtype, device=k.device)
+    grad_k, grad_v = (half.permute(1, 2, 0, 3) for half in grad_kv.split(kv_heads, dim=2))  # heads-first
+    written_rows, written_keys = _Written(), _Written()
+    # the second chunk first: its prefix holds the first chunk's prefix and diagonal, so every part's key
+    # range is either unwritten or written whole when it comes
+    for rows, parts in reversed(plan):
         for keys, causal in parts:
             part_q, part_k, part_v = kernel.backward(grad_out[:, :, rows], q[:, :, rows], k[:, :, keys],
                                                      v[:, :, keys], out[:, :, rows], lse[:, :, rows], causal,
                                                      softmax_scale)
-            grad_q[:, :, rows] += part_q
-            grad_k[:, :, keys] += part_k
-            grad_v[:, :, keys] += part_v
-    return tuple(g.to(dtype).permute(2, 0, 1, 3) for g in (grad_q, grad_k, grad_v))
+            written_rows.store(rows, (grad_q, part_q))
+            written_keys.store(keys, (grad_k, part_k), (grad_v, part_v))
+    for unwritten in written_keys.gaps(0, k.shape[2]):  # keys in every local query's future
+        grad_k[:, :, unwritten] = 0
+        grad_v[:, :, unwritten] = 0
+    return grad_q.permute(2, 0, 1, 3), grad_k.permute(2, 0, 1, 3), grad_v.permute(2, 0, 1, 3)
+
+
+class _Written:
+    """The written ranges of grads' sequence dim (dim 2, heads-first), so that a part's grad is copied into
+    fresh positions and added to written ones: no zero fill and no accumulation buffer."""
+
+    def __init__(self) -> None:
+        self._spans: list[tuple[int, int]] = []  # written [start, stop) ranges, host-side bookkeeping
+
+    def gaps(self, start: int, stop: int) -> list[slice]:
+        """The unwritten ranges within [start, stop)."""
+        found = []
+        for span_start, span_stop in sorted(self._spans):
+            if span_start > start:
+                found.append(slice(start, min(span_start, stop)))
+            start = max(start, span_stop)
+            if start >= stop:
+                break
+        if start < stop:
+            found.append(slice(start, stop))
+        return [gap for gap in found if gap.start < gap.stop]
+
+    def store(self, span: slice, *grads_and_parts: tuple[Tensor, Tensor]) -> None:
+        """Write each part into ``grad[:, :, span]``: a copy where nothing was written, else an add (in the
+        backward's order a part's range is never written in part)."""
+        gaps = self.gaps(span.start, span.stop)
+        if gaps not in ([], [span]):
+            raise RuntimeError(f"zigzag backward: key range {span} is written in part; the chunk plan changed")
+        for grad, part in grads_and_parts:
+            if gaps:
+                grad[:, :, span] = part
+            else:
+                grad[:, :, span] += part
+        self._spans.append((span.start, span.stop))
+
+
+def packed_kv(k: Tensor, v: Tensor) -> Tensor:
+    """``torch.cat((k, v), dim=2)`` for k, v ``[s, b, n, hd]``: without a copy when they are already the two
+    halves of one contiguous ``[s, b, 2n, hd]`` tensor (as :func:`zigzag_attention_backward` returns dK/dV)."""
+    base = k._base
+    if (base is not None and v._base is base and base.is_contiguous()
+            and base.shape == (k.shape[0], k.shape[1], 2 * k.shape[2], k.shape[3])
+            and k.stride() == v.stride() == base.stride()
+            and k.data_ptr() == base.data_ptr() and v.data_ptr() == base[:, :, k.shape[2]:].data_ptr()):
+        return base
+    return torch.cat((k, v), dim=2)
 
 
 class _ZigzagAttentionFunction(torch.autograd.Function):
