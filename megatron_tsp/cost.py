@@ -112,11 +112,11 @@ from typing import Literal
 __all__ = [
     "BACKWARD_FACTOR",
     "COMPUTE_EFFICIENCY",
-    "TSP_DEVICE_FACTOR",
-    "TSP_HOST_SECONDS",
     "KINDS",
     "OFFSET_BYTES",
     "RECOMPUTE_MODULES",
+    "TSP_DEVICE_FACTOR",
+    "TSP_HOST_SECONDS",
     "Hardware",
     "LayerComm",
     "LayerFlops",
@@ -159,7 +159,7 @@ RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_
 Kind = Literal["TP", "TP+SP", "CP", "TPxCP", "TSP"]
 KINDS: tuple[Kind, ...] = ("TP", "TP+SP", "CP", "TPxCP", "TSP")
 
-# Fitted to BASELINES.md (see the module docstring's table).
+# Fitted to BASELINES.md's H200 runs and docs/benchmarks.md's H100 runs (the module docstring's table).
 BACKWARD_FACTOR = 1.2
 OFFSET_BYTES = 0.08 * 2**30
 COMPUTE_EFFICIENCY = 0.73
@@ -698,12 +698,12 @@ def _saved_elements(model: ModelShape, work: Workload, layout: Layout, moe: bool
     Norms: input norm and pre-MLP norm, their inputs and their outputs, h each per local token (under SP
     Megatron's column-parallel linears keep the sharded norm output and re-gather it). Megatron attention:
     :func:`_megatron_attention_elements` per token of the context shard; Megatron's dense MLP (and its
-    experts and shared expert): :func:`_megatron_mlp_activation_elements`/t. TSP attention and MLP keep their input, the norm output already
-    counted, and what :func:`layer_kept_attention_bytes` and :func:`layer_kept_fc1_bytes` count. MoE (all
-    kinds): per local token, top-k copies of the dispatched input and of the expert output ("routed"), the
-    experts' fc1 outputs and the rest of their activations (not with the expert ring: its fc1 outputs are
-    :func:`layer_kept_fc1_bytes`), plus a shared expert kept like a Megatron MLP of the tensor axis over the
-    gathered tokens.
+    experts and shared expert): :func:`_megatron_mlp_activation_elements`/t. TSP attention and MLP keep their
+    input, the norm output already counted, and what :func:`layer_kept_attention_bytes` and
+    :func:`layer_kept_fc1_bytes` count. MoE (all kinds): per local token, top-k copies of the dispatched input
+    and of the expert output ("routed"), the experts' fc1 outputs and the rest of their activations (not with
+    the expert ring: its fc1 outputs are :func:`layer_kept_fc1_bytes`), plus a shared expert kept like a
+    Megatron MLP of the tensor axis over the gathered tokens.
     """
     t = layout.tensor
     local_tokens = Fraction(work.tokens, layout.sequence_shard)

@@ -351,11 +351,11 @@ _MOE_LAYOUTS = {"tsp": Layout("TSP", tensor=4, expert=2),
 @pytest.mark.parametrize("name", list(_MOE_LAYOUTS))
 def test_selective_moe_recompute_modules(name: str) -> None:
     """MoE layers under --recompute-modules moe store only their input: per local token less the top-k routed
-    copies of input and output (2h each), the experts' activations (Megatron's MLP: 5*ffn_e per copy gated; the
-    expert ring's kept fc1 outputs, 2*ffn_e) and the shared expert's (5*ffn_s), and re-run the experts' and
-    shared expert's forward: FLOPs and collectives (dispatch, expert ring, shared expert) once more. moe_act
-    drops the activations beyond fc1 (3*ffn_e per copy; nothing for the ring), shared_experts the shared expert's with its
-    forward; moe covers both. Dense layers are untouched."""
+    copies of input and output (2h each), the experts' activations (Megatron's MLP: 5*ffn_e per copy gated;
+    the expert ring's kept fc1 outputs, 2*ffn_e) and the shared expert's (5*ffn_s), and re-run the experts'
+    and shared expert's forward: FLOPs and collectives (dispatch, expert ring, shared expert) once more.
+    moe_act drops the activations beyond fc1 (3*ffn_e per copy; nothing for the ring), shared_experts the
+    shared expert's with its forward; moe covers both. Dense layers are untouched."""
     model, seq, a, layout = _MOE, 16384, 2, _MOE_LAYOUTS[name]
     h, topk, expert_ffn, shared_ffn, t = model.hidden, model.topk, model.expert_ffn, model.shared_expert_ffn, 4
     local_tokens, moe_layers = seq // t, model.moe_layers
