@@ -4,7 +4,9 @@ Torch's fake process group stands in for the other D-1 ranks (as in bench_gpu.py
 communication is faked), so the times are the rank's compute. A layer's backward does exactly two
 forwards' worth of GEMMs (TSP keeps its GEMM outputs; tests/test_attention.py and test_mlp.py count them),
 so the MLP's backward / forward ratio is about 2; attention's also holds its kernel's backward, which
-recomputes the scores (about 2.5 forwards). Prints the median of each, run on CPU or a GPU:
+recomputes the scores (about 2.5 forwards). Prints the median of each, run on CPU or a GPU, and the
+operators that do work each dispatches (each at least one kernel launch on a GPU, where TSP's schedules are
+host-bound at short sequences: docs/benchmarks.md):
 
     .venv/bin/python scripts/bench_layer.py --tsp 4 --seq 8192 --hidden 1024 --heads 16 --ffn 4096
 """
@@ -25,7 +27,7 @@ from megatron_tsp.attention import tsp_attention
 from megatron_tsp.mlp import tsp_mlp
 from megatron_tsp.zigzag import gathered_positions, local_positions
 
-from device_profile import print_device_profile  # scripts/
+from device_profile import count_work_ops, print_device_profile  # scripts/
 
 
 def _seconds(run: Callable[[], Tensor], device: torch.device, repeats: int) -> tuple[float, float]:
@@ -89,8 +91,11 @@ def main() -> None:
           f"{args.dtype} on {device}")
     for name, run in schedules.items():
         forward, backward = _seconds(run, device, args.repeats)
+        outputs = []
+        forward_ops = count_work_ops(lambda: outputs.append(run()))
+        backward_ops = count_work_ops(lambda: outputs[0].backward(torch.ones_like(outputs[0])))
         print(f"{name:>9}: forward {forward * 1e3:8.1f} ms, backward {backward * 1e3:8.1f} ms "
-              f"({backward / forward:.2f}x forward)")
+              f"({backward / forward:.2f}x forward); {forward_ops} + {backward_ops} operators")
         if args.profile and device.type == "cuda":
             print_device_profile(f"{name} forward", run)
             print_device_profile(f"{name} forward + backward", lambda: _forward_backward(run))

@@ -1,8 +1,10 @@
-"""Where one call's time goes on a GPU: wall time, time the device was busy, and the kernels that filled it.
+"""Where one call's time goes on a GPU: wall time, time the device was busy, and the kernels that filled it;
+and, on any device, how many operators that do work a call dispatches.
 
 Used by the benchmarks' ``--profile`` flags (torch profiler, CPU and CUDA activity). A device busy for much
 less than the wall time is waiting for the host (launch overhead, syncs); otherwise the kernel table says
-which kernels to speed up.
+which kernels to speed up. The operator count (:func:`count_work_ops`) is the host-side measure that a CPU
+can take too: each such operator is at least one kernel launch on a GPU.
 """
 
 from __future__ import annotations
@@ -12,6 +14,30 @@ from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# aten operators that allocate or alias without touching data (no kernel on a GPU)
+_NO_WORK = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
+            "lift_fresh", "set_", "resize_"}
+
+
+class _CountWorkOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        if not func.is_view and func.__name__.split(".")[0] not in _NO_WORK:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_work_ops(fn: Callable[[], object]) -> int:
+    """aten operators ``fn()`` dispatches that read or write tensor data (views and bare allocations left out;
+    collectives included, as one each)."""
+    with _CountWorkOps() as counter:
+        fn()
+    return counter.count
 
 
 def print_device_profile(label: str, fn: Callable[[], object], rows: int = 12) -> None:

@@ -65,10 +65,12 @@ def test_cost_model_peak_matches_allocator(tmp_path: Path, recompute: tuple[str,
 
 
 def test_bench_layer_smoke_on_cpu() -> None:
-    """scripts/bench_layer.py times both TSP schedules, forward and backward."""
+    """scripts/bench_layer.py times both TSP schedules, forward and backward, and counts their operators."""
     done = subprocess.run([sys.executable, "scripts/bench_layer.py", "--tsp", "2", "--seq", "64", "--hidden", "32",
                            "--heads", "4", "--ffn", "64", "--repeats", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    timed = re.findall(r"(\w+): forward +[0-9.]+ ms, backward +[0-9.]+ ms", done.stdout)
-    assert timed == ["attention", "mlp"], done.stdout
+    timed = re.findall(r"(\w+): forward +[0-9.]+ ms, backward +[0-9.]+ ms .*; (\d+) \+ (\d+) operators",
+                       done.stdout)
+    assert [name for name, *_ in timed] == ["attention", "mlp"], done.stdout
+    assert all(int(forward) > 0 and int(backward) > 0 for _, forward, backward in timed)
