@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # aten operators that allocate or alias without touching data (no kernel on a GPU)
 _NO_WORK = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
-            "lift_fresh", "set_", "resize_"}
+            "lift_fresh", "set_", "resize_", "promote_types", "result_type"}
 
 
 class _CountWorkOps(TorchDispatchMode):

@@ -358,8 +358,8 @@ class _Written:
         for grad, part in grads_and_parts:
             if gaps:
                 grad[:, :, span] = part
-            else:
-                grad[:, :, span] += part
+            else:  # add_ on the view: `grad[...] += part` would also copy the sum onto itself
+                grad[:, :, span].add_(part)
         self._spans.append((span.start, span.stop))
 
 
