@@ -284,14 +284,17 @@ def zigzag_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tenso
     """:func:`zigzag_causal_attention`'s forward without autograd: ``(out [S/D, b, nq*hd], lse [b, nq, S/D])``,
     the LSE being what :func:`zigzag_attention_backward` needs besides q, K, V and out (TSP attention keeps
     out and LSE per head bucket instead of recomputing the attention in backward)."""
+    local_shape = q.shape
     q, k, v, plan, kernel = _call_layout(q, k, v, q_positions, k_positions, part_kernel)  # heads-first views
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # written through a heads-first view, so that the [S/D, b, nq*hd] result is a view too (no copy)
+    out = torch.empty(local_shape, dtype=q.dtype, device=q.device)
+    out_heads_first = out.permute(1, 2, 0, 3)
     lse = torch.empty(q.shape[:-1], dtype=_acc_dtype(q.dtype), device=q.device)
     for rows, parts in plan:
-        _merge_into(out[:, :, rows], lse[:, :, rows], [
+        _merge_into(out_heads_first[:, :, rows], lse[:, :, rows], [
             kernel.forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], causal, softmax_scale)
             for keys, causal in parts])
-    return out.permute(2, 0, 1, 3).flatten(2), lse
+    return out.flatten(2), lse
 
 
 def zigzag_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
