@@ -21,7 +21,9 @@ Layouts (``--layouts``), both in the same process so that their ratio compares l
 Both in bf16 (or fp32) with fp32 grad buffers (Megatron DDP), micro-batch 1, full recompute (BASELINES.md's
 setting) unless ``--recompute`` says none or selective (Megatron's ``--recompute-modules``, e.g. layernorm mlp).
 
-Prints one JSON line per case, then the TSP / TP+SP ratios per length, and writes them all to ``--out``.
+Prints one JSON line per case (on a GPU first its measured matmul rate; both layouts per length), then the
+TSP / TP+SP ratios per length, rewriting ``--out`` with all of them after each (a run cut short keeps what
+it measured); ``--profile`` adds a profile of each case's step on a GPU.
 The numbers of received shards are garbage under the fake group (nothing is received); shapes, memory and
 FLOPs are those of a real rank.
 
