@@ -407,10 +407,9 @@ def zigzag_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor
     ``zigzag.gathered_positions(S, D)`` (checked). Returns ``[S/D, b, nq*hd]``. ``part_kernel``: default
     :func:`default_part_kernel`'s.
 
-    Memory per call, beyond inputs, grads and output, for c = S/(2D), element size e, accumulation size a
-    (= e for fp32/fp64), is linear in S: forward, one chunk's part outputs (2*b*nq*c*hd); backward, dQ/dK/dV
-    accumulators (a), one part's q/k/v grads and the grads' cast to e (for 16-bit inputs). Saved for
-    backward: q, K/V, the output and its LSE. Scratch: per-thread tiles for :data:`FUSED_CPU`, a few score
+    Memory per call, beyond inputs, grads and output, for c = S/(2D), is linear in S: forward, one chunk's
+    part outputs (2*b*nq*c*hd, with their LSE-merge weights); backward, one part's q/k/v grads beside the
+    grads being written (in the inputs' dtype, dK/dV packed). Saved for backward: q, K/V, the output and its LSE. Scratch: per-thread tiles for :data:`FUSED_CPU`, a few score
     tiles of ``block_elements`` for the math kernel. Nothing of size S/D x S, versus the reference's
     [S/D, S] mask (and its float scores).
     """
