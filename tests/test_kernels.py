@@ -208,3 +208,18 @@ def test_layout_checked_once_per_position_tensors(monkeypatch: pytest.MonkeyPatc
     q_positions[:2] = q_positions[:2].flip(0)  # in place: no longer rank 1's zigzag positions
     with pytest.raises(ValueError, match="zigzag"):
         ZIGZAG.forward(q, k, v, q_positions, k_positions, 0.3)
+
+
+def test_backward_grads_are_copied_then_added_never_partly() -> None:
+    """The zigzag backward's bookkeeping: a part's range is copied when unwritten, added when written whole,
+    and a range written in part (which the chunk plan's order never produces) is refused, not mis-summed."""
+    from megatron_tsp.kernels.zigzag import _Written
+
+    grad = torch.full((1, 1, 8, 1), float("nan"))
+    written = _Written()
+    written.store(slice(2, 6), (grad, torch.ones(1, 1, 4, 1)))
+    written.store(slice(3, 5), (grad, torch.ones(1, 1, 2, 1)))
+    assert grad[0, 0, 2:6, 0].tolist() == [1.0, 2.0, 2.0, 1.0]
+    assert written.gaps(0, 8) == [slice(0, 2), slice(6, 8)]
+    with pytest.raises(RuntimeError, match="written in part"):
+        written.store(slice(5, 8), (grad, torch.ones(1, 1, 3, 1)))
