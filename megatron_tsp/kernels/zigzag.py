@@ -409,8 +409,8 @@ def zigzag_causal_attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor
 
     Memory per call, beyond inputs, grads and output, for c = S/(2D), is linear in S: forward, one chunk's
     part outputs (2*b*nq*c*hd, with their LSE-merge weights); backward, one part's q/k/v grads beside the
-    grads being written (in the inputs' dtype, dK/dV packed). Saved for backward: q, K/V, the output and its LSE. Scratch: per-thread tiles for :data:`FUSED_CPU`, a few score
-    tiles of ``block_elements`` for the math kernel. Nothing of size S/D x S, versus the reference's
-    [S/D, S] mask (and its float scores).
+    grads being written (in the inputs' dtype, dK/dV packed). Saved for backward: q, K/V, the output and its
+    LSE. Scratch: per-thread tiles for :data:`FUSED_CPU`, a few score tiles of ``block_elements`` for the
+    math kernel. Nothing of size S/D x S, versus the reference's [S/D, S] mask (and its float scores).
     """
     return _ZigzagAttentionFunction.apply(q, k, v, q_positions, k_positions, softmax_scale, part_kernel)
