@@ -41,6 +41,11 @@ def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Keep the weight shards each TSP layer fetched in forward until its backward (all D "
                             "shards of a layer per rank) instead of fetching them again: backward moves only "
                             "activations and grads, for W_layer bytes per layer of extra memory.")
+    group.add_argument("--tsp-attention-buckets-per-call", type=int, default=1,
+                       help="Head buckets per TSP attention call, G (divides --tsp-size): 1 walks the D buckets "
+                            "one by one (least memory); larger G runs D/G calls over G buckets each, about G "
+                            "times fewer kernels and host operations per attention layer (short sequences are "
+                            "launch-bound) for G times larger K/V and weight transients. Same bytes, same math.")
     group.add_argument("--tsp-output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0],
                        help="vocab-ring: the output layer and loss circulate the output weight's vocabulary shards "
                             "and each rank scores only its own tokens (never S x V/D logits per rank); megatron: "
@@ -120,6 +125,10 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
     ring = args.tsp_expert_ring
     _check(not ring or d > 1, "--tsp-expert-ring needs --tsp-size > 1 (it shards experts over the TSP axis); "
                               "drop --tsp-expert-ring or raise --tsp-size")
+    g = args.tsp_attention_buckets_per_call
+    _check(g >= 1 and d % g == 0,
+           f"--tsp-attention-buckets-per-call {g} must divide --tsp-size {d}: choose one of "
+           f"{[n for n in range(1, d + 1) if d % n == 0]}")
     if d == 1:
         return
     _check(args.tensor_model_parallel_size == 1,

@@ -23,18 +23,27 @@ accumulation dtype: fp32 for bf16/fp16 params, else the param dtype), W = (2 + 2
   (``comm.all_gather_zigzag``, two half-size calls; dK/dV by its transpose) so that the kernel reads them in
   place.
 
-Overlap: bucket r+1's K/V all-gather (the largest transfer at long context) is in flight while bucket r's
-attention computes, forward and backward; bucket r+2's weights are fetched into bucket r's slot once
-bucket r is done with them; bucket r's weight-grad reduce runs while bucket r+1 computes.
+Calls (``buckets_per_call`` = G, ``--tsp-attention-buckets-per-call``): the schedule runs D/G attention calls,
+each over G consecutive head buckets, as if one bucket held G*nq/D heads: the G owners broadcast their shards
+into one slot (one message each), the call's qkv GEMM, K/V all-gather, core-attention kernel, output GEMM and,
+in backward, reduce-scatter and weight-grad GEMMs each run once for the G buckets, and the weight grads are
+reduced to the G owners (one message each). Bytes are unchanged. G = 1 is TSP.md's schedule; larger G issues
+G times fewer operators (a short sequence's step is bound by their launch cost), for G times larger
+transients (below) plus a copy of the call's weights (Megatron's grouped qkv layout stacks shard by shard,
+so the G shards' rows and proj columns are concatenated), and with G = D nothing overlaps the one K/V gather.
+
+Overlap: call r+1's K/V all-gather (the largest transfer at long context) is in flight while call r's
+attention computes, forward and backward; call r+2's weights are fetched into call r's slot once call r is
+done with them; call r's weight-grad reduces run while call r+1 computes.
 
 Memory: forward saves the local input ``x`` (plus the replicated q/k-norm params, the local rotary angles
-and the positions) and, when it will be differentiated, each bucket's qkv projection of the local tokens,
+and the positions) and, when it will be differentiated, each call's qkv projection of the local tokens,
 core-attention output and log-sum-exp (``[S/D, B, (nq + 2*nkv)*hd]``, ``[S/D, B, h]`` and
 ``[B, nq, S/D]`` per layer in all, what Megatron's attention keeps for the same tokens), so that backward
 runs no GEMM and no attention forward again: it re-applies the q/k norms and RoPE (elementwise), re-gathers
-each bucket's K/V and differentiates the projections by hand. Two weight shards (a two-slot buffer; D with
-``keep_weights``) are alive at a time, and two buckets' full-sequence K/V (the one attended and the next in
-flight), plus in backward the grad of one.
+each call's K/V and differentiates the projections by hand. Two calls' weight shards (two slots of G
+shards, plus their concatenated copies when G > 1; D shards with ``keep_weights``) are alive at a time, and
+two calls' full-sequence K/V (the one attended and the next in flight), plus in backward the grad of one.
 """
 
 from __future__ import annotations
@@ -52,8 +61,8 @@ from megatron_tsp.comm import (
     Pending,
     ShardLayout,
     all_gather_zigzag,
-    broadcast,
-    reduce,
+    broadcast_parts,
+    reduce_parts,
     reduce_scatter_zigzag,
     shard_buffer,
 )
@@ -114,26 +123,32 @@ class QKNorm:
 
 
 @dataclass(frozen=True)
-class _BucketSpec:
-    """Everything about one head bucket's math that is not a tensor."""
+class _CallSpec:
+    """Everything about one attention call's math that is not a tensor. A call covers ``buckets_per_call``
+    consecutive head buckets (G); ``heads``/``kv_heads`` count the call's heads, G*nq/D and G*nkv/D."""
 
     tsp_group: dist.ProcessGroup
-    heads: int  # query heads per bucket, nq/D
-    kv_heads: int  # kv heads per bucket, nkv/D
+    heads: int  # query heads per call, G*nq/D
+    kv_heads: int  # kv heads per call, G*nkv/D
     head_dim: int
     softmax_scale: float
     has_qkv_bias: bool
     norm_fn: HeadNormFn | None
     rotary_fn: RotaryFn
     core_attention: AttentionBackend
+    buckets_per_call: int = 1  # G, --tsp-attention-buckets-per-call
     keep_weights: bool = False  # keep every bucket's fetched weights for backward (no re-fetch)
-    keep_activations: bool = False  # keep every bucket's projection, attention output, LSE (differentiated)
+    keep_activations: bool = False  # keep every call's projection, attention output, LSE (differentiated)
+
+    def buckets(self, call: int) -> list[int]:
+        """The head buckets (= their owners' TSP ranks) of call ``call``."""
+        return list(range(call * self.buckets_per_call, (call + 1) * self.buckets_per_call))
 
 
 def _split_heads(projection: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
-                 spec: _BucketSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """One head bucket's qkv projection of the local tokens ``[sq, b, (nq/D + 2*nkv/D)*hd]`` (Megatron's
-    grouped layout) -> q ``[sq, b, nq/D, hd]`` and k, v ``[sq, b, nkv/D, hd]``, q/k-normed and rotated."""
+                 spec: _CallSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """One call's qkv projection of the local tokens ``[sq, b, (nq + 2*nkv)*hd]`` (the call's heads, in
+    Megatron's grouped layout) -> q ``[sq, b, nq, hd]`` and k, v ``[sq, b, nkv, hd]``, q/k-normed and rotated."""
     sq, batch, _ = projection.shape
     group_size = spec.heads // spec.kv_heads
     mixed = projection.view(sq, batch, spec.kv_heads, (group_size + 2) * spec.head_dim)
@@ -147,33 +162,58 @@ def _split_heads(projection: Tensor, norm_params: list[Tensor | None], rotary_fr
     return q, k, v
 
 
-def _fetch_bucket(bucket: int, own_shard: list[Tensor], layout: ShardLayout, slots: list[Tensor],
-                  spec: _BucketSpec) -> Pending:
-    """Start broadcasting head bucket ``bucket``'s packed [Wqkv, bqkv, Wo] from its owner into its slot,
-    ``slots[bucket mod len(slots)]`` (two slots take turns; with one slot per bucket each keeps its own)."""
-    slot = slots[bucket % len(slots)]
-    if dist.get_rank(spec.tsp_group) == bucket:
-        layout.pack(own_shard, slot)
-    return broadcast(slot, owner=bucket, group=spec.tsp_group)
+def _fetch_call(call: int, own_shard: list[Tensor], layout: ShardLayout, slots: list[Tensor],
+                spec: _CallSpec) -> Pending:
+    """Start broadcasting the packed [Wqkv, bqkv, Wo] of each of call ``call``'s G head buckets from its
+    owner into the call's slot, ``slots[call mod len(slots)]`` (G shards; two slots take turns, or with one
+    slot per call each keeps its own)."""
+    slot, buckets = slots[call % len(slots)], spec.buckets(call)
+    tsp_rank = dist.get_rank(spec.tsp_group)
+    if tsp_rank in buckets:
+        layout.pack(own_shard, slot.chunk(spec.buckets_per_call)[buckets.index(tsp_rank)])
+    return broadcast_parts(slot, buckets, spec.tsp_group)
 
 
-def _start_bucket(fetch: Pending, x: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
-                  layout: ShardLayout, spec: _BucketSpec) -> tuple[Tensor, Tensor, Pending, Tensor]:
-    """Wait for a bucket's weights, project the local tokens and start gathering the bucket's K/V.
+def _call_weights(slot: Tensor, layout: ShardLayout, spec: _CallSpec) -> tuple[Tensor, Tensor | None, Tensor]:
+    """A call's (qkv weight ``[(nq + 2*nkv)*hd, h]``, qkv bias or None, proj weight ``[h, nq*hd]``) from its
+    slot of G packed shards. Megatron's qkv layout is grouped per kv group, so the G shards' rows stacked
+    are the layout of the call's G*nkv/D groups, and their proj columns side by side match the call's heads.
+    Views of the slot for one bucket per call; copies (the G shards' size) otherwise."""
+    shards = [_qkv_bias_proj(layout.unpack(part), spec) for part in slot.chunk(spec.buckets_per_call)]
+    if len(shards) == 1:
+        return shards[0]
+    qkv_weights, qkv_biases, proj_weights = zip(*shards)
+    qkv_bias = torch.cat(qkv_biases) if spec.has_qkv_bias else None
+    return torch.cat(qkv_weights), qkv_bias, torch.cat(proj_weights, dim=1)
 
-    Returns the qkv projection ``[S/D, B, (nq/D + 2*nkv/D)*hd]``, q ``[S/D, B, nq/D, hd]``, the pending
-    chunk-major all-gather of cat(k, v) ``[S, B, 2*nkv/D, hd]`` and the bucket's output-projection weight (a
-    view into its weight slot).
+
+def _bucket_grads(call_grads: list[Tensor], spec: _CallSpec) -> list[list[Tensor]]:
+    """The transpose of :func:`_call_weights` for grads: a call's [qkv weight, (qkv bias,) proj weight] grads
+    -> each bucket's, in pack order (views)."""
+    qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(call_grads, spec)
+    g = spec.buckets_per_call
+    per_bucket = zip(qkv_weight.chunk(g), proj_weight.chunk(g, dim=1),
+                     qkv_bias.chunk(g) if qkv_bias is not None else [None] * g)
+    return [[t for t in (w, b, proj) if t is not None] for w, proj, b in per_bucket]
+
+
+def _start_call(fetch: Pending, x: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
+                layout: ShardLayout, spec: _CallSpec) -> tuple[Tensor, Tensor, Pending, Tensor]:
+    """Wait for a call's weights, project the local tokens and start gathering the call's K/V.
+
+    Returns the qkv projection ``[S/D, B, (nq + 2*nkv)*hd]``, q ``[S/D, B, nq, hd]``, the pending
+    chunk-major all-gather of cat(k, v) ``[S, B, 2*nkv, hd]`` (the call's heads) and the call's
+    output-projection weight.
     """
-    qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
+    qkv_weight, qkv_bias, proj_weight = _call_weights(fetch.wait(), layout, spec)
     projection = F.linear(x, qkv_weight, qkv_bias)
     q, k, v = _split_heads(projection, norm_params, rotary_freqs, spec)
     return projection, q, all_gather_zigzag(torch.cat((k, v), dim=2), spec.tsp_group), proj_weight
 
 
-def _restart_bucket(fetch: Pending, projection: Tensor, norm_params: list[Tensor | None],
-                    rotary_freqs: Tensor | None, layout: ShardLayout, spec: _BucketSpec) -> tuple:
-    """Backward's :func:`_start_bucket`, from forward's kept projection: q/k/v rebuilt on detached leaves
+def _restart_call(fetch: Pending, projection: Tensor, norm_params: list[Tensor | None],
+                  rotary_freqs: Tensor | None, layout: ShardLayout, spec: _CallSpec) -> tuple:
+    """Backward's :func:`_start_call`, from forward's kept projection: q/k/v rebuilt on detached leaves
     (the projection and the q/k-norm params, so that grads land on them, not on the Function's inputs, which
     must get exactly one grad each), and the pending all-gather of K/V (a detached copy, whose grad comes
     back by reduce-scatter).
@@ -181,7 +221,7 @@ def _restart_bucket(fetch: Pending, projection: Tensor, norm_params: list[Tensor
     Returns (leaf projection, [qkv weight, proj weight], leaf q/k-norm params, (q, k, v), pending K/V
     gather). The GEMMs' grads are computed by hand (no graph).
     """
-    qkv_weight, _, proj_weight = _qkv_bias_proj(layout.unpack(fetch.wait()), spec)
+    qkv_weight, _, proj_weight = _call_weights(fetch.wait(), layout, spec)
     with torch.enable_grad():
         leaf_projection = projection.detach().requires_grad_()
         leaf_norm = [None if p is None else p.detach().requires_grad_() for p in norm_params]
@@ -190,18 +230,17 @@ def _restart_bucket(fetch: Pending, projection: Tensor, norm_params: list[Tensor
     return leaf_projection, [qkv_weight, proj_weight], leaf_norm, (q, k, v), kv_gather
 
 
-def _bucket_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, ...], grad_out: Tensor,
-                     grad_x: Tensor, grad_norm: list[Tensor | None], q_positions: Tensor, k_positions: Tensor,
-                     spec: _BucketSpec) -> list[Tensor]:
-    """One head bucket's grads from this rank's tokens: the output projection's and the core attention's
-    from forward's kept output and LSE (the attention is not recomputed), dK/dV reduce-scattered to the
-    tokens' owners (the gather's transpose), then through the q/k norms and RoPE to the qkv projection and
-    its GEMM's grads. Adds the input and q/k-norm grads into ``grad_x`` and ``grad_norm``; returns the
-    bucket's weight grads in pack order. A function of its own so that its temporaries (dK/dV
-    ``[S, B, 2*nkv/D, hd]``, the projection's grad) are freed when it returns, not held through the next
-    bucket's kernel."""
+def _call_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, ...], grad_out: Tensor,
+                   grad_x: Tensor, grad_norm: list[Tensor | None], q_positions: Tensor, k_positions: Tensor,
+                   spec: _CallSpec) -> list[Tensor]:
+    """One call's grads from this rank's tokens: the output projection's and the core attention's from
+    forward's kept output and LSE (the attention is not recomputed), dK/dV reduce-scattered to the tokens'
+    owners (the gather's transpose), then through the q/k norms and RoPE to the qkv projection and its
+    GEMM's grads. Adds the input and q/k-norm grads into ``grad_x`` and ``grad_norm``; returns the call's
+    weight grads in pack order. A function of its own so that its temporaries (dK/dV ``[S, B, 2*nkv, hd]``,
+    the projection's grad) are freed when it returns, not held through the next call's kernel."""
     leaf_projection, (qkv_weight, proj_weight), leaf_norm, (q, k, v), kv_gather = restarted
-    attn = kept_attention[0]  # [S/D, B, nq/D*hd]
+    attn = kept_attention[0]  # [S/D, B, nq*hd]
     grad_attn, grad_proj = linear_backward(grad_out, attn, proj_weight)  # out = attn @ proj_weight^T
     full_k, full_v = kv_gather.wait().chunk(2, dim=2)
     grad_q, grad_full_k, grad_full_v = spec.core_attention.backward(
@@ -213,25 +252,28 @@ def _bucket_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, 
     local_leaves = [leaf_projection] + leaf_norm
     local_grads = iter(torch.autograd.grad([q, k, v], [t for t in local_leaves if t is not None],
                                            [grad_q, grad_k, grad_v]))
-    grad_projection, *grad_norm_bucket = [None if t is None else next(local_grads) for t in local_leaves]
-    for total, part in zip(grad_norm, grad_norm_bucket):
+    grad_projection, *grad_norm_call = [None if t is None else next(local_grads) for t in local_leaves]
+    for total, part in zip(grad_norm, grad_norm_call):
         if total is not None:
             total += part
-    grad_x_bucket, grad_qkv = linear_backward(grad_projection, x, qkv_weight, spec.has_qkv_bias)
-    grad_x += grad_x_bucket
+    grad_x_call, grad_qkv = linear_backward(grad_projection, x, qkv_weight, spec.has_qkv_bias)
+    grad_x += grad_x_call
     return [*grad_qkv, *grad_proj]
 
 
-def _qkv_bias_proj(parts: list[Tensor], spec: _BucketSpec) -> tuple[Tensor, Tensor | None, Tensor]:
+def _qkv_bias_proj(parts: list[Tensor], spec: _CallSpec) -> tuple[Tensor, Tensor | None, Tensor]:
     """(qkv weight, qkv bias or None, proj weight) from a shard's tensors (or their grads), in pack order."""
     return (parts[0], parts[1], parts[2]) if spec.has_qkv_bias else (parts[0], None, parts[1])
 
 
-def _finish_reduce(bucket: int, pending: Pending, tsp_rank: int, layout: ShardLayout) -> list[Tensor]:
-    """Wait for bucket ``bucket``'s weight-grad reduce; its owner gets the summed grads (copies, so that the
-    reduce buffer is freed and at most two grad buffers stay alive)."""
-    summed = pending.wait()
-    return [g.clone() for g in layout.unpack(summed)] if bucket == tsp_rank else []
+def _finish_reduce(call: int, pending: Pending, layout: ShardLayout, spec: _CallSpec) -> list[Tensor]:
+    """Wait for call ``call``'s weight-grad reduces; the owner of one of its buckets gets that bucket's
+    summed grads (copies, so that the reduce buffer is freed and at most two grad buffers stay alive)."""
+    summed, buckets = pending.wait(), spec.buckets(call)
+    tsp_rank = dist.get_rank(spec.tsp_group)
+    if tsp_rank not in buckets:
+        return []
+    return [g.clone() for g in layout.unpack(summed.chunk(spec.buckets_per_call)[buckets.index(tsp_rank)])]
 
 
 class TSPAttentionFunction(torch.autograd.Function):
@@ -249,34 +291,35 @@ class TSPAttentionFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_weight: Tensor,
                 q_norm_weight: Tensor | None, q_norm_bias: Tensor | None, k_norm_weight: Tensor | None,
                 k_norm_bias: Tensor | None, rotary_freqs: Tensor | None, q_positions: Tensor,
-                k_positions: Tensor, spec: _BucketSpec) -> Tensor:
+                k_positions: Tensor, spec: _CallSpec) -> Tensor:
         own_shard = [t for t in (qkv_weight, qkv_bias, proj_weight) if t is not None]
         layout = ShardLayout([t.shape for t in own_shard])
         norm_params = [q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias]
-        tsp_size = dist.get_world_size(spec.tsp_group)
-        num_slots = tsp_size if spec.keep_weights else min(tsp_size, 2)  # one per bucket when they are kept
-        slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(num_slots)]
+        num_calls = dist.get_world_size(spec.tsp_group) // spec.buckets_per_call
+        num_slots = num_calls if spec.keep_weights else min(num_calls, 2)  # one per call when they are kept
+        slot_numel = spec.buckets_per_call * layout.numel
+        slots = [shard_buffer(slot_numel, qkv_weight.dtype, x.device, "weight") for _ in range(num_slots)]
 
         out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        # per bucket: its projection, then the core attention's [S/D, B, nq/D*hd] output and its LSE
+        # per call: its projection, then the core attention's [S/D, B, G*nq/D*hd] output and its LSE
         kept_activations: list[tuple[Tensor, tuple[Tensor, ...]] | None] = []
-        bucket = _start_bucket(_fetch_bucket(0, own_shard, layout, slots, spec), x, norm_params,
-                               rotary_freqs, layout, spec)
-        if tsp_size > 1:
-            fetch = _fetch_bucket(1, own_shard, layout, slots, spec)
-        for head_bucket in range(tsp_size):
-            projection, q, kv_gather, bucket_proj_weight = bucket
-            if head_bucket + 1 < tsp_size:  # the next bucket's K/V travel while this bucket's attention computes
-                bucket = _start_bucket(fetch, x, norm_params, rotary_freqs, layout, spec)
-            full_k, full_v = kv_gather.wait().chunk(2, dim=2)  # [S, B, nkv/D, hd] each
+        started = _start_call(_fetch_call(0, own_shard, layout, slots, spec), x, norm_params, rotary_freqs,
+                              layout, spec)
+        if num_calls > 1:
+            fetch = _fetch_call(1, own_shard, layout, slots, spec)
+        for call in range(num_calls):
+            projection, q, kv_gather, call_proj_weight = started
+            if call + 1 < num_calls:  # the next call's K/V travel while this call's attention computes
+                started = _start_call(fetch, x, norm_params, rotary_freqs, layout, spec)
+            full_k, full_v = kv_gather.wait().chunk(2, dim=2)  # [S, B, G*nkv/D, hd] each
             attn, *saved = spec.core_attention.forward(q, full_k, full_v, q_positions, k_positions,
                                                        spec.softmax_scale)
-            out += F.linear(attn, bucket_proj_weight)
+            out += F.linear(attn, call_proj_weight)
             if spec.keep_activations:
                 kept_activations.append((projection, (attn, *saved)))
-            del projection
-            if head_bucket + 2 < tsp_size:  # with two slots, this bucket's slot is free again
-                fetch = _fetch_bucket(head_bucket + 2, own_shard, layout, slots, spec)
+            del projection, call_proj_weight
+            if call + 2 < num_calls:  # with two slots, this call's slot is free again
+                fetch = _fetch_call(call + 2, own_shard, layout, slots, spec)
 
         ctx.spec = spec
         ctx.kept_weights = slots if spec.keep_weights else None
@@ -287,56 +330,60 @@ class TSPAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        spec: _BucketSpec = ctx.spec
+        spec: _CallSpec = ctx.spec
         (x, qkv_weight, qkv_bias, proj_weight, q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias,
          rotary_freqs, q_positions, k_positions) = ctx.saved_tensors
         own_shard = [t for t in (qkv_weight, qkv_bias, proj_weight) if t is not None]
         layout = ShardLayout([t.shape for t in own_shard])
         norm_params = [q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias]
-        tsp_size, tsp_rank = dist.get_world_size(spec.tsp_group), dist.get_rank(spec.tsp_group)
+        num_calls = dist.get_world_size(spec.tsp_group) // spec.buckets_per_call
+        slot_numel = spec.buckets_per_call * layout.numel
         acc_dtype = torch.promote_types(qkv_weight.dtype, torch.float32)
         kept, ctx.kept_weights = ctx.kept_weights, None  # freed with this frame
-        kept_activations, ctx.kept_activations = ctx.kept_activations, None  # each bucket's freed after its use
+        kept_activations, ctx.kept_activations = ctx.kept_activations, None  # each call's freed after its use
         if kept_activations is None:
             raise RuntimeError("TSP attention backward without forward's activations: it runs once per forward "
                                "(no retain_graph), from a forward that ran with grad enabled")
         if kept is None:
-            slots = [shard_buffer(layout.numel, qkv_weight.dtype, x.device, "weight") for _ in range(min(tsp_size, 2))]
+            slots = [shard_buffer(slot_numel, qkv_weight.dtype, x.device, "weight") for _ in range(min(num_calls, 2))]
 
-        def fetch_bucket(bucket: int) -> Pending:
+        def fetch_call(call: int) -> Pending:
             if kept is not None:
-                return Pending(kept[bucket], [])
-            return _fetch_bucket(bucket, own_shard, layout, slots, spec)
+                return Pending(kept[call], [])
+            return _fetch_call(call, own_shard, layout, slots, spec)
 
         grad_x = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         grad_norm = [None if p is None else torch.zeros_like(p, dtype=acc_dtype) for p in norm_params]
         own_grads: list[Tensor] = []
-        weight_grad_reduce: tuple[int, Pending] | None = None  # (bucket, in-flight reduce to its owner)
-        def restart_bucket(bucket: int, fetch: Pending) -> tuple:
-            return _restart_bucket(fetch, kept_activations[bucket][0], norm_params, rotary_freqs, layout, spec)
+        weight_grad_reduce: tuple[int, Pending] | None = None  # (call, its in-flight reduces to the owners)
+        def restart_call(call: int, fetch: Pending) -> tuple:
+            return _restart_call(fetch, kept_activations[call][0], norm_params, rotary_freqs, layout, spec)
 
-        bucket = restart_bucket(0, fetch_bucket(0))
-        if tsp_size > 1:
-            fetch = fetch_bucket(1)
-        for head_bucket in range(tsp_size):
-            restarted = bucket
-            if head_bucket + 1 < tsp_size:  # the next bucket's K/V travel while this bucket's grads compute
-                bucket = restart_bucket(head_bucket + 1, fetch)
-            bucket_grads = _bucket_backward(x, restarted, kept_activations[head_bucket][1], grad_out, grad_x,
-                                            grad_norm, q_positions, k_positions, spec)
-            kept_activations[head_bucket] = None
-            del restarted  # this bucket's q/k/v graph
+        started = restart_call(0, fetch_call(0))
+        if num_calls > 1:
+            fetch = fetch_call(1)
+        for call in range(num_calls):
+            restarted = started
+            if call + 1 < num_calls:  # the next call's K/V travel while this call's grads compute
+                started = restart_call(call + 1, fetch)
+            call_grads = _call_backward(x, restarted, kept_activations[call][1], grad_out, grad_x, grad_norm,
+                                        q_positions, k_positions, spec)
+            kept_activations[call] = None
+            del restarted  # this call's q/k/v graph and weights
 
-            # This bucket's partial weight grads (local tokens) are summed into owner r, in acc_dtype.
-            grad_buffer = layout.pack(bucket_grads, shard_buffer(layout.numel, acc_dtype, x.device, "grad"))
-            del bucket_grads
-            if weight_grad_reduce is not None:  # the previous bucket's reduce overlapped this bucket
-                own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout)
-            weight_grad_reduce = (head_bucket, reduce(grad_buffer, owner=head_bucket, group=spec.tsp_group))
-            del grad_buffer  # only the in-flight reduce holds it now
-            if head_bucket + 2 < tsp_size:  # this bucket's weight slot is free again (its graph is consumed)
-                fetch = fetch_bucket(head_bucket + 2)
-        own_grads += _finish_reduce(*weight_grad_reduce, tsp_rank, layout)
+            # This call's partial weight grads (local tokens), one part per bucket, are summed into each
+            # bucket's owner, in acc_dtype.
+            grad_buffer = shard_buffer(slot_numel, acc_dtype, x.device, "grad")
+            for part, grads in zip(grad_buffer.chunk(spec.buckets_per_call), _bucket_grads(call_grads, spec)):
+                layout.pack(grads, part)
+            del call_grads
+            if weight_grad_reduce is not None:  # the previous call's reduces overlapped this call
+                own_grads += _finish_reduce(*weight_grad_reduce, layout, spec)
+            weight_grad_reduce = (call, reduce_parts(grad_buffer, spec.buckets(call), spec.tsp_group))
+            del grad_buffer  # only the in-flight reduces hold it now
+            if call + 2 < num_calls:  # this call's weight slot is free again (its graph is consumed)
+                fetch = fetch_call(call + 2)
+        own_grads += _finish_reduce(*weight_grad_reduce, layout, spec)
 
         grad_weights = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]
         grad_qkv_weight, grad_qkv_bias, grad_proj_weight = _qkv_bias_proj(grad_weights, spec)
@@ -349,7 +396,8 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
                   q_positions: Tensor, k_positions: Tensor, tsp_group: dist.ProcessGroup, num_heads: int,
                   num_kv_heads: int, *, softmax_scale: float | None = None, rotary_freqs: Tensor | None = None,
                   rotary_fn: RotaryFn = apply_rotary, qk_norm: QKNorm | None = None,
-                  core_attention: AttentionBackend = ZIGZAG, keep_weights: bool = False) -> Tensor:
+                  core_attention: AttentionBackend = ZIGZAG, keep_weights: bool = False,
+                  buckets_per_call: int = 1) -> Tensor:
     """TSP self-attention of rank p's tokens: x ``[S/D, B, h]`` -> ``[S/D, B, h]`` (proj bias not added).
 
     ``qkv_weight``, ``qkv_bias``, ``proj_weight``: this rank's Megatron TP shards (module docstring);
@@ -358,7 +406,8 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
     (``zigzag.local_positions`` / ``zigzag.gathered_positions``); ``rotary_freqs [S/D, 1, 1, rot_dim]``: the
     local tokens' RoPE angles, applied with ``rotary_fn(t, freqs)``; ``softmax_scale`` defaults to
     1/sqrt(hd); ``keep_weights``: keep the D buckets' weights from forward to backward (D weight buffers
-    instead of two) so that backward fetches nothing.
+    instead of two) so that backward fetches nothing; ``buckets_per_call`` (G, dividing D): head buckets
+    per attention call (module docstring, "Calls").
     """
     tsp_size = dist.get_world_size(tsp_group)
     if num_heads % tsp_size or num_kv_heads % tsp_size:
@@ -366,6 +415,9 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
                          f"divisible by the TSP size {tsp_size}")
     if num_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if buckets_per_call < 1 or tsp_size % buckets_per_call:
+        raise ValueError(f"head buckets per attention call ({buckets_per_call}) must divide the TSP size "
+                         f"{tsp_size}")
     heads, kv_heads = num_heads // tsp_size, num_kv_heads // tsp_size
     head_dim = proj_weight.shape[1] // heads
     expected_rows = (heads + 2 * kv_heads) * head_dim
@@ -374,10 +426,12 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
                          f"Megatron's TP layout [{expected_rows}, {x.shape[-1]}], [{x.shape[-1]}, {heads * head_dim}]")
     norm_params = [None] * 4 if qk_norm is None else [qk_norm.q_weight, qk_norm.q_bias, qk_norm.k_weight,
                                                       qk_norm.k_bias]
-    spec = _BucketSpec(tsp_group=tsp_group, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                       softmax_scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim),
-                       has_qkv_bias=qkv_bias is not None, norm_fn=None if qk_norm is None else qk_norm.fn,
-                       rotary_fn=rotary_fn, core_attention=core_attention, keep_weights=keep_weights,
-                       keep_activations=needs_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params))
+    spec = _CallSpec(tsp_group=tsp_group, heads=buckets_per_call * heads, kv_heads=buckets_per_call * kv_heads,
+                     head_dim=head_dim,
+                     softmax_scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim),
+                     has_qkv_bias=qkv_bias is not None, norm_fn=None if qk_norm is None else qk_norm.fn,
+                     rotary_fn=rotary_fn, core_attention=core_attention, buckets_per_call=buckets_per_call,
+                     keep_weights=keep_weights,
+                     keep_activations=needs_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params))
     return TSPAttentionFunction.apply(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs,
                                       q_positions, k_positions, spec)

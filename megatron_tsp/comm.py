@@ -34,8 +34,10 @@ __all__ = [
     "all_gather_seq",
     "all_gather_zigzag",
     "broadcast",
+    "broadcast_parts",
     "comm_bytes",
     "reduce",
+    "reduce_parts",
     "reduce_scatter_zigzag",
     "ring_exchange",
     "shard_buffer",
@@ -104,6 +106,14 @@ def broadcast(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
     return Pending(tensor, [work])
 
 
+def broadcast_parts(flat: Tensor, owners: Sequence[int], group: dist.ProcessGroup) -> Pending:
+    """In-place broadcast of the j-th of ``len(owners)`` equal parts of ``flat [n]`` from ``owners[j]``: one
+    message per part (each owner's shard travels as it was packed), waited for together; the result is
+    ``flat``."""
+    parts = [broadcast(part, owner, group) for part, owner in zip(flat.chunk(len(owners)), owners, strict=True)]
+    return Pending(flat, [work for part in parts for work in part._works])
+
+
 def all_gather_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     """Gather ``[n, ...]`` from every rank into ``[D*n, ...]`` in group-rank order (dim 0 = sequence).
 
@@ -164,6 +174,13 @@ def reduce(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
     work = dist.reduce(tensor, dst=dist.get_global_rank(group, owner), op=dist.ReduceOp.SUM, group=group,
                        async_op=True)
     return Pending(tensor, [work])
+
+
+def reduce_parts(flat: Tensor, owners: Sequence[int], group: dist.ProcessGroup) -> Pending:
+    """Sum the j-th of ``len(owners)`` equal parts of ``flat [n]`` over the group into ``owners[j]`` (in place
+    there; elsewhere unspecified); the result is ``flat``."""
+    parts = [reduce(part, owner, group) for part, owner in zip(flat.chunk(len(owners)), owners, strict=True)]
+    return Pending(flat, [work for part in parts for work in part._works])
 
 
 def ring_exchange(send: Tensor, recv: Tensor, group: dist.ProcessGroup) -> Pending:

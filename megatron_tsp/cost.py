@@ -148,7 +148,9 @@ __all__ = [
     "stage_memory",
     "stage_params",
     "step_cost",
+    "tsp_attention_calls",
     "tsp_attention_comm",
+    "tsp_host_steps",
     "tsp_mlp_comm",
 ]
 
@@ -170,6 +172,13 @@ COMPUTE_EFFICIENCY = 0.73
 # ~64K tokens: TSP_HOST_SECONDS per layer, head bucket and forward-equivalent pass (fitted at 16K and 32K).
 TSP_DEVICE_FACTOR = 1.26
 TSP_HOST_SECONDS = 1.85e-3
+# Operators (each at least one kernel launch on a GPU) a TSP layer dispatches in a training step under full
+# recompute, norms, RoPE, attention, MLP ring and grads included (scripts/count_step_ops.py, D = 2, 4, 8, every
+# G; CPU): 147 per attention call of G head buckets + 43 per head bucket (and MLP ring step) + 79, every G > 1
+# count exact, G = 1 (no weight copy) 3% over. They scale TSP_HOST_SECONDS, fitted with one bucket per call,
+# to other G (tsp_host_steps); without recompute the ratio G = 8 / G = 1 at D = 8 is within 3% of it. The
+# scaling is counted, not timed on a GPU.
+_OPS_PER_CALL, _OPS_PER_BUCKET, _OPS_PER_LAYER = 147, 43, 79
 
 
 @dataclass(frozen=True)
@@ -265,6 +274,9 @@ class Workload:
     # builds a boolean [S/D, S] mask per head bucket (SDPA turns it into an additive mask of the activation
     # dtype) and forgoes causal skipping.
     tsp_dense_mask: bool = False
+    # --tsp-attention-buckets-per-call G: TSP attention runs D/G calls of G head buckets (attention.py): G
+    # times the K/V, q/k and weight transients (plus a copy of a call's weights), fewer operators.
+    tsp_buckets_per_call: int = 1
     # --tsp-keep-weight-shards: TSP layers keep the D weight shards forward fetched until their backward
     # (W_layer*e per layer, see layer_kept_weight_bytes), so backward moves no weights.
     tsp_keep_weights: bool = False
@@ -276,6 +288,8 @@ class Workload:
         if self.recompute_chunk < 1 or (self.recompute_chunk > 1 and self.recompute_layers is not None):
             raise ValueError(f"recompute_chunk {self.recompute_chunk}: a positive count of layers, and 1 with "
                              f"block recompute (recompute_layers)")
+        if self.tsp_buckets_per_call < 1:
+            raise ValueError(f"--tsp-attention-buckets-per-call {self.tsp_buckets_per_call}: a positive count")
         unknown = set(self.recompute_modules) - set(RECOMPUTE_MODULES)
         if unknown:
             raise ValueError(f"--recompute-modules {' '.join(sorted(unknown))}: not modelled; the cost model "
@@ -444,6 +458,23 @@ def _transfers(*specs: tuple) -> tuple[Transfer, ...]:
     return tuple(Transfer(*spec) for spec in specs if spec[2])
 
 
+def tsp_attention_calls(work: Workload, d: int) -> int:
+    """How many attention calls a TSP layer of degree D runs: D/G (``--tsp-attention-buckets-per-call`` G)."""
+    if d % work.tsp_buckets_per_call:
+        raise ValueError(f"--tsp-attention-buckets-per-call {work.tsp_buckets_per_call} must divide the TSP "
+                         f"size {d}")
+    return d // work.tsp_buckets_per_call
+
+
+def tsp_host_steps(work: Workload, d: int) -> float:
+    """A TSP layer's host cost in units of :data:`TSP_HOST_SECONDS` per forward-equivalent pass: D (its head
+    buckets) with one bucket per attention call, where it was fitted; with G > 1 scaled by the layer's
+    operator count (the ``_OPS_*`` fit) against one bucket per call's."""
+    def operators(calls: int) -> int:
+        return _OPS_PER_CALL * calls + _OPS_PER_BUCKET * d + _OPS_PER_LAYER
+    return d * operators(tsp_attention_calls(work, d)) / operators(d)
+
+
 def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
     """TSP attention per layer (attention.py): W = attention weights, KV = 2*B*S*nkv*hd elements.
 
@@ -451,18 +482,19 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
     all_gather KV*a (waited on at once: exposed), each times (D-1)/D. backward: the same two again (weights
     re-fetched unless kept, K/V re-gathered from the kept projection), reduce_scatter KV*a (dK/dV, exposed)
     and reduce W*e_acc (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's
-    forward row. The K/V gather and dK/dV reduce-scatter are two half-size calls per bucket (chunk-major,
-    comm.py).
+    forward row. The K/V gather and dK/dV reduce-scatter are two half-size calls per attention call of G
+    head buckets (chunk-major, comm.py); weights and their grads one message per bucket.
     """
     share = _share(d)
     weights = model.attention_weights() * share
     kv = work.tokens * model.kv_width * work.act_bytes * share
+    calls = tsp_attention_calls(work, d)
     fetch = ("attention weights", "broadcast", weights * work.param_bytes, d, d, True, d)  # one per bucket
-    gather = ("K/V", "all_gather", kv, d, d, False, 2 * d)
+    gather = ("K/V", "all_gather", kv, d, d, False, 2 * calls)
     refetch = () if work.tsp_keep_weights else (fetch,)
     return LayerComm(
         forward=_transfers(fetch, gather),
-        backward=_transfers(*refetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, 2 * d),
+        backward=_transfers(*refetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, 2 * calls),
                             ("attention weight grads", "reduce", weights * work.grad_bytes, d, d, True, d)))
 
 
@@ -794,14 +826,23 @@ def layer_input_bytes(model: ModelShape, work: Workload, layout: Layout) -> Frac
     return Fraction(work.tokens, layout.sequence_shard) * model.hidden * work.act_bytes
 
 
-def _ring_buffer_bytes(work: Workload, shard_elements: Fraction, grad_buffers: int = 2) -> Fraction:
-    """What a TSP weight schedule holds per W/D-element shard while its backward runs: two weight slots (e),
-    ``grad_buffers`` grad buffers in the accumulation dtype (e_acc) and the grads autograd has just returned
-    for the shard being processed (e). The weight rings (MLP, experts, vocabulary; weight_ring.py) hold two
-    grad buffers, the one being filled and the one on its way to its owner (the owner adds its own term
-    last, into the arriving one); attention (attention.py) three, the bucket being packed, the previous one
-    being reduced and, once its own bucket is done, the rank's own summed grads."""
-    return (3 * work.param_bytes + grad_buffers * work.grad_bytes) * shard_elements
+def _ring_buffer_bytes(work: Workload, shard_elements: Fraction) -> Fraction:
+    """What a TSP weight ring (MLP, experts, vocabulary; weight_ring.py) holds per W/D-element shard while its
+    backward runs: two weight slots (e), two grad buffers in the accumulation dtype (e_acc), the one being
+    filled and the one on its way to its owner (the owner adds its own term last, into the arriving one), and
+    the grads autograd has just returned for the shard being processed (e)."""
+    return (3 * work.param_bytes + 2 * work.grad_bytes) * shard_elements
+
+
+def _attention_weight_buffers(work: Workload, shard_elements: Fraction, calls: int) -> Fraction:
+    """What TSP attention (attention.py) holds per W/D-element shard while its backward runs, with G head
+    buckets per call and ``live`` = min(D/G, 2) calls under way (the one differentiated and the next):
+    ``live`` weight slots of G shards (e), with G > 1 as many concatenated copies of a call's weights (e),
+    the call's grads just computed, G shards (e); grad buffers (e_acc) of ``live`` calls (the one being
+    packed, the previous one being reduced) plus the rank's own summed grads, one shard."""
+    g, live = work.tsp_buckets_per_call, min(calls, 2)
+    copies = live if g > 1 else 0
+    return (g * (live + copies + 1) * work.param_bytes + (live * g + 1) * work.grad_bytes) * shard_elements
 
 
 def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
@@ -811,12 +852,13 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     flight and the next one, with their dK/dV (4 x the rank's local K/V). TSP (derived from attention.py and
     mlp.py, checked against the allocator in docs/benchmarks.md): an fp32 [S/D, B, h] accumulator (output in
     forward, input grad in backward) plus the larger of
-    - attention: per element of one bucket's full-sequence K/V (2BS*nkv*hd/D), 4 x a bytes: two buckets'
-      K/V (the one differentiated and the next in flight), and inside the zigzag kernel's backward
-      (kernels/zigzag.py, which reads the gathered K/V in place) its packed dK/dV and one part's dK/dV, in a;
-      per local token, the same two buckets' rotated q and k, (nq + nkv)*hd/D, in a; the differentiated
-      bucket's attention-output grad and the kernel's dQ, nq*hd/D each, in a; the ring buffers
-      (:func:`_ring_buffer_bytes`) of W_attn/D;
+    - attention, with G head buckets per call (D/G calls, ``live`` = min(D/G, 2) of them under way): per
+      element of one call's full-sequence K/V (2BS*nkv*hd*G/D), (live + 2) x a bytes: the K/V of the call
+      differentiated and of the next in flight, and inside the zigzag kernel's backward (kernels/zigzag.py,
+      which reads the gathered K/V in place) its packed dK/dV and one part's dK/dV, in a; per local token,
+      the same calls' rotated q and k, (nq + nkv)*hd*G/D each, in a; the differentiated call's
+      attention-output grad and the kernel's dQ, nq*hd*G/D each, in a; the weight and grad buffers
+      (:func:`_attention_weight_buffers`) of W_attn/D;
       with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
     - MLP (dense layers): one shard's recomputed activation and product, their grads and its fc1 output's
       grad for the local tokens, and the ring buffers of W_mlp/D; with the expert ring, the same for the
@@ -830,12 +872,14 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
         gathers = 2 * Fraction(work.tokens, c) * model.hidden * a if layout.kind in ("TP+SP", "TPxCP") else 0
         return gathers + 4 * Fraction(work.tokens, c) * Fraction(model.kv_width, t) * a * (c > 1)
     local_tokens = Fraction(work.tokens, t)
-    bucket_kv = work.tokens * Fraction(model.kv_width, t)
-    head = local_tokens * Fraction(model.head_dim, t)  # x nq: a bucket's local q (its nq/D heads)
-    rotated = 2 * head * (model.heads + model.kv_groups) * a
+    calls = tsp_attention_calls(work, t)
+    live = min(calls, 2)
+    call_kv = work.tokens * Fraction(model.kv_width, calls)
+    head = local_tokens * Fraction(model.head_dim, calls)  # x nq: a call's local q (its G*nq/D heads)
+    rotated = live * head * (model.heads + model.kv_groups) * a
     differentiated = head * model.heads * 2 * a
-    attention = (bucket_kv * 4 * a + rotated + differentiated
-                 + _ring_buffer_bytes(work, Fraction(model.attention_weights(), t), grad_buffers=3))
+    attention = (call_kv * (live + 2) * a + rotated + differentiated
+                 + _attention_weight_buffers(work, Fraction(model.attention_weights(), t), calls))
     if work.tsp_dense_mask:
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
 
@@ -1029,27 +1073,27 @@ def output_layer_flops(model: ModelShape, work: Workload, layout: Layout) -> Lay
     return LayerFlops(forward, (3 if recomputes else 2) * forward)
 
 
-def _compute_seconds(flops: LayerFlops, phase: str, tsp_buckets: int, hw: Hardware) -> float:
+def _compute_seconds(flops: LayerFlops, phase: str, tsp_host_steps: float, hw: Hardware) -> float:
     """Compute time of one phase ("forward", "recompute", "backward") of a layer: its FLOPs at the fitted
-    rate; for a TSP layer (``tsp_buckets`` = D, else 0) :data:`TSP_DEVICE_FACTOR` times that, and no less
-    than its host time, :data:`TSP_HOST_SECONDS` per head bucket and forward-equivalent pass (backward: 2,
-    a recompute: its share of a forward)."""
+    rate; for a TSP layer (``tsp_host_steps`` from :func:`tsp_host_steps`, else 0) :data:`TSP_DEVICE_FACTOR`
+    times that, and no less than its host time, :data:`TSP_HOST_SECONDS` per host step and forward-equivalent
+    pass (backward: 2, a recompute: its share of a forward)."""
     phase_flops = getattr(flops, phase)
     seconds = hw.compute_seconds(phase_flops)
-    if not tsp_buckets or not phase_flops:
+    if not tsp_host_steps or not phase_flops:
         return seconds
     passes = {"forward": 1.0, "recompute": phase_flops / flops.forward, "backward": 2.0}[phase]
-    return max(TSP_DEVICE_FACTOR * seconds, passes * tsp_buckets * TSP_HOST_SECONDS)
+    return max(TSP_DEVICE_FACTOR * seconds, passes * tsp_host_steps * TSP_HOST_SECONDS)
 
 
-def _seconds(flops: LayerFlops, comm: LayerComm, tsp_buckets: int, hw: Hardware) -> float:
+def _seconds(flops: LayerFlops, comm: LayerComm, tsp_host_steps: float, hw: Hardware) -> float:
     """Each phase takes max(compute, hidden transfers) + exposed transfers."""
     total = 0.0
     for phase in ("forward", "recompute", "backward"):
         transfers = getattr(comm, phase)
         hidden = sum(hw.seconds(t) for t in transfers if t.hidden)
         exposed = sum(hw.seconds(t) for t in transfers if not t.hidden)
-        total += max(_compute_seconds(flops, phase, tsp_buckets, hw), hidden) + exposed
+        total += max(_compute_seconds(flops, phase, tsp_host_steps, hw), hidden) + exposed
     return total
 
 
@@ -1092,16 +1136,16 @@ def step_cost(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, m
     stage; the data-parallel grad sync overlaps the last micro-batch's backward (``--overlap-grad-reduce``)."""
     stage_s, compute_s, sent, sync_exposed_s = [], [], [], []
     for stage in pipeline_stages(model, layout):
-        tsp_buckets = layout.tensor if layout.kind == "TSP" else 0  # the layers', not the output layer's
+        host_steps = tsp_host_steps(work, layout.tensor) if layout.kind == "TSP" else 0  # the layers' only
         parts = [(1, output_layer_flops(model, work, layout) if stage.output else LayerFlops(0.0, 0.0),
                   edge_comm(model, work, layout, stage), 0)]
         parts += [(count, layer_flops(model, group_work, layout, moe), layer_comm(model, group_work, layout, moe),
-                   tsp_buckets) for count, moe, group_work in layer_groups(work, stage)]
-        stage_s.append(sum(float(count) * _seconds(flops, comm, buckets, hw) for count, flops, comm, buckets in parts))
+                   host_steps) for count, moe, group_work in layer_groups(work, stage)]
+        stage_s.append(sum(float(count) * _seconds(flops, comm, steps, hw) for count, flops, comm, steps in parts))
 
         def phases_seconds(*phases: str) -> float:
-            return sum(float(count) * _compute_seconds(f, phase, buckets, hw)
-                       for count, f, _, buckets in parts for phase in phases)
+            return sum(float(count) * _compute_seconds(f, phase, steps, hw)
+                       for count, f, _, steps in parts for phase in phases)
 
         compute_s.append(phases_seconds("forward", "recompute", "backward"))
         backward_s = phases_seconds("recompute", "backward")

@@ -2,12 +2,15 @@
 
     python -m megatron_tsp.plan --config configs/X.yaml --seq-length S --gpus N [--gpu h100|h200|mi300x]
         [--micro-batch-size B] [--recompute none|selective|full|auto] [--recompute-modules M ...]
-        [--recompute-num-layers N] [--dense-mask-attention] [--plot out.png] [--all]
+        [--recompute-num-layers N] [--dense-mask-attention] [--tsp-attention-buckets-per-call G|auto]
+        [--plot out.png] [--all]
 
 The model shape, precision, recompute mode, micro and global batch come from the config (flat Megatron
 flags, Megatron's defaults where a flag is absent). Every step compared processes the same global batch:
 layouts with fewer data-parallel ranks run more micro-batches per step. The recommendation is the layout
-that fits in memory with the lowest estimated step time.
+that fits in memory with the lowest estimated step time. TSP layouts are costed with every count of head
+buckets per attention call G that divides D (the fastest that fits is shown, as ``TSP8 G=8``) unless the
+config or ``--tsp-attention-buckets-per-call`` fixes G.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ GiB = 2**30
 # A layout fits if its modelled peak is within this fraction below the GPU's memory: the memory model's error
 # against BASELINES.md reaches 3% (8% for TP without SP at 16K).
 MEMORY_MARGIN = 0.05
+# Step-time estimates this close are a tie (the model's compute time is off by up to 3.4%, BASELINES.md).
+TIE = 0.01
 
 # Vendor spec sheets; bandwidths per direction. Memory is the spec sheet's GB (1e9 bytes), some 5% below what
 # the GPU reports: that covers the CUDA context, NCCL buffers and allocator fragmentation, which the modelled
@@ -67,6 +72,7 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
     parser.add_argument("--position-embedding-type", default="learned_absolute")
     parser.add_argument("--rotary-percent", type=float, default=1.0)
     parser.add_argument("--mtp-num-layers", type=int)
+    parser.add_argument("--tsp-attention-buckets-per-call", type=int)
     parser.add_argument("--recompute-granularity", choices=("full", "selective"))
     parser.add_argument("--recompute-method", choices=("uniform", "block"))
     parser.add_argument("--recompute-num-layers", type=int)
@@ -143,6 +149,16 @@ class Candidate:
     fits: bool
 
 
+def bucket_options(work: Workload, layout: Layout, auto: bool) -> list[Workload]:
+    """The TSP attention call sizes worth costing for ``layout``: with ``auto`` every G dividing D, else
+    ``work``'s; one (G = 1, unused) for other layouts."""
+    if layout.kind != "TSP":
+        return [replace(work, tsp_buckets_per_call=1)]
+    if not auto:
+        return [work]
+    return [replace(work, tsp_buckets_per_call=g) for g in _divisors(layout.tensor)]
+
+
 def recompute_options(model: ModelShape, work: Workload, layout: Layout, budget: float) -> list[Workload]:
     """The recompute modes worth costing for ``layout``: none; selective recompute of the norms, then also of
     the MLPs (dense and MoE); full; and block recompute of the fewest layers per pipeline stage that fits in
@@ -163,31 +179,36 @@ def recompute_options(model: ModelShape, work: Workload, layout: Layout, budget:
 
 
 def evaluate(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, global_batch: int,
-             auto_recompute: bool) -> Candidate:
-    """Cost one layout; with ``auto_recompute`` the fastest of :func:`recompute_options` that fits (or, if none
-    fits, the leanest)."""
+             auto_recompute: bool, auto_buckets: bool = False) -> Candidate:
+    """Cost one layout; with ``auto_recompute`` (``auto_buckets``) the fastest of :func:`recompute_options`
+    (:func:`bucket_options`) that fits (or, if none fits, the leanest)."""
     microbatches = global_batch // (work.micro_batch * layout.data)
     budget = (1 - MEMORY_MARGIN) * hw.memory_bytes
-    trials = recompute_options(model, work, layout, budget) if auto_recompute else [work]
+    trials = [trial for sized in bucket_options(work, layout, auto_buckets)
+              for trial in (recompute_options(model, sized, layout, budget) if auto_recompute else [sized])]
     costed = []
     for trial in trials:
         cost = step_cost(model, trial, layout, hw, microbatches)
         costed.append(Candidate(layout, trial, cost, cost.memory.total <= budget))
     fitting = [c for c in costed if c.fits]
-    return min(fitting, key=lambda c: c.cost.step_s) if fitting else min(costed, key=lambda c: c.cost.memory.total)
+    if not fitting:
+        return min(costed, key=lambda c: c.cost.memory.total)
+    fastest = min(fitting, key=lambda c: c.cost.step_s)
+    # A larger G holds larger transients: it must be faster by more than a tie to be chosen.
+    tied = [c for c in fitting if c.work.recompute_label == fastest.work.recompute_label
+            and c.cost.step_s <= (1 + TIE) * fastest.cost.step_s]
+    return min(tied, key=lambda c: c.work.tsp_buckets_per_call)
 
 
 def plan(model: ModelShape, work: Workload, gpus: int, hw: Hardware, global_batch: int,
-         auto_recompute: bool) -> list[Candidate]:
-    """All candidate layouts, costed: fitting ones first by step time, then the rest by memory."""
-    candidates = [evaluate(model, work, layout, hw, global_batch, auto_recompute)
-                  for layout in candidate_layouts(model, work.seq_len, gpus, work.micro_batch, global_batch,
-                                                  hw.gpus_per_node)]
+         auto_recompute: bool, auto_buckets: bool = False) -> list[Candidate]:
+    """All candidate layouts, costed: fitting ones first by step time, then the rest by memory. With a fixed
+    G (not ``auto_buckets``) TSP layouts whose D it does not divide are left out (args.py refuses them)."""
+    layouts = candidate_layouts(model, work.seq_len, gpus, work.micro_batch, global_batch, hw.gpus_per_node)
+    candidates = [evaluate(model, work, layout, hw, global_batch, auto_recompute, auto_buckets)
+                  for layout in layouts
+                  if auto_buckets or layout.kind != "TSP" or layout.tensor % work.tsp_buckets_per_call == 0]
     return sorted(candidates, key=lambda c: (not c.fits, c.cost.step_s if c.fits else c.cost.memory.total))
-
-
-# Step-time estimates this close are a tie (the model's compute time is off by up to 3.4%, BASELINES.md).
-TIE = 0.01
 
 
 def recommend(fitting: list[Candidate]) -> Candidate:
@@ -208,9 +229,15 @@ def _si(value: float, unit: str) -> str:
     return f"{value / scale:.3g} {prefix}{unit}"
 
 
+def _layout_label(c: Candidate) -> str:
+    """The layout's name, with TSP attention's head buckets per call when above one (``TSP8 G=8``)."""
+    g = c.work.tsp_buckets_per_call
+    return c.layout.name + (f" G={g}" if c.layout.kind == "TSP" and g > 1 else "")
+
+
 def _row(c: Candidate) -> str:
     cost, fits = c.cost, "yes" if c.fits else "NO"
-    return (f"{c.layout.name:<30} {c.work.recompute_label:<22} {cost.memory.total / GiB:>8.3g} {fits:>4} "
+    return (f"{_layout_label(c):<30} {c.work.recompute_label:<22} {cost.memory.total / GiB:>8.3g} {fits:>4} "
             f"{_si(cost.comm_bytes, 'B'):>11} {_si(cost.compute_s, 's'):>10} {_si(cost.exposed_comm_s, 's'):>12} "
             f"{_si(cost.step_s, 's'):>10}")
 
@@ -235,22 +262,24 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
         f"{'comm+bubble':>12} {'step':>10}",
     ]
     lines += [_row(c) for c in candidates[:max_rows]]
+    if any(c.layout.kind == "TSP" and c.work.tsp_buckets_per_call > 1 for c in candidates[:max_rows]):
+        lines.append("G: TSP attention's head buckets per call (--tsp-attention-buckets-per-call; 1 when not shown)")
     if max_rows is not None and len(candidates) > max_rows:
         lines.append(f"... {len(candidates) - max_rows} more (--all shows them)")
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         leanest = min(candidates, key=lambda c: c.cost.memory.total)
-        lines.append(f"\nNo layout fits in {hw.memory_bytes / GiB:.1f} GiB; the leanest is {leanest.layout.name} "
+        lines.append(f"\nNo layout fits in {hw.memory_bytes / GiB:.1f} GiB; the leanest is {_layout_label(leanest)} "
                      f"at {leanest.cost.memory.total / GiB:.3g} GiB: add GPUs, pipeline stages or recompute.")
         return "\n".join(lines)
     best, cost = recommend(fitting), recommend(fitting).cost
     sent = cost.sent
     fastest = fitting[0]
     why = (f"the lowest estimated step time of the {len(fitting)} layouts that fit" if best is fastest else
-           f"within {TIE:.0%} of the fastest ({fastest.layout.name}, {_si(fastest.cost.step_s, 's')}: a tie at "
+           f"within {TIE:.0%} of the fastest ({_layout_label(fastest)}, {_si(fastest.cost.step_s, 's')}: a tie at "
            f"this model's accuracy) that sends the fewest bytes")
     lines += [
-        f"\nRecommended: {best.layout.name} (recompute {best.work.recompute_label})",
+        f"\nRecommended: {_layout_label(best)} (recompute {best.work.recompute_label})",
         f"  fits: {cost.memory.total / GiB:.3g} GiB per GPU of {hw.memory_bytes / GiB:.1f} "
         f"({MEMORY_MARGIN:.0%} kept as margin for the model's error)",
         f"  {why}: {_si(cost.step_s, 's')} = {_si(cost.compute_s, 's')} compute + "
@@ -260,16 +289,20 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
     ]
     runner_up = next((c for c in fitting if c is not best), None)
     if runner_up is not None:
-        lines.append(f"  next: {runner_up.layout.name} at {_si(runner_up.cost.step_s, 's')} "
+        lines.append(f"  next: {_layout_label(runner_up)} at {_si(runner_up.cost.step_s, 's')} "
                      f"({100 * (runner_up.cost.step_s / cost.step_s - 1):+.1f}%), "
                      f"{runner_up.cost.memory.total / GiB:.3g} GiB")
+    if best.layout.kind == "TSP" and best.work.tsp_buckets_per_call > 1:
+        lines.append(f"  flags: --tsp-size {best.layout.tensor} --tsp-attention-buckets-per-call "
+                     f"{best.work.tsp_buckets_per_call} (its host time is scaled from operator counts, not yet "
+                     f"measured on a GPU)")
     if best.layout.context > 1:
         lines.append("  note: context parallelism needs Transformer Engine's attention (Megatron's local attention "
                      "asserts CP = 1)")
     for kind in ("TP+SP", "TSP"):
         other = next((c for c in fitting if c.layout.kind == kind), None)
         if other is not None and other is not best:
-            lines.append(f"Best {kind}: {other.layout.name} (recompute {other.work.recompute_label}), "
+            lines.append(f"Best {kind}: {_layout_label(other)} (recompute {other.work.recompute_label}), "
                          f"{other.cost.memory.total / GiB:.3g} GiB, {_si(other.cost.comm_bytes, 'B')} sent per GPU "
                          f"per step, {_si(other.cost.step_s, 's')}.")
     return "\n".join(lines)
@@ -311,6 +344,15 @@ def plot_sequence_sweep(model: ModelShape, work: Workload, gpus: int, hw: Hardwa
     plt.close(figure)
 
 
+def _buckets_per_call(value: str) -> int | str:
+    """``--tsp-attention-buckets-per-call``: a positive count, or auto."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a positive count of head buckets, or auto")
+    return int(value)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m megatron_tsp.plan", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="flat YAML map of Megatron flags (configs/*.yaml)")
@@ -336,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="cost TSP keeping forward's weight shards for backward (also read from the config)")
     parser.add_argument("--tsp-output-layer", choices=OUTPUT_LAYERS,
                         help="cost TSP with this output layer (default: the config's, else vocab-ring)")
+    parser.add_argument("--tsp-attention-buckets-per-call", type=_buckets_per_call,
+                        help="cost TSP with G head buckets per attention call, or auto: every G dividing D "
+                             "(default: the config's, else auto)")
     parser.add_argument("--plot", help="write a PNG of memory and bytes against sequence length here")
     parser.add_argument("--all", action="store_true", help="print every candidate layout, not the first 25")
     args = parser.parse_args(argv)
@@ -352,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     micro_batch = args.micro_batch_size or flags.micro_batch_size
     sixteen_bit = flags.bf16 or flags.fp16
     recompute = args.recompute or flags.recompute_granularity or "none"
+    buckets = args.tsp_attention_buckets_per_call or flags.tsp_attention_buckets_per_call or "auto"
     recompute_layers = args.recompute_num_layers or (flags.recompute_num_layers if args.recompute is None and
                                                      flags.recompute_method == "block" else None)
     # The config's --recompute-method uniform --recompute-num-layers N (N layers per checkpointed chunk)
@@ -365,12 +411,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         distributed_optimizer=flags.use_distributed_optimizer,
                         tsp_dense_mask=args.dense_mask_attention,
                         tsp_keep_weights=args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards,
+                        tsp_buckets_per_call=buckets if isinstance(buckets, int) else 1,
                         tsp_vocab_ring=(args.tsp_output_layer or flags.tsp_output_layer) == "vocab-ring")
     except ValueError as error:  # the config's --recompute-modules has one the cost model does not know
         parser.error(f"{error} (in {args.config})")
     global_batch = flags.global_batch_size or micro_batch * args.gpus
     hw = GPUS[args.gpu]
-    candidates = plan(model, work, args.gpus, hw, global_batch, auto_recompute=recompute == "auto")
+    candidates = plan(model, work, args.gpus, hw, global_batch, auto_recompute=recompute == "auto",
+                      auto_buckets=buckets == "auto")
     if not candidates:
         sys.exit(f"no layout of {args.gpus} GPUs divides this model, sequence {args.seq_length} and global batch "
                  f"{global_batch} (micro-batch {micro_batch})")

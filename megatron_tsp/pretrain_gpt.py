@@ -59,7 +59,8 @@ def layer_spec(args: Any, config: Any, vp_stage: Optional[int]):
     (the block spec, so that --moe-layer-freq mixes dense and MoE layers as in Megatron's pretrain_gpt)."""
     if args.tsp_size > 1:
         return get_gpt_decoder_block_tsp_spec(config, vp_stage=vp_stage,
-                                              keep_weight_shards=args.tsp_keep_weight_shards)
+                                              keep_weight_shards=args.tsp_keep_weight_shards,
+                                              attention_buckets_per_call=args.tsp_attention_buckets_per_call)
     return get_gpt_decoder_block_spec(config, use_transformer_engine=HAVE_TE and not running_on_cpu(),
                                       normalization=args.normalization, vp_stage=vp_stage)
 

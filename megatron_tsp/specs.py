@@ -77,7 +77,7 @@ class TSPSelfAttention(SelfAttention):
 
     def __init__(self, config, submodules: SelfAttentionSubmodules, layer_number: int,
                  attn_mask_type: AttnMaskType = AttnMaskType.causal, keep_weight_shards: bool = False,
-                 **kwargs: Any) -> None:
+                 buckets_per_call: int = 1, **kwargs: Any) -> None:
         unsupported = {
             "attention dropout (--attention-dropout > 0)": config.attention_dropout > 0,
             "--attention-output-gate": config.attention_output_gate,
@@ -95,6 +95,7 @@ class TSPSelfAttention(SelfAttention):
                 raise ValueError(f"TSP attention does not support {feature}; remove it or use --tsp-size 1")
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
         self.keep_weight_shards = keep_weight_shards
+        self.buckets_per_call = buckets_per_call
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 key_value_states: Optional[torch.Tensor] = None, inference_context: Any = None,
@@ -129,7 +130,8 @@ class TSPSelfAttention(SelfAttention):
             self.config.num_attention_heads, self.config.num_query_groups,
             softmax_scale=self.config.softmax_scale, rotary_freqs=rotary_freqs,
             rotary_fn=partial(apply_rotary_pos_emb, config=self.config, cp_group=self.pg_collection.cp),
-            qk_norm=qk_norm, core_attention=self.core_attention, keep_weights=self.keep_weight_shards)
+            qk_norm=qk_norm, core_attention=self.core_attention, keep_weights=self.keep_weight_shards,
+            buckets_per_call=self.buckets_per_call)
         return output, self.linear_proj.bias
 
 
@@ -256,11 +258,13 @@ def tsp_output_loss(*, hidden_states: torch.Tensor, output_layer: ColumnParallel
 
 def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int] = None,
                            moe_grouped_gemm: bool = False, expert_ring: bool = False,
-                           keep_weight_shards: bool = False, **unused: Any) -> ModuleSpec:
+                           keep_weight_shards: bool = False, attention_buckets_per_call: int = 1,
+                           **unused: Any) -> ModuleSpec:
     """Transformer layer with TSP attention, sequence-sharded norms and a TSP MLP, or with ``num_experts``
     Megatron's MoE layer (experts on their own expert-parallel view of the same ranks, routing each rank's
     local tokens; with ``expert_ring`` each expert sharded over the TSP axis and run by the ring).
-    ``keep_weight_shards``: the schedules keep forward's weight shards for backward. Extra keyword
+    ``keep_weight_shards``: the schedules keep forward's weight shards for backward;
+    ``attention_buckets_per_call``: head buckets per TSP attention call (``attention.py``). Extra keyword
     arguments (Megatron's spec helpers pass backend flags) are ignored.
     """
     if num_experts is None:
@@ -280,7 +284,8 @@ def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int
             input_layernorm=SequenceShardedNorm,
             self_attention=ModuleSpec(
                 module=TSPSelfAttention,
-                params={"attn_mask_type": AttnMaskType.causal, "keep_weight_shards": keep_weight_shards},
+                params={"attn_mask_type": AttnMaskType.causal, "keep_weight_shards": keep_weight_shards,
+                        "buckets_per_call": attention_buckets_per_call},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
                     core_attention=select_core_attention,
@@ -317,18 +322,21 @@ def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
 
 def get_gpt_decoder_block_tsp_spec(config: TransformerConfig, vp_stage: Optional[int] = None,
                                    pp_rank: Optional[int] = None,
-                                   keep_weight_shards: bool = False) -> TransformerBlockSubmodules:
+                                   keep_weight_shards: bool = False,
+                                   attention_buckets_per_call: int = 1) -> TransformerBlockSubmodules:
     """The decoder block of this pipeline (and virtual pipeline) stage: dense or MoE TSP layers by
     ``--moe-layer-freq``, and a sequence-sharded final norm (Megatron's default final norm refuses sequence
     parallelism without Apex/TE). Experts sharded over the TSP axis (expert-tensor-parallel size > 1, which
     the TSP validation allows only with ``--tsp-expert-ring``) run by the expert ring.
-    ``keep_weight_shards``: ``--tsp-keep-weight-shards``.
+    ``keep_weight_shards``: ``--tsp-keep-weight-shards``; ``attention_buckets_per_call``:
+    ``--tsp-attention-buckets-per-call``.
     """
-    dense = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm, keep_weight_shards=keep_weight_shards)
+    options = {"keep_weight_shards": keep_weight_shards, "attention_buckets_per_call": attention_buckets_per_call}
+    dense = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm, **options)
     moe = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm, num_experts=config.num_moe_experts,
                                  moe_grouped_gemm=config.moe_grouped_gemm,
                                  expert_ring=config.expert_tensor_parallel_size > 1,
-                                 keep_weight_shards=keep_weight_shards) if config.num_moe_experts else None
+                                 **options) if config.num_moe_experts else None
     layers = [moe if is_moe else dense for is_moe in moe_layer_pattern(config)]
     first = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     count = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)

@@ -72,7 +72,7 @@ LAYOUTS = {"tsp": "TSP", "tp_sp": "TP+SP"}  # --layouts choice -> the cost model
 DENSE_RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tsp", type=int, default=8, help="TSP degree D (the fake group's size)")
     parser.add_argument("--layers", type=int, default=32)
@@ -85,6 +85,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {', '.join(LAYOUTS)}")
     parser.add_argument("--output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0])
     parser.add_argument("--keep-weight-shards", action="store_true")
+    parser.add_argument("--buckets-per-call", type=int, default=1,
+                        help="TSP attention's head buckets per call (--tsp-attention-buckets-per-call)")
     parser.add_argument("--recompute", choices=("full", "none", "selective"), default="full",
                         help="Megatron's --recompute-granularity (full: --recompute-method uniform)")
     parser.add_argument("--recompute-num-layers", type=int, default=1,
@@ -95,7 +97,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write the results here (JSON list)")
     parser.add_argument("--profile", action="store_true",
                         help="on a GPU, profile one more step per case: device-busy time and top kernels")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.recompute_modules is not None and args.recompute != "selective":
         parser.error("--recompute-modules needs --recompute selective")
     if args.recompute_num_layers != 1 and args.recompute != "full":
@@ -152,7 +154,8 @@ def build_model(args: argparse.Namespace, layout: str, seq: int, device: torch.d
         masked_softmax_fusion=False, apply_rope_fusion=False, persist_layer_norm=False,
         use_cpu_initialization=device.type == "cpu")
     if layout == "tsp":
-        block = get_gpt_decoder_block_tsp_spec(config, keep_weight_shards=args.keep_weight_shards)
+        block = get_gpt_decoder_block_tsp_spec(config, keep_weight_shards=args.keep_weight_shards,
+                                               attention_buckets_per_call=args.buckets_per_call)
     else:
         block = tp_sp_block(config)
     model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=args.vocab, max_sequence_length=seq,
@@ -183,7 +186,8 @@ def measure(args: argparse.Namespace, layout: str, seq: int, device: torch.devic
               "heads": args.heads, "kv": args.kv_groups or args.heads, "ffn": args.ffn, "vocab": args.vocab,
               "dtype": args.dtype, "recompute": described[1].recompute_label}
     if layout == "tsp":
-        record.update(output_layer=args.output_layer, keep_weight_shards=args.keep_weight_shards)
+        record.update(output_layer=args.output_layer, keep_weight_shards=args.keep_weight_shards,
+                      buckets_per_call=args.buckets_per_call)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -235,7 +239,7 @@ def cost_inputs(args: argparse.Namespace, layout: str, seq: int) -> tuple[cost.M
     work = cost.Workload(1, seq, param_bytes=element, act_bytes=element, recompute=args.recompute,
                          recompute_modules=tuple(args.recompute_modules),
                          recompute_chunk=args.recompute_num_layers if args.recompute == "full" else 1,
-                         tsp_keep_weights=args.keep_weight_shards,
+                         tsp_keep_weights=args.keep_weight_shards, tsp_buckets_per_call=args.buckets_per_call,
                          tsp_vocab_ring=args.output_layer == "vocab-ring")
     return model, work, cost.Layout(LAYOUTS[layout], tensor=args.tsp)
 

@@ -9,6 +9,8 @@ operators that do work each dispatches (each at least one kernel launch on a GPU
 host-bound at short sequences: docs/benchmarks.md):
 
     .venv/bin/python scripts/bench_layer.py --tsp 4 --seq 8192 --hidden 1024 --heads 16 --ffn 4096
+
+``--buckets-per-call 1,4`` times attention once per listed G (head buckets per attention call).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--buckets-per-call", default="1",
+                        help="comma-separated G values (each dividing --tsp): one attention row per G")
     parser.add_argument("--profile", action="store_true",
                         help="on a GPU, profile one forward and one forward + backward of each schedule")
     args = parser.parse_args()
@@ -83,10 +87,12 @@ def main() -> None:
     qkv, proj = weight((heads + 2 * kv_groups) * head_dim // d, h), weight(h, h // d)
     fc1, fc2 = weight(2 * args.ffn // d, h), weight(h, args.ffn // d)
     positions = local_positions(seq, d, 0, device), gathered_positions(seq, d, device)
-    schedules = {
-        "attention": lambda: tsp_attention(x, qkv, None, proj, *positions, group, heads, kv_groups),
-        "mlp": lambda: tsp_mlp(x, fc1, None, fc2, group),
-    }
+    def attention(buckets_per_call: int) -> Callable[[], Tensor]:
+        return lambda: tsp_attention(x, qkv, None, proj, *positions, group, heads, kv_groups,
+                                     buckets_per_call=buckets_per_call)
+
+    schedules = {f"attention G={g}": attention(int(g)) for g in args.buckets_per_call.split(",")}
+    schedules["mlp"] = lambda: tsp_mlp(x, fc1, None, fc2, group)
     print(f"TSP rank 0 of {d}, S {seq}, h {h}, {heads} heads / {kv_groups} kv groups, ffn {args.ffn} gated, "
           f"{args.dtype} on {device}")
     for name, run in schedules.items():
@@ -94,7 +100,7 @@ def main() -> None:
         outputs = []
         forward_ops = count_work_ops(lambda: outputs.append(run()))
         backward_ops = count_work_ops(lambda: outputs[0].backward(torch.ones_like(outputs[0])))
-        print(f"{name:>9}: forward {forward * 1e3:8.1f} ms, backward {backward * 1e3:8.1f} ms "
+        print(f"{name:>13}: forward {forward * 1e3:8.1f} ms, backward {backward * 1e3:8.1f} ms "
               f"({backward / forward:.2f}x forward); {forward_ops} + {backward_ops} operators")
         if args.profile and device.type == "cuda":
             print_device_profile(f"{name} forward", run)

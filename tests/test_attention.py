@@ -46,6 +46,7 @@ class Case:
     qkv_bias: bool = False
     qk_norm: str | None = None  # "layer" (with bias) or "rms"
     keep_weights: bool = False  # --tsp-keep-weight-shards
+    buckets_per_call: int = 1  # --tsp-attention-buckets-per-call
 
     @property
     def hidden(self) -> int:
@@ -68,6 +69,10 @@ def _cases(tsp_size: int) -> list[Case]:
              keep_weights=True),
         Case(heads=4, kv_heads=4, head_dim=8, batch=1, seq_len=16, dtype=torch.float64, rotary_percent=0.5,
              qk_norm="layer", keep_weights=True),
+        Case(heads=2 * d, kv_heads=d, head_dim=8, batch=2, seq_len=16, dtype=torch.float64, rotary_percent=1.0,
+             qkv_bias=True, qk_norm="layer", buckets_per_call=d),  # one call over every bucket
+        Case(heads=4 * d, kv_heads=2 * d, head_dim=4, batch=3, seq_len=24, rotary_percent=0.5, qkv_bias=True,
+             keep_weights=True, buckets_per_call=max(d // 2, 1)),  # D/G = 2 calls (D > 1), weights kept
     ]
 
 
@@ -203,12 +208,14 @@ def _run_cases(rank: int, tsp_size: int) -> None:
                 out = tsp_attention(x, qkv_weight, qkv_bias, proj_weight, positions,
                                     gathered_positions(case.seq_len, tsp_size), group, case.heads, case.kv_heads,
                                     rotary_freqs=rotary, qk_norm=qk_norm, keep_weights=case.keep_weights,
-                                    core_attention=_counting(ZIGZAG, kernel_calls))
+                                    core_attention=_counting(ZIGZAG, kernel_calls),
+                                    buckets_per_call=case.buckets_per_call)
             with comm_bytes() as backward_bytes, gemm_flops() as backward_flops:
                 out.backward(w["grad_out"][positions])
-        # one attention forward per bucket, kept for backward: backward never recomputes it; nor the qkv
-        # projection, so the projections' GEMMs in backward are exactly two forwards'
-        assert kernel_calls == {"forward": tsp_size, "backward": tsp_size}, kernel_calls
+        # one attention forward per call (of G buckets), kept for backward: backward never recomputes it; nor
+        # the qkv projection, so the projections' GEMMs in backward are exactly two forwards'
+        calls = tsp_size // case.buckets_per_call
+        assert kernel_calls == {"forward": calls, "backward": calls}, kernel_calls
         assert forward_flops["flops"] > 0 and backward_flops["flops"] == 2 * forward_flops["flops"], case
 
         tol = TOLERANCE[case.dtype]
@@ -236,9 +243,9 @@ def _run_cases(rank: int, tsp_size: int) -> None:
                {op: n for op, n in expected_forward.items() if n}, case
         assert {op: n for op, n in backward_bytes.bytes_by_op.items() if n} == \
                {op: n for op, n in expected_backward.items() if n}, case
-        # two weight slots (D when kept); one bucket's grads being reduced while the next is packed
-        weight_slots = tsp_size if case.keep_weights else min(tsp_size, 2)
-        assert dict(residency.peak) == {"weight": weight_slots, "grad": min(tsp_size, 2)}, case
+        # two weight slots (one per call when kept); one call's grads being reduced while the next is packed
+        weight_slots = calls if case.keep_weights else min(calls, 2)
+        assert dict(residency.peak) == {"weight": weight_slots, "grad": min(calls, 2)}, case
 
 
 @pytest.mark.multiprocess

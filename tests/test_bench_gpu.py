@@ -50,11 +50,12 @@ def test_bench_gpu_smoke_on_cpu(tmp_path: Path, extra: tuple[str, ...]) -> None:
 
 
 @pytest.mark.parametrize("recompute,layouts", [(("full",), "tsp,tp_sp"), (("none",), "tsp"),
-                                               (("selective", "--recompute-modules", "layernorm", "mlp"), "tsp")])
+                                               (("selective", "--recompute-modules", "layernorm", "mlp"), "tsp"),
+                                               (("full", "--buckets-per-call", "4"), "tsp")])
 def test_cost_model_peak_matches_allocator(tmp_path: Path, recompute: tuple[str, ...], layouts: str) -> None:
     """docs/benchmarks.md's CPU comparison at S = 8192: the model (less its GPU-fitted offset) within 10%;
     without full recompute for TSP only (the model's TP+SP terms miss up to 17% there on CPU, see
-    docs/benchmarks.md)."""
+    docs/benchmarks.md); TSP attention as one call over the 4 head buckets (G times the K/V transients)."""
     records = _bench(tmp_path, "--tsp", "4", "--layers", "2", "--hidden", "512", "--heads", "8", "--ffn", "2048",
                      "--vocab", "4096", "--seqs", "8192", "--recompute", *recompute, "--layouts", layouts)
     measured = [record for record in records if "layout" in record]
@@ -67,10 +68,24 @@ def test_cost_model_peak_matches_allocator(tmp_path: Path, recompute: tuple[str,
 def test_bench_layer_smoke_on_cpu() -> None:
     """scripts/bench_layer.py times both TSP schedules, forward and backward, and counts their operators."""
     done = subprocess.run([sys.executable, "scripts/bench_layer.py", "--tsp", "2", "--seq", "64", "--hidden", "32",
-                           "--heads", "4", "--ffn", "64", "--repeats", "1"],
+                           "--heads", "4", "--ffn", "64", "--repeats", "1", "--buckets-per-call", "1,2"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    timed = re.findall(r"(\w+): forward +[0-9.]+ ms, backward +[0-9.]+ ms .*; (\d+) \+ (\d+) operators",
+    timed = re.findall(r"(\w+(?: G=\d)?): forward +[0-9.]+ ms, backward +[0-9.]+ ms .*; (\d+) \+ (\d+) operators",
                        done.stdout)
-    assert [name for name, *_ in timed] == ["attention", "mlp"], done.stdout
+    assert [name for name, *_ in timed] == ["attention G=1", "attention G=2", "mlp"], done.stdout
     assert all(int(forward) > 0 and int(backward) > 0 for _, forward, backward in timed)
+    # one call over both buckets dispatches fewer operators than two
+    (_, *one_bucket), (_, *two_buckets) = timed[:2]
+    assert sum(map(int, two_buckets)) < sum(map(int, one_bucket)), done.stdout
+
+
+def test_count_step_ops_on_cpu() -> None:
+    """scripts/count_step_ops.py counts one layer's operators in a training step: fewer with one attention call
+    over both head buckets than with two, and fewest for Megatron's TP+SP layer."""
+    done = subprocess.run([sys.executable, "scripts/count_step_ops.py", "--tsp", "2", "--buckets-per-call", "1,2",
+                           "--seq", "64"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = dict(re.findall(r"(TP\+SP|TSP G=\d): (\d+) operators per layer", done.stdout))
+    assert list(counts) == ["TP+SP", "TSP G=1", "TSP G=2"], done.stdout
+    assert int(counts["TP+SP"]) < int(counts["TSP G=2"]) < int(counts["TSP G=1"]), done.stdout

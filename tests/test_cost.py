@@ -28,6 +28,7 @@ from megatron_tsp.cost import (
     stage_params,
     step_cost,
     tsp_attention_comm,
+    tsp_host_steps,
     tsp_mlp_comm,
 )
 from megatron_tsp.mlp import tsp_mlp
@@ -281,6 +282,43 @@ def test_kept_weight_shards_leave_backward_without_weight_traffic() -> None:
            (model.attention_weights() + model.mlp_weights(model.ffn)) * 2
     assert layer_kept_weight_bytes(model, kept_work, Layout("TP+SP", tensor=d), moe=False) == 0
     assert memory(model, kept_work, layout).activations > memory(model, work, layout).activations
+
+
+def test_attention_calls_keep_bytes_and_trade_operators_for_memory() -> None:
+    """--tsp-attention-buckets-per-call G at D = 8: the same bytes, K/V and dK/dV in 2D/G messages (weights
+    and their grads still one per bucket), host time scaled down from G = 1's D steps by the operator fit,
+    and larger transients (G calls' K/V, q/k and weights)."""
+    d, layout = 8, Layout("TSP", tensor=8)
+    works = {g: Workload(micro_batch=1, seq_len=16384, tsp_buckets_per_call=g) for g in (1, 2, 4, 8)}
+    comms = {g: tsp_attention_comm(_SEVEN_B, work, d) for g, work in works.items()}
+    for g, comm in comms.items():
+        assert bytes_by_op(comm.forward) == bytes_by_op(comms[1].forward)
+        assert bytes_by_op(comm.backward) == bytes_by_op(comms[1].backward)
+        messages = {t.what: t.messages for t in (*comm.forward, *comm.backward)}
+        assert messages == {"attention weights": d, "K/V": 2 * d // g, "dK/dV": 2 * d // g,
+                            "attention weight grads": d}, g
+    host = [tsp_host_steps(work, d) for work in works.values()]
+    assert host[0] == d and host == sorted(host, reverse=True) and host[-1] < d / 2
+    peaks = [memory(_SEVEN_B, work, layout).working for work in works.values()]
+    assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
+    with pytest.raises(ValueError, match="--tsp-attention-buckets-per-call 3 must divide the TSP size 8"):
+        memory(_SEVEN_B, replace(works[1], tsp_buckets_per_call=3), layout)
+
+
+def test_planner_sizes_attention_calls(capsys: pytest.CaptureFixture[str]) -> None:
+    """TSP layouts are costed at every G dividing D: at 16K (host-bound) one call over the 8 buckets is
+    chosen; at 128K the times tie and the least memory (G = 1) wins. A G fixed by the flag drops the TSP
+    layouts it does not divide."""
+    seven_b = ["--config", "configs/tsp_paper_7b.yaml", "--gpus", "8", "--all"]
+    plan.main([*seven_b, "--seq-length", "16384"])
+    assert any(line.startswith("TSP8 G=8 ") for line in capsys.readouterr().out.splitlines())
+    plan.main([*seven_b, "--seq-length", "131072", "--recompute", "selective", "--recompute-modules", "layernorm",
+               "mlp"])
+    rows = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("TSP8 ") for line in rows) and not any(" G=" in line for line in rows)
+    plan.main([*seven_b, "--seq-length", "16384", "--tsp-attention-buckets-per-call", "4"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("TSP")]
+    assert rows and all(line.split()[0] in ("TSP4", "TSP8") and "G=4" in line for line in rows)
 
 
 def test_expert_ring_shards_experts_and_circulates_them() -> None:

@@ -113,8 +113,10 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
     "tsp2_pp2_virtual_tied_embeddings": (4, ("--tsp-size", "2"), VPP, 2),
     # Multi-token prediction: a TSP layer behind the decoder, its inputs and labels shifted in natural order
     # although TSP holds them in zigzag order, its loss through Megatron's output layer, whose weight the
-    # vocabulary ring then shares.
-    "tsp2_mtp": (2, ("--tsp-size", "2"), ("--mtp-num-layers", "1"), 1),
+    # vocabulary ring then shares. Attention as one call over both head buckets (the flag reaches the MTP
+    # layer too: it reuses the decoder's layer spec).
+    "tsp2_mtp_one_attention_call": (2, ("--tsp-size", "2", "--tsp-attention-buckets-per-call", "2"),
+                                    ("--mtp-num-layers", "1"), 1),
     # Megatron's output layer over gathered hidden states instead of the vocabulary ring.
     "tsp2_dp2_distopt_overlap_megatron_output": (4, ("--tsp-size", "2", "--use-distributed-optimizer",
                                                      "--overlap-grad-reduce", "--overlap-param-gather",

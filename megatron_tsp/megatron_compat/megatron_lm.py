@@ -59,6 +59,7 @@ def validate(args: argparse.Namespace) -> None:
     global _tsp_size
     _tsp_size = args.tsp_size
     _tsp_spec_options["keep_weight_shards"] = args.tsp_keep_weight_shards
+    _tsp_spec_options["attention_buckets_per_call"] = args.tsp_attention_buckets_per_call
 
 
 def mesh_order(args: argparse.Namespace, megatron_default: str) -> str:
@@ -76,7 +77,7 @@ def build_block_spec(config: Any, spec: Any, vp_stage: Optional[int], pp_rank: O
 
     Megatron's ``--spec`` hands the named object to the model as is; the TSP decoder block depends on the
     pipeline stage (``--moe-layer-freq`` patterns, layer offsets), so ``--spec`` names a function. The TSP
-    one also gets the TSP flags it takes (``--tsp-keep-weight-shards``).
+    one also gets the TSP flags it takes (``--tsp-keep-weight-shards``, ``--tsp-attention-buckets-per-call``).
     """
     from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec  # Megatron's model modules are loaded by now
 
