@@ -15,6 +15,7 @@ from typing import Sequence
 import yaml
 
 from megatron_tsp.mesh import DEFAULT_ORDER, megatron_order
+from megatron_tsp.mlp import MLP_SCHEDULES
 
 
 OUTPUT_LAYERS = ("vocab-ring", "megatron")  # --tsp-output-layer; the first is the default
@@ -46,6 +47,12 @@ def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "one by one (least memory); larger G runs D/G calls over G buckets each, about G "
                             "times fewer kernels and host operations per attention layer (short sequences are "
                             "launch-bound) for G times larger K/V and weight transients. Same bytes, same math.")
+    group.add_argument("--tsp-mlp-schedule", choices=MLP_SCHEDULES, default=MLP_SCHEDULES[0],
+                       help="ring: the dense MLP's weight shards circulate (TSP.md), two shards alive at a time; "
+                            "gather: every rank all-gathers the layer's MLP weights and runs one fc1 and one "
+                            "fc2 GEMM over the whole ffn, about D times fewer kernels and host operations for "
+                            "the whole layer's MLP weights (and in backward their grads) held at once. Same "
+                            "bytes, same math. MoE experts keep the ring (--tsp-expert-ring).")
     group.add_argument("--tsp-output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0],
                        help="vocab-ring: the output layer and loss circulate the output weight's vocabulary shards "
                             "and each rank scores only its own tokens (never S x V/D logits per rank); megatron: "

@@ -38,6 +38,7 @@ __all__ = [
     "comm_bytes",
     "reduce",
     "reduce_parts",
+    "reduce_scatter_seq",
     "reduce_scatter_zigzag",
     "ring_exchange",
     "shard_buffer",
@@ -144,6 +145,19 @@ def all_gather_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     works = [dist.all_gather_into_tensor(gathered[:size * half], tensor[half:], group=group, async_op=True),
              dist.all_gather_into_tensor(gathered[size * half:], tensor[:half], group=group, async_op=True)]
     return Pending(gathered, works)
+
+
+def reduce_scatter_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
+    """The transpose of :func:`all_gather_seq`: sum ``[D*n, ...]`` over the group and give rank p rows
+    ``[p*n, (p+1)*n)``, ``[n, ...]``."""
+    size = dist.get_world_size(group)
+    tensor = tensor.contiguous()
+    _record("reduce_scatter", _collective_share(group) * _nbytes(tensor))
+    if size == 1:
+        return Pending(tensor, [])
+    scattered = tensor.new_empty((tensor.shape[0] // size, *tensor.shape[1:]))
+    work = dist.reduce_scatter_tensor(scattered, tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    return Pending(scattered, [work])
 
 
 def reduce_scatter_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:

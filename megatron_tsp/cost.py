@@ -173,12 +173,13 @@ COMPUTE_EFFICIENCY = 0.73
 TSP_DEVICE_FACTOR = 1.26
 TSP_HOST_SECONDS = 1.85e-3
 # Operators (each at least one kernel launch on a GPU) a TSP layer dispatches in a training step under full
-# recompute, norms, RoPE, attention, MLP ring and grads included (scripts/count_step_ops.py, D = 2, 4, 8, every
-# G; CPU): 147 per attention call of G head buckets + 43 per head bucket (and MLP ring step) + 79, every G > 1
-# count exact, G = 1 (no weight copy) 3% over. They scale TSP_HOST_SECONDS, fitted with one bucket per call,
-# to other G (tsp_host_steps); without recompute the ratio G = 8 / G = 1 at D = 8 is within 3% of it. The
-# scaling is counted, not timed on a GPU.
-_OPS_PER_CALL, _OPS_PER_BUCKET, _OPS_PER_LAYER = 147, 43, 79
+# recompute, norms, RoPE, attention, MLP and grads included (scripts/count_step_ops.py, D = 2, 4, 8, every G,
+# both MLP schedules; CPU): 147 per attention call of G head buckets + 6 per head bucket + 79, and 37 per MLP
+# ring step or 33 for the gathered MLP; every G > 1 count exact, G = 1 (no weight copy) 3% over. They scale
+# TSP_HOST_SECONDS, fitted with one bucket per call and the ring, to other schedules (tsp_host_steps);
+# without recompute the ratio of G = 8 to G = 1 (ring, D = 8) is within 3% of it. Counted, not timed on a GPU.
+_OPS_PER_CALL, _OPS_PER_BUCKET, _OPS_PER_LAYER = 147, 6, 79
+_OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 37, 33
 
 
 @dataclass(frozen=True)
@@ -277,6 +278,9 @@ class Workload:
     # --tsp-attention-buckets-per-call G: TSP attention runs D/G calls of G head buckets (attention.py): G
     # times the K/V, q/k and weight transients (plus a copy of a call's weights), fewer operators.
     tsp_buckets_per_call: int = 1
+    # --tsp-mlp-schedule gather: the dense TSP MLP all-gathers its weights (mlp.py) instead of the ring: the
+    # ring's bytes in 2-3 messages, the whole layer's MLP weights (and in backward fc2's grads) held at once.
+    tsp_mlp_gather: bool = False
     # --tsp-keep-weight-shards: TSP layers keep the D weight shards forward fetched until their backward
     # (W_layer*e per layer, see layer_kept_weight_bytes), so backward moves no weights.
     tsp_keep_weights: bool = False
@@ -468,11 +472,12 @@ def tsp_attention_calls(work: Workload, d: int) -> int:
 
 def tsp_host_steps(work: Workload, d: int) -> float:
     """A TSP layer's host cost in units of :data:`TSP_HOST_SECONDS` per forward-equivalent pass: D (its head
-    buckets) with one bucket per attention call, where it was fitted; with G > 1 scaled by the layer's
-    operator count (the ``_OPS_*`` fit) against one bucket per call's."""
-    def operators(calls: int) -> int:
-        return _OPS_PER_CALL * calls + _OPS_PER_BUCKET * d + _OPS_PER_LAYER
-    return d * operators(tsp_attention_calls(work, d)) / operators(d)
+    buckets) with one bucket per attention call and the MLP ring, where it was fitted; otherwise scaled by
+    the layer's operator count (the ``_OPS_*`` fit) against that schedule's."""
+    def operators(calls: int, gathered_mlp: bool) -> int:
+        mlp = _OPS_GATHERED_MLP if gathered_mlp else _OPS_PER_RING_STEP * d
+        return _OPS_PER_CALL * calls + _OPS_PER_BUCKET * d + _OPS_PER_LAYER + mlp
+    return d * operators(tsp_attention_calls(work, d), work.tsp_mlp_gather) / operators(d, False)
 
 
 def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
@@ -513,8 +518,20 @@ def _weight_ring_comm(what: str, weights: int, work: Workload, d: int, kept: boo
 
 
 def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int) -> LayerComm:
-    """TSP MLP ring per layer (mlp.py): :func:`_weight_ring_comm` with W = MLP weights incl. the fc1 bias."""
-    return _weight_ring_comm("MLP", model.mlp_weights(ffn), work, d, work.tsp_keep_weights)
+    """TSP MLP per layer (mlp.py): the ring, :func:`_weight_ring_comm` with W = MLP weights incl. the fc1
+    bias; or with gathered weights (``tsp_mlp_gather``) forward all_gather W*e, backward all_gather W*e
+    without the fc1 bias (unless kept) and reduce_scatter W*e_acc, each times (D-1)/D, one message per
+    tensor, waited on before the GEMMs that need them (exposed)."""
+    if not work.tsp_mlp_gather:
+        return _weight_ring_comm("MLP", model.mlp_weights(ffn), work, d, work.tsp_keep_weights)
+    share, tensors = _share(d), 3 if model.linear_bias else 2
+    weights, unbiased = model.mlp_weights(ffn) * share, model.mlp_weights(ffn, with_bias=False) * share
+    refetch = () if work.tsp_keep_weights else (("MLP weights", "all_gather", unbiased * work.param_bytes, d, d,
+                                                 False, 2),)
+    return LayerComm(
+        forward=_transfers(("MLP weights", "all_gather", weights * work.param_bytes, d, d, False, tensors)),
+        backward=_transfers(*refetch, ("MLP weight grads", "reduce_scatter", weights * work.grad_bytes, d, d,
+                                       False, tensors)))
 
 
 def _local_expert_weights(model: ModelShape, layout: Layout) -> int:
@@ -861,8 +878,12 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
       (:func:`_attention_weight_buffers`) of W_attn/D;
       with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
     - MLP (dense layers): one shard's recomputed activation and product, their grads and its fc1 output's
-      grad for the local tokens, and the ring buffers of W_mlp/D; with the expert ring, the same for the
-      top-k copies of the local tokens and the local experts' W (MoE layers).
+      grad for the local tokens, and the ring buffers of W_mlp/D; with gathered weights (``tsp_mlp_gather``)
+      the same for the whole ffn, beside the gathered W_mlp (e) and fc2's grads on their way to their
+      owners (h*ffn, e_acc), which is when the activation's backward runs (the CPU allocator: 109 MiB
+      against 112 modelled, mlp.py's schedule alone at h = 512, ffn = 2048, S/D = 2048, fp32); with the
+      expert ring, the ring's terms for the top-k copies of the local tokens and the local experts' W (MoE
+      layers).
     Under full recompute also what the schedules keep from the recomputed forward: attention's
     (:func:`layer_kept_attention_bytes`) in both, the fc1 outputs (:func:`layer_kept_fc1_bytes`) in the MLP's
     (also when selective recompute re-runs the MLP).
@@ -887,7 +908,10 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
         return (2 * _mlp_activation_elements(model, ffn) - _fc1_rows(model) * ffn) * tokens * a / t
 
     mlp = Fraction(0)
-    if not moe:
+    if not moe and work.tsp_mlp_gather:  # the whole ffn at once, beside the gathered weights and fc2's grads
+        mlp = (t * shard_backward(model.ffn, local_tokens) + work.param_bytes * model.mlp_weights(model.ffn)
+               + work.grad_bytes * model.hidden * model.ffn)
+    elif not moe:
         mlp = (shard_backward(model.ffn, local_tokens)
                + _ring_buffer_bytes(work, Fraction(model.mlp_weights(model.ffn), t)))
     elif layout.expert_ring:

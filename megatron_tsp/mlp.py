@@ -18,6 +18,15 @@ for an expert still forwards that expert's weights and accumulators.
 The shards circulate by ``weight_ring.py`` (ring order, double buffering, grad accumulators that travel
 with the shards and arrive at their owner holding the sum over all ranks).
 
+Gathered weights (dense MLP, ``schedule="gather"``, ``--tsp-mlp-schedule gather``): instead of D ring steps
+on ffn/D slices, every rank all-gathers the D shards (fc1 rows and fc1 bias in rank order are Megatron's
+full fc1, [gate_0 ; up_0 ; gate_1 ; up_1 ; ...] when gated; fc2 travels transposed, so the gathered rows are
+the full fc2 transposed) and runs one fc1 GEMM, one activation and one fc2 GEMM over the whole ffn for its
+tokens; backward gathers the weights again (unless kept; not the fc1 bias, which it does not need) and
+reduce-scatters the weight grads to their owners in e_acc. The ring's bytes (all_gather W*e*(D-1)/D forward
+and, less the fc1 bias, backward; reduce_scatter W*e_acc*(D-1)/D) in 2-3 messages, about D times fewer
+operators, for the whole layer's weights (and in backward fc2's grads) held at once instead of two shards.
+
 Communication per rank per layer, bytes, for W = the weight elements of the whole layer (3*F*h^2 gated,
 2*F*h^2 not, plus the fc1 bias; for experts, summed over the rank's local experts), e the weight element
 size and e_acc the accumulator's (fp32 for bf16/fp16 weights, else the weight dtype):
@@ -45,10 +54,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_tsp.comm import Pending, all_gather_seq, reduce_scatter_seq
 from megatron_tsp.grads import linear_backward, needs_backward, weight_grad_for_autograd
 from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
 
-__all__ = ["TSPMLPFunction", "tsp_expert_mlps", "tsp_mlp"]
+__all__ = ["MLP_SCHEDULES", "TSPGatheredMLPFunction", "TSPMLPFunction", "tsp_expert_mlps", "tsp_mlp"]
+
+MLP_SCHEDULES = ("ring", "gather")  # --tsp-mlp-schedule; the first is the default
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,77 @@ class TSPMLPFunction(torch.autograd.Function):
         return grad_x.to(x.dtype), None, *grad_shard
 
 
+def _gather_weights(fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
+                    group: dist.ProcessGroup) -> list[Pending | None]:
+    """Start all-gathering the D shards: full fc1 ``[F_rows, h]``, its bias ``[F_rows]`` (or None) and fc2
+    transposed ``[ffn, h]`` (each rank sends its ``fc2_weight.t()``), in rank order."""
+    return [all_gather_seq(fc1_weight, group), None if fc1_bias is None else all_gather_seq(fc1_bias, group),
+            all_gather_seq(fc2_weight.t(), group)]
+
+
+def _activate_slices(fc1_out: Tensor, spec: _MLPSpec, tsp_size: int) -> Tensor:
+    """:func:`_activate` of the gathered fc1's output ``[..., D * fc1 rows per shard]``, slice by slice (a
+    gated shard's rows are its gate then its up) -> ``[..., ffn]`` in slice order."""
+    per_slice = fc1_out.unflatten(-1, (tsp_size, fc1_out.shape[-1] // tsp_size))
+    return _activate(per_slice, spec).flatten(-2)
+
+
+class TSPGatheredMLPFunction(torch.autograd.Function):
+    """The dense TSP MLP with gathered weights (module docstring), forward and backward.
+
+    Inputs: x ``[T, ..., h]``, spec, fc1_weight, fc1_bias (or None), fc2_weight (Megatron TP shards).
+    Output like x, without the fc2 bias.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, spec: _MLPSpec, fc1_weight: Tensor, fc1_bias: Tensor | None,
+                fc2_weight: Tensor) -> Tensor:
+        tsp_size = dist.get_world_size(spec.tsp_group)
+        gathers = _gather_weights(fc1_weight, fc1_bias, fc2_weight, spec.tsp_group)
+        fc1, fc1_b = gathers[0].wait(), None if gathers[1] is None else gathers[1].wait()
+        fc1_out = F.linear(x, fc1, fc1_b)  # fc2's gather is in flight meanwhile
+        fc2_t = gathers[2].wait()
+        out = F.linear(_activate_slices(fc1_out, spec, tsp_size), fc2_t.t())
+        ctx.kept_weights = (fc1, fc2_t) if spec.keep_weights else None
+        ctx.kept_fc1 = fc1_out if spec.keep_fc1_outputs else None
+        ctx.spec = spec
+        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        spec: _MLPSpec = ctx.spec
+        x, fc1_weight, fc1_bias, fc2_weight = ctx.saved_tensors
+        kept, ctx.kept_weights = ctx.kept_weights, None
+        fc1_out, ctx.kept_fc1 = ctx.kept_fc1, None
+        if fc1_out is None:
+            raise RuntimeError("TSP MLP backward without forward's fc1 output: it runs once per forward (no "
+                               "retain_graph), from a forward that ran with grad enabled")
+        tsp_size = dist.get_world_size(spec.tsp_group)
+        acc_dtype = torch.promote_types(fc1_weight.dtype, torch.float32)
+        if kept is None:
+            gathers = _gather_weights(fc1_weight, None, fc2_weight, spec.tsp_group)
+            fc1, fc2_t = gathers[0], gathers[2]
+        else:
+            fc1, fc2_t = (Pending(t, []) for t in kept)
+        with torch.enable_grad():
+            leaf_fc1_out = fc1_out.detach().requires_grad_()
+            hidden = _activate_slices(leaf_fc1_out, spec, tsp_size)
+        grad_out_rows = grad_out.flatten(0, -2)
+        grad_fc2_t = reduce_scatter_seq((hidden.detach().flatten(0, -2).t() @ grad_out_rows).to(acc_dtype),
+                                        spec.tsp_group)  # [ffn, h] -> this rank's [ffn/D, h], in flight
+        grad_hidden = F.linear(grad_out, fc2_t.wait())  # grad_out @ fc2
+        (grad_fc1_out,) = torch.autograd.grad(hidden, leaf_fc1_out, grad_hidden)
+        del hidden, leaf_fc1_out, grad_hidden, fc1_out
+        grad_x, grad_fc1 = linear_backward(grad_fc1_out, x, fc1.wait(), spec.has_fc1_bias)
+        own = [reduce_scatter_seq(g.to(acc_dtype), spec.tsp_group) for g in grad_fc1]
+        own_grads = [pending.wait() for pending in own] + [grad_fc2_t.wait().t()]
+        params = [t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None]
+        grad_fc1_weight, *grad_fc1_bias, grad_fc2_weight = [weight_grad_for_autograd(param, grad)
+                                                            for param, grad in zip(params, own_grads)]
+        return grad_x, None, grad_fc1_weight, (grad_fc1_bias or [None])[0], grad_fc2_weight
+
+
 def _check_layout(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, gated: bool) -> None:
     ffn_rows = fc2_weight.shape[1] * (2 if gated else 1)
     if fc1_weight.shape != (ffn_rows, x.shape[-1]) or fc2_weight.shape[0] != x.shape[-1]:
@@ -172,18 +255,23 @@ def _check_layout(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, gated: bool
 
 def tsp_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
             tsp_group: dist.ProcessGroup, *, activation: Callable[[Tensor], Tensor] = F.silu,
-            gated: bool = True, keep_weights: bool = False) -> Tensor:
+            gated: bool = True, keep_weights: bool = False, schedule: str = "ring") -> Tensor:
     """TSP MLP of rank p's tokens: x ``[S/D, B, h]`` -> ``[S/D, B, h]`` (fc2 bias not added).
 
     ``activation`` is elementwise; with ``gated`` the output is fc2(activation(gate) * up) (SwiGLU with
     ``F.silu``, GeGLU with ``F.gelu``), else fc2(activation(fc1(x))). ``keep_weights``: keep the D shards
     from forward to backward (D weight buffers instead of two) so that backward circulates only accumulators.
+    ``schedule``: ``"ring"`` (TSP.md) or ``"gather"`` (the weights all-gathered, module docstring).
     """
+    if schedule not in MLP_SCHEDULES:
+        raise ValueError(f"TSP MLP schedule {schedule!r}: one of {', '.join(MLP_SCHEDULES)}")
     _check_layout(x, fc1_weight, fc2_weight, gated)
     own_shard = [t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None]
     spec = _MLPSpec(tsp_group=tsp_group, activation=activation, gated=gated, has_fc1_bias=fc1_bias is not None,
                     tokens_per_mlp=(x.shape[0],), keep_weights=keep_weights,
                     keep_fc1_outputs=needs_backward(x, *own_shard))
+    if schedule == "gather":
+        return TSPGatheredMLPFunction.apply(x, spec, fc1_weight, fc1_bias, fc2_weight)
     return TSPMLPFunction.apply(x, spec, *own_shard)
 
 

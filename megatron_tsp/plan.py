@@ -3,14 +3,15 @@
     python -m megatron_tsp.plan --config configs/X.yaml --seq-length S --gpus N [--gpu h100|h200|mi300x]
         [--micro-batch-size B] [--recompute none|selective|full|auto] [--recompute-modules M ...]
         [--recompute-num-layers N] [--dense-mask-attention] [--tsp-attention-buckets-per-call G|auto]
-        [--plot out.png] [--all]
+        [--tsp-mlp-schedule ring|gather|auto] [--plot out.png] [--all]
 
 The model shape, precision, recompute mode, micro and global batch come from the config (flat Megatron
 flags, Megatron's defaults where a flag is absent). Every step compared processes the same global batch:
 layouts with fewer data-parallel ranks run more micro-batches per step. The recommendation is the layout
 that fits in memory with the lowest estimated step time. TSP layouts are costed with every count of head
-buckets per attention call G that divides D (the fastest that fits is shown, as ``TSP8 G=8``) unless the
-config or ``--tsp-attention-buckets-per-call`` fixes G.
+buckets per attention call G that divides D and with both MLP schedules (the fastest that fits is shown, as
+``TSP8 G=8 MLP-gather``) unless the config or ``--tsp-attention-buckets-per-call`` / ``--tsp-mlp-schedule``
+fix them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from megatron_tsp.args import OUTPUT_LAYERS, config_to_argv
+from megatron_tsp.mlp import MLP_SCHEDULES
 from megatron_tsp.cost import (KINDS, RECOMPUTE_MODULES, Hardware, Layout, ModelShape, StepCost, Workload, memory,
                                step_cost)
 
@@ -73,6 +75,7 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
     parser.add_argument("--rotary-percent", type=float, default=1.0)
     parser.add_argument("--mtp-num-layers", type=int)
     parser.add_argument("--tsp-attention-buckets-per-call", type=int)
+    parser.add_argument("--tsp-mlp-schedule", choices=MLP_SCHEDULES)
     parser.add_argument("--recompute-granularity", choices=("full", "selective"))
     parser.add_argument("--recompute-method", choices=("uniform", "block"))
     parser.add_argument("--recompute-num-layers", type=int)
@@ -149,14 +152,15 @@ class Candidate:
     fits: bool
 
 
-def bucket_options(work: Workload, layout: Layout, auto: bool) -> list[Workload]:
-    """The TSP attention call sizes worth costing for ``layout``: with ``auto`` every G dividing D, else
-    ``work``'s; one (G = 1, unused) for other layouts."""
+def schedule_options(work: Workload, layout: Layout, auto_buckets: bool, auto_mlp: bool) -> list[Workload]:
+    """The TSP schedules worth costing for ``layout``: attention call sizes (every G dividing D with
+    ``auto_buckets``, else ``work``'s) by MLP schedules (ring and gather with ``auto_mlp``, else ``work``'s);
+    one (G = 1, the ring: unused) for other layouts."""
     if layout.kind != "TSP":
-        return [replace(work, tsp_buckets_per_call=1)]
-    if not auto:
-        return [work]
-    return [replace(work, tsp_buckets_per_call=g) for g in _divisors(layout.tensor)]
+        return [replace(work, tsp_buckets_per_call=1, tsp_mlp_gather=False)]
+    sizes = _divisors(layout.tensor) if auto_buckets else [work.tsp_buckets_per_call]
+    gathers = [False, True] if auto_mlp else [work.tsp_mlp_gather]
+    return [replace(work, tsp_buckets_per_call=g, tsp_mlp_gather=gather) for g in sizes for gather in gathers]
 
 
 def recompute_options(model: ModelShape, work: Workload, layout: Layout, budget: float) -> list[Workload]:
@@ -179,12 +183,12 @@ def recompute_options(model: ModelShape, work: Workload, layout: Layout, budget:
 
 
 def evaluate(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, global_batch: int,
-             auto_recompute: bool, auto_buckets: bool = False) -> Candidate:
-    """Cost one layout; with ``auto_recompute`` (``auto_buckets``) the fastest of :func:`recompute_options`
-    (:func:`bucket_options`) that fits (or, if none fits, the leanest)."""
+             auto_recompute: bool, auto_buckets: bool = False, auto_mlp: bool = False) -> Candidate:
+    """Cost one layout; with ``auto_recompute`` (``auto_buckets``, ``auto_mlp``) the fastest of
+    :func:`recompute_options` (:func:`schedule_options`) that fits (or, if none fits, the leanest)."""
     microbatches = global_batch // (work.micro_batch * layout.data)
     budget = (1 - MEMORY_MARGIN) * hw.memory_bytes
-    trials = [trial for sized in bucket_options(work, layout, auto_buckets)
+    trials = [trial for sized in schedule_options(work, layout, auto_buckets, auto_mlp)
               for trial in (recompute_options(model, sized, layout, budget) if auto_recompute else [sized])]
     costed = []
     for trial in trials:
@@ -194,18 +198,18 @@ def evaluate(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, gl
     if not fitting:
         return min(costed, key=lambda c: c.cost.memory.total)
     fastest = min(fitting, key=lambda c: c.cost.step_s)
-    # A larger G holds larger transients: it must be faster by more than a tie to be chosen.
+    # A larger G or gathered MLP weights hold larger transients: they must be faster by more than a tie.
     tied = [c for c in fitting if c.work.recompute_label == fastest.work.recompute_label
             and c.cost.step_s <= (1 + TIE) * fastest.cost.step_s]
-    return min(tied, key=lambda c: c.work.tsp_buckets_per_call)
+    return min(tied, key=lambda c: (c.work.tsp_buckets_per_call, c.work.tsp_mlp_gather))
 
 
 def plan(model: ModelShape, work: Workload, gpus: int, hw: Hardware, global_batch: int,
-         auto_recompute: bool, auto_buckets: bool = False) -> list[Candidate]:
+         auto_recompute: bool, auto_buckets: bool = False, auto_mlp: bool = False) -> list[Candidate]:
     """All candidate layouts, costed: fitting ones first by step time, then the rest by memory. With a fixed
     G (not ``auto_buckets``) TSP layouts whose D it does not divide are left out (args.py refuses them)."""
     layouts = candidate_layouts(model, work.seq_len, gpus, work.micro_batch, global_batch, hw.gpus_per_node)
-    candidates = [evaluate(model, work, layout, hw, global_batch, auto_recompute, auto_buckets)
+    candidates = [evaluate(model, work, layout, hw, global_batch, auto_recompute, auto_buckets, auto_mlp)
                   for layout in layouts
                   if auto_buckets or layout.kind != "TSP" or layout.tensor % work.tsp_buckets_per_call == 0]
     return sorted(candidates, key=lambda c: (not c.fits, c.cost.step_s if c.fits else c.cost.memory.total))
@@ -230,9 +234,12 @@ def _si(value: float, unit: str) -> str:
 
 
 def _layout_label(c: Candidate) -> str:
-    """The layout's name, with TSP attention's head buckets per call when above one (``TSP8 G=8``)."""
+    """The layout's name, with TSP attention's head buckets per call when above one and the gathered MLP
+    when chosen (``TSP8 G=8 MLP-gather``)."""
+    if c.layout.kind != "TSP":
+        return c.layout.name
     g = c.work.tsp_buckets_per_call
-    return c.layout.name + (f" G={g}" if c.layout.kind == "TSP" and g > 1 else "")
+    return c.layout.name + (f" G={g}" if g > 1 else "") + (" MLP-gather" if c.work.tsp_mlp_gather else "")
 
 
 def _row(c: Candidate) -> str:
@@ -264,6 +271,8 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
     lines += [_row(c) for c in candidates[:max_rows]]
     if any(c.layout.kind == "TSP" and c.work.tsp_buckets_per_call > 1 for c in candidates[:max_rows]):
         lines.append("G: TSP attention's head buckets per call (--tsp-attention-buckets-per-call; 1 when not shown)")
+    if any(c.layout.kind == "TSP" and c.work.tsp_mlp_gather for c in candidates[:max_rows]):
+        lines.append("MLP-gather: --tsp-mlp-schedule gather (the ring when not shown)")
     if max_rows is not None and len(candidates) > max_rows:
         lines.append(f"... {len(candidates) - max_rows} more (--all shows them)")
     fitting = [c for c in candidates if c.fits]
@@ -292,10 +301,11 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
         lines.append(f"  next: {_layout_label(runner_up)} at {_si(runner_up.cost.step_s, 's')} "
                      f"({100 * (runner_up.cost.step_s / cost.step_s - 1):+.1f}%), "
                      f"{runner_up.cost.memory.total / GiB:.3g} GiB")
-    if best.layout.kind == "TSP" and best.work.tsp_buckets_per_call > 1:
+    if best.layout.kind == "TSP" and (best.work.tsp_buckets_per_call > 1 or best.work.tsp_mlp_gather):
         lines.append(f"  flags: --tsp-size {best.layout.tensor} --tsp-attention-buckets-per-call "
-                     f"{best.work.tsp_buckets_per_call} (its host time is scaled from operator counts, not yet "
-                     f"measured on a GPU)")
+                     f"{best.work.tsp_buckets_per_call} --tsp-mlp-schedule "
+                     f"{'gather' if best.work.tsp_mlp_gather else 'ring'} (host time scaled from operator "
+                     f"counts, not yet measured on a GPU)")
     if best.layout.context > 1:
         lines.append("  note: context parallelism needs Transformer Engine's attention (Megatron's local attention "
                      "asserts CP = 1)")
@@ -381,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tsp-attention-buckets-per-call", type=_buckets_per_call,
                         help="cost TSP with G head buckets per attention call, or auto: every G dividing D "
                              "(default: the config's, else auto)")
+    parser.add_argument("--tsp-mlp-schedule", choices=(*MLP_SCHEDULES, "auto"),
+                        help="cost TSP's dense MLP by this schedule, or auto: both (default: the config's, else "
+                             "auto)")
     parser.add_argument("--plot", help="write a PNG of memory and bytes against sequence length here")
     parser.add_argument("--all", action="store_true", help="print every candidate layout, not the first 25")
     args = parser.parse_args(argv)
@@ -398,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sixteen_bit = flags.bf16 or flags.fp16
     recompute = args.recompute or flags.recompute_granularity or "none"
     buckets = args.tsp_attention_buckets_per_call or flags.tsp_attention_buckets_per_call or "auto"
+    mlp_schedule = args.tsp_mlp_schedule or flags.tsp_mlp_schedule or "auto"
     recompute_layers = args.recompute_num_layers or (flags.recompute_num_layers if args.recompute is None and
                                                      flags.recompute_method == "block" else None)
     # The config's --recompute-method uniform --recompute-num-layers N (N layers per checkpointed chunk)
@@ -412,13 +426,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         tsp_dense_mask=args.dense_mask_attention,
                         tsp_keep_weights=args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards,
                         tsp_buckets_per_call=buckets if isinstance(buckets, int) else 1,
+                        tsp_mlp_gather=mlp_schedule == "gather",
                         tsp_vocab_ring=(args.tsp_output_layer or flags.tsp_output_layer) == "vocab-ring")
     except ValueError as error:  # the config's --recompute-modules has one the cost model does not know
         parser.error(f"{error} (in {args.config})")
     global_batch = flags.global_batch_size or micro_batch * args.gpus
     hw = GPUS[args.gpu]
     candidates = plan(model, work, args.gpus, hw, global_batch, auto_recompute=recompute == "auto",
-                      auto_buckets=buckets == "auto")
+                      auto_buckets=buckets == "auto", auto_mlp=mlp_schedule == "auto")
     if not candidates:
         sys.exit(f"no layout of {args.gpus} GPUs divides this model, sequence {args.seq_length} and global batch "
                  f"{global_batch} (micro-batch {micro_batch})")

@@ -60,7 +60,8 @@ def layer_spec(args: Any, config: Any, vp_stage: Optional[int]):
     if args.tsp_size > 1:
         return get_gpt_decoder_block_tsp_spec(config, vp_stage=vp_stage,
                                               keep_weight_shards=args.tsp_keep_weight_shards,
-                                              attention_buckets_per_call=args.tsp_attention_buckets_per_call)
+                                              attention_buckets_per_call=args.tsp_attention_buckets_per_call,
+                                              mlp_schedule=args.tsp_mlp_schedule)
     return get_gpt_decoder_block_spec(config, use_transformer_engine=HAVE_TE and not running_on_cpu(),
                                       normalization=args.normalization, vp_stage=vp_stage)
 

@@ -136,15 +136,19 @@ class TSPSelfAttention(SelfAttention):
 
 
 class TSPMLP(MLP):
-    """Dense (gated or not) MLP by the TSP weight ring: ``[S/D, b, h]`` in, ``([S/D, b, h], fc2 bias)`` out."""
+    """Dense (gated or not) MLP by the TSP weight ring (or with gathered weights, ``--tsp-mlp-schedule
+    gather``): ``[S/D, b, h]`` in, ``([S/D, b, h], fc2 bias)`` out."""
 
     keep_weight_shards = False  # set by as_mlp_submodule
+    schedule = "ring"  # set by as_mlp_submodule
 
     @classmethod
-    def as_mlp_submodule(cls, *args: Any, keep_weight_shards: bool = False, **kwargs: Any) -> "TSPMLP":
-        """Megatron's builder of a layer's MLP, plus ``--tsp-keep-weight-shards``."""
+    def as_mlp_submodule(cls, *args: Any, keep_weight_shards: bool = False, schedule: str = "ring",
+                         **kwargs: Any) -> "TSPMLP":
+        """Megatron's builder of a layer's MLP, plus ``--tsp-keep-weight-shards`` and ``--tsp-mlp-schedule``."""
         mlp = super().as_mlp_submodule(*args, **kwargs)
         mlp.keep_weight_shards = keep_weight_shards
+        mlp.schedule = schedule
         return mlp
 
     def __init__(self, config, submodules: MLPSubmodules, is_expert: bool = False, **kwargs: Any) -> None:
@@ -160,7 +164,8 @@ class TSPMLP(MLP):
             raise ValueError("TSP MLP does not support per-token scaling (a MoE expert feature)")
         output = tsp_mlp(hidden_states, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
                          _tsp_group(self), activation=self.config.activation_func,
-                         gated=self.config.gated_linear_unit, keep_weights=self.keep_weight_shards)
+                         gated=self.config.gated_linear_unit, keep_weights=self.keep_weight_shards,
+                         schedule=self.schedule)
         return output, self.linear_fc2.bias
 
 
@@ -259,16 +264,17 @@ def tsp_output_loss(*, hidden_states: torch.Tensor, output_layer: ColumnParallel
 def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int] = None,
                            moe_grouped_gemm: bool = False, expert_ring: bool = False,
                            keep_weight_shards: bool = False, attention_buckets_per_call: int = 1,
-                           **unused: Any) -> ModuleSpec:
+                           mlp_schedule: str = "ring", **unused: Any) -> ModuleSpec:
     """Transformer layer with TSP attention, sequence-sharded norms and a TSP MLP, or with ``num_experts``
     Megatron's MoE layer (experts on their own expert-parallel view of the same ranks, routing each rank's
     local tokens; with ``expert_ring`` each expert sharded over the TSP axis and run by the ring).
     ``keep_weight_shards``: the schedules keep forward's weight shards for backward;
-    ``attention_buckets_per_call``: head buckets per TSP attention call (``attention.py``). Extra keyword
+    ``attention_buckets_per_call``: head buckets per TSP attention call (``attention.py``); ``mlp_schedule``:
+    the dense MLP's, ring or gather (``mlp.py``). Extra keyword
     arguments (Megatron's spec helpers pass backend flags) are ignored.
     """
     if num_experts is None:
-        mlp = partial(TSPMLP.as_mlp_submodule, keep_weight_shards=keep_weight_shards,
+        mlp = partial(TSPMLP.as_mlp_submodule, keep_weight_shards=keep_weight_shards, schedule=mlp_schedule,
                       submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
     else:
         megatron_moe = get_moe_module_spec_for_backend(LocalSpecProvider(), num_experts=num_experts,
@@ -323,15 +329,17 @@ def moe_layer_pattern(config: TransformerConfig) -> list[bool]:
 def get_gpt_decoder_block_tsp_spec(config: TransformerConfig, vp_stage: Optional[int] = None,
                                    pp_rank: Optional[int] = None,
                                    keep_weight_shards: bool = False,
-                                   attention_buckets_per_call: int = 1) -> TransformerBlockSubmodules:
+                                   attention_buckets_per_call: int = 1,
+                                   mlp_schedule: str = "ring") -> TransformerBlockSubmodules:
     """The decoder block of this pipeline (and virtual pipeline) stage: dense or MoE TSP layers by
     ``--moe-layer-freq``, and a sequence-sharded final norm (Megatron's default final norm refuses sequence
     parallelism without Apex/TE). Experts sharded over the TSP axis (expert-tensor-parallel size > 1, which
     the TSP validation allows only with ``--tsp-expert-ring``) run by the expert ring.
     ``keep_weight_shards``: ``--tsp-keep-weight-shards``; ``attention_buckets_per_call``:
-    ``--tsp-attention-buckets-per-call``.
+    ``--tsp-attention-buckets-per-call``; ``mlp_schedule``: ``--tsp-mlp-schedule``.
     """
-    options = {"keep_weight_shards": keep_weight_shards, "attention_buckets_per_call": attention_buckets_per_call}
+    options = {"keep_weight_shards": keep_weight_shards, "attention_buckets_per_call": attention_buckets_per_call,
+               "mlp_schedule": mlp_schedule}
     dense = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm, **options)
     moe = get_gpt_layer_tsp_spec(qk_layernorm=config.qk_layernorm, num_experts=config.num_moe_experts,
                                  moe_grouped_gemm=config.moe_grouped_gemm,

@@ -62,6 +62,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: E402
 from megatron_tsp import cost  # noqa: E402
 from megatron_tsp.args import OUTPUT_LAYERS  # noqa: E402
 from megatron_tsp.mesh import initialize_model_parallel  # noqa: E402
+from megatron_tsp.mlp import MLP_SCHEDULES  # noqa: E402
 from megatron_tsp.norm import SequenceShardedNorm  # noqa: E402
 from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec, tsp_output_loss  # noqa: E402
 
@@ -87,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-weight-shards", action="store_true")
     parser.add_argument("--buckets-per-call", type=int, default=1,
                         help="TSP attention's head buckets per call (--tsp-attention-buckets-per-call)")
+    parser.add_argument("--mlp-schedule", choices=MLP_SCHEDULES, default=MLP_SCHEDULES[0],
+                        help="the TSP MLP's (--tsp-mlp-schedule)")
     parser.add_argument("--recompute", choices=("full", "none", "selective"), default="full",
                         help="Megatron's --recompute-granularity (full: --recompute-method uniform)")
     parser.add_argument("--recompute-num-layers", type=int, default=1,
@@ -155,7 +158,8 @@ def build_model(args: argparse.Namespace, layout: str, seq: int, device: torch.d
         use_cpu_initialization=device.type == "cpu")
     if layout == "tsp":
         block = get_gpt_decoder_block_tsp_spec(config, keep_weight_shards=args.keep_weight_shards,
-                                               attention_buckets_per_call=args.buckets_per_call)
+                                               attention_buckets_per_call=args.buckets_per_call,
+                                               mlp_schedule=args.mlp_schedule)
     else:
         block = tp_sp_block(config)
     model = GPTModel(config=config, transformer_layer_spec=block, vocab_size=args.vocab, max_sequence_length=seq,
@@ -187,7 +191,7 @@ def measure(args: argparse.Namespace, layout: str, seq: int, device: torch.devic
               "dtype": args.dtype, "recompute": described[1].recompute_label}
     if layout == "tsp":
         record.update(output_layer=args.output_layer, keep_weight_shards=args.keep_weight_shards,
-                      buckets_per_call=args.buckets_per_call)
+                      buckets_per_call=args.buckets_per_call, mlp_schedule=args.mlp_schedule)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -240,6 +244,7 @@ def cost_inputs(args: argparse.Namespace, layout: str, seq: int) -> tuple[cost.M
                          recompute_modules=tuple(args.recompute_modules),
                          recompute_chunk=args.recompute_num_layers if args.recompute == "full" else 1,
                          tsp_keep_weights=args.keep_weight_shards, tsp_buckets_per_call=args.buckets_per_call,
+                         tsp_mlp_gather=args.mlp_schedule == "gather",
                          tsp_vocab_ring=args.output_layer == "vocab-ring")
     return model, work, cost.Layout(LAYOUTS[layout], tensor=args.tsp)
 

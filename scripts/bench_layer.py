@@ -10,7 +10,8 @@ host-bound at short sequences: docs/benchmarks.md):
 
     .venv/bin/python scripts/bench_layer.py --tsp 4 --seq 8192 --hidden 1024 --heads 16 --ffn 4096
 
-``--buckets-per-call 1,4`` times attention once per listed G (head buckets per attention call).
+``--buckets-per-call 1,4`` times attention once per listed G (head buckets per attention call),
+``--mlp-schedules ring,gather`` the MLP once per listed schedule.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--buckets-per-call", default="1",
                         help="comma-separated G values (each dividing --tsp): one attention row per G")
+    parser.add_argument("--mlp-schedules", default="ring", help="comma-separated: one MLP row per schedule")
     parser.add_argument("--profile", action="store_true",
                         help="on a GPU, profile one forward and one forward + backward of each schedule")
     args = parser.parse_args()
@@ -92,7 +94,10 @@ def main() -> None:
                                      buckets_per_call=buckets_per_call)
 
     schedules = {f"attention G={g}": attention(int(g)) for g in args.buckets_per_call.split(",")}
-    schedules["mlp"] = lambda: tsp_mlp(x, fc1, None, fc2, group)
+    def mlp(schedule: str) -> Callable[[], Tensor]:
+        return lambda: tsp_mlp(x, fc1, None, fc2, group, schedule=schedule)
+
+    schedules |= {f"mlp {schedule}": mlp(schedule) for schedule in args.mlp_schedules.split(",")}
     print(f"TSP rank 0 of {d}, S {seq}, h {h}, {heads} heads / {kv_groups} kv groups, ffn {args.ffn} gated, "
           f"{args.dtype} on {device}")
     for name, run in schedules.items():

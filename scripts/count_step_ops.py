@@ -23,6 +23,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from megatron_tsp.megatron_compat import cuda_to_cpu
 from megatron_tsp.mesh import initialize_model_parallel
+from megatron_tsp.mlp import MLP_SCHEDULES
 
 from device_profile import count_work_ops  # scripts/
 
@@ -40,12 +41,15 @@ def main() -> None:
     parser.add_argument("--buckets-per-call", default="1", help="comma-separated G values, each dividing D")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--recompute", choices=("full", "none"), default="full")
+    parser.add_argument("--mlp-schedule", choices=MLP_SCHEDULES, default=MLP_SCHEDULES[0],
+                        help="the TSP MLP's (--tsp-mlp-schedule)")
     options = parser.parse_args()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dist.init_process_group("fake", rank=0, world_size=options.tsp, store=FakeStore())
     initialize_model_parallel(tsp_size=options.tsp, create_gloo_process_groups=False)
     runs = [("tp_sp", 1)] + [("tsp", int(g)) for g in options.buckets_per_call.split(",")]
-    print(f"degree {options.tsp}, S {options.seq}, recompute {options.recompute}, on {device}")
+    print(f"degree {options.tsp}, S {options.seq}, recompute {options.recompute}, TSP MLP "
+          f"{options.mlp_schedule}, on {device}")
     with cuda_to_cpu() if device.type == "cpu" else contextlib.nullcontext():
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         for layout, g in runs:
@@ -54,7 +58,8 @@ def main() -> None:
                 args = bench_gpu.parse_args(["--dtype", "fp32", "--tsp", str(options.tsp), "--layers", str(layers),
                                              "--hidden", str(32 * options.tsp), "--heads", str(4 * options.tsp),
                                              "--ffn", str(64 * options.tsp), "--vocab", str(64 * options.tsp),
-                                             "--recompute", options.recompute, "--buckets-per-call", str(g)])
+                                             "--recompute", options.recompute, "--buckets-per-call", str(g),
+                                             "--mlp-schedule", options.mlp_schedule])
                 args.seq = options.seq
                 counts.append(step_ops(args, layout, device))
             label = "TP+SP" if layout == "tp_sp" else f"TSP G={g}"

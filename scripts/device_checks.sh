@@ -5,20 +5,21 @@
 #   1. one TSP rank and one Megatron TP+SP rank (scripts/bench_gpu.py, both in one process, both layouts per
 #      length) on the paper's 7B at D = 8, SEQS, full recompute (LAYERS, HIDDEN, HEADS, FFN, VOCAB: another
 #      model for all steps, as the shared harness reads them);
-#   2. the TSP rank again with one attention call over the D head buckets (--buckets-per-call D: fewer
-#      kernel launches for larger transients), same SEQS, TSP only;
+#   2. the TSP rank again with the fast schedules, one attention call over the D head buckets
+#      (--buckets-per-call D) and the MLP by gathered weights (--mlp-schedule gather): fewer kernel launches
+#      for larger transients; same SEQS, TSP only;
 #   3. the attention-kernel benchmark at the shape of ../shared/reference/BASELINES.md (S = 128K, D = 8,
 #      4 heads of 128 per bucket, bf16): TSP's zigzag kernel against TP's square causal call;
 #   4. tests/test_kernels.py, whose cuDNN part-kernel cases run only on a GPU;
 #   5. the same two ranks with the norms and MLPs recomputed at SELECTIVE_SEQ (128K, the planner's pick for
 #      the 7B on 8 H100s), and without recompute at NONE_SEQ (32K): the cost model's terms for them against a
 #      GPU's allocator;
-#   6. TSP's attention (one bucket per call, and all D in one call) and MLP schedules, forward and backward, at
-#      the paper's 7B shapes (D = 8, S = 32K, bf16);
+#   6. TSP's attention (one bucket per call, and all D in one call) and MLP (ring, gathered) schedules,
+#      forward and backward, at the paper's 7B shapes (D = 8, S = 32K, bf16);
 #   7. Megatron's TP+SP by the shared harness (TP_BASELINE) that measured BASELINES.md, same model and SEQS,
 #      in the same call on the same GPU (the calibration of step 1's TP+SP rank);
 #   8. both ranks' steps profiled (device-busy time, kernel launches, top kernels) on 4 of the layers at the
-#      shortest and longest of SEQS, TSP with one attention call (profiling all 32 layers' steps takes minutes).
+#      shortest and longest of SEQS, TSP with the fast schedules (profiling all 32 layers' steps takes minutes).
 # About 6 minutes on an H100. Output: log.txt (every step's), device.txt and the JSONs (the device tool
 # returns at most 8 files).
 # Wheels in .whl/ (megatron-core, which the GPU image lacks) are installed first.
@@ -44,7 +45,8 @@ bench_gpu=(python3 scripts/bench_gpu.py --layers "${LAYERS:-32}" --hidden "${HID
   python3 -c "import torch; print(torch.__version__, torch.version.cuda, torch.backends.cudnn.version())"
 } > "$out/device.txt" 2>&1
 step "${bench_gpu[@]}" --seqs "$seqs" --out "$out/bench_gpu.json"
-step "${bench_gpu[@]}" --seqs "$seqs" --layouts tsp --buckets-per-call 8 --out "$out/bench_gpu_one_call.json"
+step "${bench_gpu[@]}" --seqs "$seqs" --layouts tsp --buckets-per-call 8 --mlp-schedule gather \
+    --out "$out/bench_gpu_fast.json"
 step python3 scripts/bench_attention_kernel.py --seq-len "${ATTENTION_SEQ:-131072}" \
     --tsp-size 8 --heads 4 --kv-heads 4 --head-dim 128 --dtype bfloat16 --repeats 3 --no-reference
 step python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
@@ -52,10 +54,10 @@ step "${bench_gpu[@]}" --seqs "${SELECTIVE_SEQ:-131072}" --recompute selective \
     --recompute-modules layernorm mlp --out "$out/bench_gpu_selective.json"
 step "${bench_gpu[@]}" --seqs "${NONE_SEQ:-32768}" --recompute none --out "$out/bench_gpu_none.json"
 step python3 scripts/bench_layer.py --tsp 8 --seq "${LAYER_SEQ:-32768}" --hidden "${HIDDEN:-4096}" \
-    --heads "${HEADS:-32}" --ffn "${FFN:-16384}" --dtype bfloat16 --buckets-per-call 1,8
+    --heads "${HEADS:-32}" --ffn "${FFN:-16384}" --dtype bfloat16 --buckets-per-call 1,8 --mlp-schedules ring,gather
 [[ -n ${TP_BASELINE:-} || -e ../shared/tools/megatron_tp_baseline.py ]] &&
     SEQS="$seqs" LAYOUTS=tp_sp NAME=tp_baseline OUT="$out" \
         step python3 "${TP_BASELINE:-../shared/tools/megatron_tp_baseline.py}"
-step "${bench_gpu[@]}" --layers 4 --seqs "${seqs%%,*},${seqs##*,}" --buckets-per-call 8 --profile \
-    --out "$out/bench_gpu_profiled.json"
+step "${bench_gpu[@]}" --layers 4 --seqs "${seqs%%,*},${seqs##*,}" --buckets-per-call 8 --mlp-schedule gather \
+    --profile --out "$out/bench_gpu_profiled.json"
 exit $status

@@ -3,7 +3,8 @@
 ``--tsp-report-comm-bytes`` counts every TSP collective (comm.py's per-rank convention) over the whole run;
 ``megatron_tsp.cost`` predicts the same per layer and micro-batch, plus the output layer's vocabulary ring. The counted runs are the loss-parity runs
 themselves (test_loss_parity, 10 iterations), at seven shapes: D=4 with MHA, D=2 with GQA and full
-recompute (whose backward repeats the forward's collectives), D=2 with one of two layers recomputed (block),
+recompute (whose backward repeats the forward's collectives), D=2 with one of two layers recomputed (block;
+attention as one call over both head buckets, the MLP by gathered weights),
 D=2 with weight shards kept for backward, D=2 with selective recompute of the MLPs and norms (their ring
 forward repeated), and D=2 MoE with the expert ring, without and with selective recompute of the MoE layers
 (the expert ring's forward repeated). The bar is 1%; in fact they agree exactly.
@@ -40,7 +41,9 @@ CASES = {  # loss-parity case: (model, layout, workload); micro-batches per step
                                 replace(FP32, recompute="full")),
     "tsp2_recompute_selective_keep_weight_shards": (TINY, Layout(kind="TSP", tensor=2),
                                                     replace(FP32, recompute="selective", tsp_keep_weights=True)),
-    "tsp2_recompute_block": (TINY, Layout(kind="TSP", tensor=2), replace(FP32, recompute="full", recompute_layers=1)),
+    "tsp2_recompute_block_one_attention_call_mlp_gather": (
+        TINY, Layout(kind="TSP", tensor=2),
+        replace(FP32, recompute="full", recompute_layers=1, tsp_buckets_per_call=2, tsp_mlp_gather=True)),
     "tsp2_recompute_selective_mlp_layernorm": (TINY, Layout(kind="TSP", tensor=2),
                                                replace(FP32, recompute="selective",
                                                        recompute_modules=("core_attn", "mlp", "layernorm"))),

@@ -305,6 +305,25 @@ def test_attention_calls_keep_bytes_and_trade_operators_for_memory() -> None:
         memory(_SEVEN_B, replace(works[1], tsp_buckets_per_call=3), layout)
 
 
+def test_gathered_mlp_moves_the_ring_bytes_in_fewer_messages() -> None:
+    """--tsp-mlp-schedule gather: the ring's forward bytes as all_gather, its backward weight bytes (less the fc1
+    bias, which backward does not need) as all_gather and its accumulator bytes as reduce_scatter, one message
+    per tensor; fewer host steps; the whole ffn's transients."""
+    model, d = _SHAPES[0][0], 4
+    ring_work = Workload(micro_batch=2, seq_len=64, param_bytes=2, act_bytes=2)
+    gather_work = replace(ring_work, tsp_mlp_gather=True)
+    ring, gathered = (tsp_mlp_comm(model, w, d, model.ffn) for w in (ring_work, gather_work))
+    share, bias = Fraction(d - 1, d), 2 * model.ffn  # gated fc1 bias
+    assert bytes_by_op(gathered.forward) == {"all_gather": bytes_by_op(ring.forward)["ring_send"]}
+    weights = model.mlp_weights(model.ffn) * share
+    assert bytes_by_op(gathered.backward) == {"all_gather": (weights - bias * share) * 2, "reduce_scatter": weights * 4}
+    assert bytes_by_op(ring.backward) == {"ring_send": weights * (2 + 4)}
+    assert {t.messages for t in gathered.forward + gathered.backward} <= {2, 3}
+    assert tsp_host_steps(gather_work, d) < tsp_host_steps(ring_work, d) == d
+    layout = Layout("TSP", tensor=d)
+    assert memory(model, gather_work, layout).working > memory(model, ring_work, layout).working
+
+
 def test_planner_sizes_attention_calls(capsys: pytest.CaptureFixture[str]) -> None:
     """TSP layouts are costed at every G dividing D: at 16K (host-bound) one call over the 8 buckets is
     chosen; at 128K the times tie and the least memory (G = 1) wins. A G fixed by the flag drops the TSP

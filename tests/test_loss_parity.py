@@ -98,9 +98,12 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
                                     "uniform", "--recompute-num-layers", "1"),
                                 ("--group-query-attention", "--num-query-groups", "2", "--no-rope-freq", "2"), 1),
     # Partial recompute (first layer recomputed, the other keeping its activations): the memory/time knob
-    # between full and none.
-    "tsp2_recompute_block": (2, ("--tsp-size", "2", "--recompute-granularity", "full", "--recompute-method",
-                                 "block", "--recompute-num-layers", "1"), (), 1),
+    # between full and none. With the fast schedules: attention as one call over both head buckets, the MLP
+    # by gathered weights.
+    "tsp2_recompute_block_one_attention_call_mlp_gather": (
+        2, ("--tsp-size", "2", "--recompute-granularity", "full", "--recompute-method", "block",
+            "--recompute-num-layers", "1", "--tsp-attention-buckets-per-call", "2", "--tsp-mlp-schedule", "gather"),
+        (), 1),
     # Megatron's selective recompute of the MLP: the TSP MLP's first forward (no grad) keeps nothing, its
     # recompute keeps the fc1 outputs for backward. And of the norms: Megatron frees their outputs, which the
     # TSP schedules saved, after the forward and refills them before the schedules' backward.

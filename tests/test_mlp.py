@@ -30,6 +30,7 @@ class Case:
     hidden: int = 32
     ffn: int = 64
     keep_weights: bool = False  # --tsp-keep-weight-shards
+    schedule: str = "ring"  # --tsp-mlp-schedule
 
 
 CASES = [
@@ -42,6 +43,10 @@ CASES = [
     Case(F.silu, gated=True, bias=True, batch=2, seq_len=16, dtype=torch.bfloat16),
     Case(F.silu, gated=True, bias=True, batch=3, seq_len=24, keep_weights=True),
     Case(F.gelu, gated=False, bias=False, batch=2, seq_len=16, dtype=torch.float64, keep_weights=True),
+    Case(F.silu, gated=True, bias=True, batch=2, seq_len=16, dtype=torch.float64, schedule="gather"),
+    Case(F.gelu, gated=False, bias=True, batch=3, seq_len=24, schedule="gather"),
+    Case(F.silu, gated=True, bias=False, batch=3, seq_len=24, keep_weights=True, schedule="gather"),
+    Case(F.silu, gated=True, bias=True, batch=2, seq_len=16, dtype=torch.bfloat16, schedule="gather"),
 ]
 
 
@@ -82,15 +87,23 @@ def _fc2_columns(down: Tensor, case: Case, tsp_size: int, rank: int) -> Tensor:
     return down[:, rank * width:(rank + 1) * width]
 
 
-def _expected_bytes(case: Case, tsp_size: int) -> tuple[Fraction, Fraction]:
-    """Forward and backward ring bytes per rank (TSP.md: forward 3*F*h^2*(D-1)/D; backward: mlp.py docstring)."""
+def _expected_bytes(case: Case, tsp_size: int) -> tuple[dict[str, Fraction], dict[str, Fraction]]:
+    """Forward and backward bytes per rank by op (TSP.md: forward 3*F*h^2*(D-1)/D; backward: mlp.py
+    docstring): the ring sends weights and accumulators; the gathered schedule all-gathers the weights (in
+    backward without the fc1 bias) and reduce-scatters their grads."""
     share = Fraction(tsp_size - 1, tsp_size)
     ffn_multiple = Fraction(case.ffn, case.hidden)
     matrices = 3 if case.gated else 2
-    weights = matrices * ffn_multiple * case.hidden ** 2 + ((matrices - 1) * case.ffn if case.bias else 0)
+    bias = (matrices - 1) * case.ffn if case.bias else 0
+    weights = matrices * ffn_multiple * case.hidden ** 2 + bias
     elem = torch.empty(0, dtype=case.dtype).element_size()
-    backward_weights = 0 if case.keep_weights else elem  # kept shards are not circulated again
-    return weights * elem * share, weights * (backward_weights + max(elem, 4)) * share
+    refetched = 0 if case.keep_weights else 1  # kept weights do not travel again
+    if case.schedule == "gather":
+        return ({"all_gather": weights * elem * share},
+                {"all_gather": refetched * (weights - bias) * elem * share,
+                 "reduce_scatter": weights * max(elem, 4) * share})
+    return ({"ring_send": weights * elem * share},
+            {"ring_send": weights * (refetched * elem + max(elem, 4)) * share})
 
 
 def _run_cases(rank: int, tsp_size: int) -> None:
@@ -112,7 +125,7 @@ def _run_cases(rank: int, tsp_size: int) -> None:
         with track_shard_residency() as residency:
             with comm_bytes() as forward_bytes, gemm_flops() as forward_flops:
                 out = tsp_mlp(x, fc1_weight, fc1_bias, fc2_weight, group, activation=case.activation,
-                              gated=case.gated, keep_weights=case.keep_weights)
+                              gated=case.gated, keep_weights=case.keep_weights, schedule=case.schedule)
             with comm_bytes() as backward_bytes, gemm_flops() as backward_flops:
                 out.backward(w["grad_out"][positions])
         # backward keeps forward's fc1 outputs: its GEMMs are exactly two forwards' (no fc1 recomputed)
@@ -132,11 +145,13 @@ def _run_cases(rank: int, tsp_size: int) -> None:
         assert grad_ready == Counter(id(p) for p in params), f"{case}: grad-ready hooks fired {grad_ready}"
 
         expected_forward, expected_backward = _expected_bytes(case, tsp_size)
-        assert forward_bytes.total() == expected_forward and backward_bytes.total() == expected_backward, case
-        assert {op for op, n in (forward_bytes.bytes_by_op | backward_bytes.bytes_by_op).items() if n} <= \
-               {"ring_send"}
-        # two weight slots (D when kept); the accumulator being sent and the one being received
-        expected_peak = {} if tsp_size == 1 else {"weight": tsp_size if case.keep_weights else 2, "grad": 2}
+        for counted, expected in ((forward_bytes, expected_forward), (backward_bytes, expected_backward)):
+            assert {op: n for op, n in counted.bytes_by_op.items() if n} == \
+                   {op: n for op, n in expected.items() if n}, case
+        # the ring: two weight slots (D when kept), the accumulator being sent and the one being received;
+        # the gathered schedule holds whole gathered weights and grads instead of shard buffers
+        ring = tsp_size > 1 and case.schedule == "ring"
+        expected_peak = {"weight": tsp_size if case.keep_weights else 2, "grad": 2} if ring else {}
         assert dict(residency.peak) == expected_peak, case
 
 

@@ -60,6 +60,7 @@ def validate(args: argparse.Namespace) -> None:
     _tsp_size = args.tsp_size
     _tsp_spec_options["keep_weight_shards"] = args.tsp_keep_weight_shards
     _tsp_spec_options["attention_buckets_per_call"] = args.tsp_attention_buckets_per_call
+    _tsp_spec_options["mlp_schedule"] = args.tsp_mlp_schedule
 
 
 def mesh_order(args: argparse.Namespace, megatron_default: str) -> str:
@@ -77,7 +78,8 @@ def build_block_spec(config: Any, spec: Any, vp_stage: Optional[int], pp_rank: O
 
     Megatron's ``--spec`` hands the named object to the model as is; the TSP decoder block depends on the
     pipeline stage (``--moe-layer-freq`` patterns, layer offsets), so ``--spec`` names a function. The TSP
-    one also gets the TSP flags it takes (``--tsp-keep-weight-shards``, ``--tsp-attention-buckets-per-call``).
+    one also gets the TSP flags it takes (``--tsp-keep-weight-shards``, ``--tsp-attention-buckets-per-call``,
+    ``--tsp-mlp-schedule``).
     """
     from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec  # Megatron's model modules are loaded by now
 
