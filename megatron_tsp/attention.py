@@ -25,9 +25,10 @@ accumulation dtype: fp32 for bf16/fp16 params, else the param dtype), W = (2 + 2
 
 Calls (``buckets_per_call`` = G, ``--tsp-attention-buckets-per-call``): the schedule runs D/G attention calls,
 each over G consecutive head buckets, as if one bucket held G*nq/D heads: the G owners broadcast their shards
-into one slot (one message each), the call's qkv GEMM, K/V all-gather, core-attention kernel, output GEMM and,
-in backward, reduce-scatter and weight-grad GEMMs each run once for the G buckets, and the weight grads are
-reduced to the G owners (one message each). Bytes are unchanged. G = 1 is TSP.md's schedule; larger G issues
+into one slot (one message each; with G = D one all-gather), the call's qkv GEMM, K/V all-gather,
+core-attention kernel, output GEMM and, in backward, reduce-scatter and weight-grad GEMMs each run once for
+the G buckets, and the weight grads are reduced to the G owners (one message each; with G = D one
+reduce-scatter). Bytes are unchanged (with G = D counted as all_gather and reduce_scatter). G = 1 is TSP.md's schedule; larger G issues
 G times fewer operators (a short sequence's step is bound by their launch cost), for G times larger
 transients (below) plus a copy of the call's weights (Megatron's grouped qkv layout stacks shard by shard,
 so the G shards' rows and proj columns are concatenated), and with G = D nothing overlaps the one K/V gather.
@@ -269,11 +270,10 @@ def _qkv_bias_proj(parts: list[Tensor], spec: _CallSpec) -> tuple[Tensor, Tensor
 def _finish_reduce(call: int, pending: Pending, layout: ShardLayout, spec: _CallSpec) -> list[Tensor]:
     """Wait for call ``call``'s weight-grad reduces; the owner of one of its buckets gets that bucket's
     summed grads (copies, so that the reduce buffer is freed and at most two grad buffers stay alive)."""
-    summed, buckets = pending.wait(), spec.buckets(call)
-    tsp_rank = dist.get_rank(spec.tsp_group)
-    if tsp_rank not in buckets:
+    own_part = pending.wait()
+    if dist.get_rank(spec.tsp_group) not in spec.buckets(call):
         return []
-    return [g.clone() for g in layout.unpack(summed.chunk(spec.buckets_per_call)[buckets.index(tsp_rank)])]
+    return [g.clone() for g in layout.unpack(own_part)]
 
 
 class TSPAttentionFunction(torch.autograd.Function):

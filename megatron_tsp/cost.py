@@ -175,11 +175,13 @@ TSP_HOST_SECONDS = 1.85e-3
 # Operators (each at least one kernel launch on a GPU) a TSP layer dispatches in a training step under full
 # recompute, norms, RoPE, attention, MLP and grads included (scripts/count_step_ops.py, D = 2, 4, 8, every G,
 # both MLP schedules; CPU): 147 per attention call of G head buckets + 6 per head bucket + 79, and 37 per MLP
-# ring step or 33 for the gathered MLP; every G > 1 count exact, G = 1 (no weight copy) 3% over. They scale
+# ring step or 33 for the gathered MLP; with one call over all D buckets 4 fewer per bucket beyond the first
+# (its weight broadcasts, three passes' under full recompute, and grad reduces are one collective each);
+# every G > 1 count exact, G = 1 (no weight copy) 3% over. They scale
 # TSP_HOST_SECONDS, fitted with one bucket per call and the ring, to other schedules (tsp_host_steps);
 # without recompute the ratio of G = 8 to G = 1 (ring, D = 8) is within 3% of it. Counted, not timed on a GPU.
 _OPS_PER_CALL, _OPS_PER_BUCKET, _OPS_PER_LAYER = 147, 6, 79
-_OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 37, 33
+_OPS_PER_RING_STEP, _OPS_GATHERED_MLP, _OPS_SAVED_PER_BUCKET_IN_ONE_CALL = 37, 33, 4
 
 
 @dataclass(frozen=True)
@@ -476,7 +478,8 @@ def tsp_host_steps(work: Workload, d: int) -> float:
     the layer's operator count (the ``_OPS_*`` fit) against that schedule's."""
     def operators(calls: int, gathered_mlp: bool) -> int:
         mlp = _OPS_GATHERED_MLP if gathered_mlp else _OPS_PER_RING_STEP * d
-        return _OPS_PER_CALL * calls + _OPS_PER_BUCKET * d + _OPS_PER_LAYER + mlp
+        one_call = _OPS_SAVED_PER_BUCKET_IN_ONE_CALL * (d - 1) if calls == 1 else 0
+        return _OPS_PER_CALL * calls + _OPS_PER_BUCKET * d + _OPS_PER_LAYER + mlp - one_call
     return d * operators(tsp_attention_calls(work, d), work.tsp_mlp_gather) / operators(d, False)
 
 
@@ -488,19 +491,23 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
     re-fetched unless kept, K/V re-gathered from the kept projection), reduce_scatter KV*a (dK/dV, exposed)
     and reduce W*e_acc (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's
     forward row. The K/V gather and dK/dV reduce-scatter are two half-size calls per attention call of G
-    head buckets (chunk-major, comm.py); weights and their grads one message per bucket.
+    head buckets (chunk-major, comm.py); weights and their grads one message per bucket, or with one call
+    over all D buckets one all_gather and one reduce_scatter.
     """
     share = _share(d)
     weights = model.attention_weights() * share
     kv = work.tokens * model.kv_width * work.act_bytes * share
     calls = tsp_attention_calls(work, d)
-    fetch = ("attention weights", "broadcast", weights * work.param_bytes, d, d, True, d)  # one per bucket
+    one_call = calls == 1  # the D broadcasts are one all-gather, the D reduces one reduce-scatter (comm.py)
+    fetch = ("attention weights", "all_gather" if one_call else "broadcast", weights * work.param_bytes, d, d,
+             True, 1 if one_call else d)
     gather = ("K/V", "all_gather", kv, d, d, False, 2 * calls)
+    reduce = ("attention weight grads", "reduce_scatter" if one_call else "reduce", weights * work.grad_bytes, d,
+              d, True, 1 if one_call else d)
     refetch = () if work.tsp_keep_weights else (fetch,)
     return LayerComm(
         forward=_transfers(fetch, gather),
-        backward=_transfers(*refetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, 2 * calls),
-                            ("attention weight grads", "reduce", weights * work.grad_bytes, d, d, True, d)))
+        backward=_transfers(*refetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, 2 * calls), reduce))
 
 
 def _weight_ring_comm(what: str, weights: int, work: Workload, d: int, kept: bool) -> LayerComm:

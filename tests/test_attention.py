@@ -146,17 +146,22 @@ def _dense_reference(case: Case, w: dict[str, Tensor]) -> tuple[Tensor, dict[str
 
 
 def _expected_bytes(case: Case, tsp_size: int) -> tuple[dict[str, Fraction], dict[str, Fraction]]:
-    """Forward and backward bytes per rank from the TSP.md formulas (backward terms: attention.py docstring)."""
+    """Forward and backward bytes per rank from the TSP.md formulas (backward terms: attention.py docstring);
+    with one call over all D buckets the weights' broadcasts are one all-gather and their grads' reduces one
+    reduce-scatter."""
     share = Fraction(tsp_size - 1, tsp_size)
     h, g = case.hidden, Fraction(case.heads, case.kv_heads)
     elem = torch.empty(0, dtype=case.dtype).element_size()
     acc = max(elem, 4)
     weights = (2 + 2 / g) * h * h + ((1 + 2 / g) * h if case.qkv_bias else 0)
     kv = 2 * case.batch * case.seq_len * h / g
-    forward = {"broadcast": weights * elem * share, "all_gather": kv * elem * share}
-    backward = {"broadcast": 0 if case.keep_weights else weights * elem * share, "all_gather": kv * elem * share,
-                "reduce_scatter": kv * elem * share, "reduce": weights * acc * share}
-    return forward, backward
+    fetch, kv_bytes, grads = weights * elem * share, kv * elem * share, weights * acc * share
+    refetch = 0 if case.keep_weights else fetch
+    if case.buckets_per_call == tsp_size > 1:
+        return ({"all_gather": fetch + kv_bytes},
+                {"all_gather": refetch + kv_bytes, "reduce_scatter": kv_bytes + grads})
+    return ({"broadcast": fetch, "all_gather": kv_bytes},
+            {"broadcast": refetch, "all_gather": kv_bytes, "reduce_scatter": kv_bytes, "reduce": grads})
 
 
 def _counting(backend: AttentionBackend, calls: Counter) -> AttentionBackend:

@@ -286,17 +286,20 @@ def test_kept_weight_shards_leave_backward_without_weight_traffic() -> None:
 
 def test_attention_calls_keep_bytes_and_trade_operators_for_memory() -> None:
     """--tsp-attention-buckets-per-call G at D = 8: the same bytes, K/V and dK/dV in 2D/G messages (weights
-    and their grads still one per bucket), host time scaled down from G = 1's D steps by the operator fit,
-    and larger transients (G calls' K/V, q/k and weights)."""
+    and their grads one per bucket; with G = D one all_gather and one reduce_scatter), host time scaled down
+    from G = 1's D steps by the operator fit, and larger transients (G calls' K/V, q/k and weights)."""
     d, layout = 8, Layout("TSP", tensor=8)
     works = {g: Workload(micro_batch=1, seq_len=16384, tsp_buckets_per_call=g) for g in (1, 2, 4, 8)}
     comms = {g: tsp_attention_comm(_SEVEN_B, work, d) for g, work in works.items()}
     for g, comm in comms.items():
-        assert bytes_by_op(comm.forward) == bytes_by_op(comms[1].forward)
-        assert bytes_by_op(comm.backward) == bytes_by_op(comms[1].backward)
-        messages = {t.what: t.messages for t in (*comm.forward, *comm.backward)}
-        assert messages == {"attention weights": d, "K/V": 2 * d // g, "dK/dV": 2 * d // g,
-                            "attention weight grads": d}, g
+        for phase in ("forward", "backward"):
+            transfers, single = getattr(comm, phase), getattr(comms[1], phase)
+            assert {t.what: t.nbytes for t in transfers} == {t.what: t.nbytes for t in single}, (g, phase)
+        messages = {t.what: (t.op, t.messages) for t in (*comm.forward, *comm.backward)}
+        one_call = g == d
+        assert messages == {"attention weights": ("all_gather", 1) if one_call else ("broadcast", d),
+                            "K/V": ("all_gather", 2 * d // g), "dK/dV": ("reduce_scatter", 2 * d // g),
+                            "attention weight grads": ("reduce_scatter", 1) if one_call else ("reduce", d)}, g
     host = [tsp_host_steps(work, d) for work in works.values()]
     assert host[0] == d and host == sorted(host, reverse=True) and host[-1] < d / 2
     peaks = [memory(_SEVEN_B, work, layout).working for work in works.values()]
