@@ -328,9 +328,9 @@ def test_gathered_mlp_moves_the_ring_bytes_in_fewer_messages() -> None:
 
 
 def test_planner_sizes_attention_calls(capsys: pytest.CaptureFixture[str]) -> None:
-    """TSP layouts are costed at every G dividing D: at 16K (host-bound) one call over the 8 buckets is
-    chosen; at 128K the times tie and the least memory (G = 1) wins. A G fixed by the flag drops the TSP
-    layouts it does not divide."""
+    """TSP layouts are costed at every G dividing D and both MLP schedules: at 16K (host-bound) one call over
+    the 8 buckets is chosen; at 128K the times tie and the least memory (G = 1, the ring) wins. A G fixed by
+    the flag drops the TSP layouts it does not divide; a fixed MLP schedule is the only one costed."""
     seven_b = ["--config", "configs/tsp_paper_7b.yaml", "--gpus", "8", "--all"]
     plan.main([*seven_b, "--seq-length", "16384"])
     assert any(line.startswith("TSP8 G=8 ") for line in capsys.readouterr().out.splitlines())
@@ -338,9 +338,11 @@ def test_planner_sizes_attention_calls(capsys: pytest.CaptureFixture[str]) -> No
                "mlp"])
     rows = capsys.readouterr().out.splitlines()
     assert any(line.startswith("TSP8 ") for line in rows) and not any(" G=" in line for line in rows)
-    plan.main([*seven_b, "--seq-length", "16384", "--tsp-attention-buckets-per-call", "4"])
+    plan.main([*seven_b, "--seq-length", "16384", "--tsp-attention-buckets-per-call", "4", "--tsp-mlp-schedule",
+               "ring"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("TSP")]
     assert rows and all(line.split()[0] in ("TSP4", "TSP8") and "G=4" in line for line in rows)
+    assert not any("MLP-gather" in line for line in rows)
 
 
 def test_expert_ring_shards_experts_and_circulates_them() -> None:
