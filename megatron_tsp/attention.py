@@ -28,10 +28,11 @@ each over G consecutive head buckets, as if one bucket held G*nq/D heads: the G 
 into one slot (one message each; with G = D one all-gather), the call's qkv GEMM, K/V all-gather,
 core-attention kernel, output GEMM and, in backward, reduce-scatter and weight-grad GEMMs each run once for
 the G buckets, and the weight grads are reduced to the G owners (one message each; with G = D one
-reduce-scatter). Bytes are unchanged (with G = D counted as all_gather and reduce_scatter). G = 1 is TSP.md's schedule; larger G issues
-G times fewer operators (a short sequence's step is bound by their launch cost), for G times larger
-transients (below) plus a copy of the call's weights (Megatron's grouped qkv layout stacks shard by shard,
-so the G shards' rows and proj columns are concatenated), and with G = D nothing overlaps the one K/V gather.
+reduce-scatter). Bytes are unchanged (with G = D counted as all_gather and reduce_scatter). G = 1 is
+TSP.md's schedule; larger G issues about G times fewer operators per attention layer (a short sequence's
+step is bound by their launch cost), for G times larger transients (below) plus a copy of the call's
+weights (Megatron's grouped qkv layout stacks shard by shard, so the G shards' rows and proj columns are
+concatenated), and with G = D nothing overlaps the one K/V gather.
 
 Overlap: call r+1's K/V all-gather (the largest transfer at long context) is in flight while call r's
 attention computes, forward and backward; call r+2's weights are fetched into call r's slot once call r is

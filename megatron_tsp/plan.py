@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from megatron_tsp.args import OUTPUT_LAYERS, config_to_argv
-from megatron_tsp.mlp import MLP_SCHEDULES
 from megatron_tsp.cost import (KINDS, RECOMPUTE_MODULES, Hardware, Layout, ModelShape, StepCost, Workload, memory,
                                step_cost)
+from megatron_tsp.mlp import MLP_SCHEDULES
 
 GiB = 2**30
 # A layout fits if its modelled peak is within this fraction below the GPU's memory: the memory model's error

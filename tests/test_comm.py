@@ -13,8 +13,11 @@ from megatron_tsp.comm import (
     all_gather_seq,
     all_gather_zigzag,
     broadcast,
+    broadcast_parts,
     comm_bytes,
     reduce,
+    reduce_parts,
+    reduce_scatter_seq,
     reduce_scatter_zigzag,
     ring_exchange,
     shard_buffer,
@@ -51,15 +54,29 @@ def _check_ops(group: dist.ProcessGroup) -> None:
             if rank == owner:
                 assert torch.equal(summed, torch.full((5,), float(total)))
 
+        # parts of one buffer from / into their owners: every rank one (issued as an all-gather and a
+        # reduce-scatter), or the last rank the only one (a broadcast and a reduce)
+        for owners in (list(range(size)), [size - 1]):
+            flat = torch.zeros(len(owners), 3)
+            if rank in owners:
+                flat[owners.index(rank)] = float(global_rank)
+            expected = torch.tensor([[float(dist.get_global_rank(group, o))] * 3 for o in owners])
+            assert torch.equal(broadcast_parts(flat.view(-1), owners, group).wait().view(-1, 3), expected)
+            own = reduce_parts(torch.full((2 * len(owners),), float(rank + 1)), owners, group).wait()
+            if rank in owners:
+                assert torch.equal(own, torch.full((2,), float(total)))
+        scattered = reduce_scatter_seq(torch.arange(2.0 * size) + rank, group).wait()
+        assert torch.equal(scattered, size * (torch.arange(2.0) + 2 * rank) + sum(range(size)))
+
         received = ring_exchange(torch.full((7,), float(rank)), torch.empty(7), group).wait()
         assert torch.equal(received, torch.full((7,), float((rank - 1) % size)))
 
     f32, f64 = 4, 8
     assert dict(counter.bytes_by_op) == {
-        "broadcast": size * share * 6 * f32,
-        "all_gather": share * 2 * size * 2 * f32 + share * size * 4 * f64,
-        "reduce_scatter": share * 4 * size * f64,
-        "reduce": size * share * 5 * f32,
+        "broadcast": size * share * 6 * f32 + share * 3 * f32,
+        "all_gather": share * 2 * size * 2 * f32 + share * size * 4 * f64 + share * size * 3 * f32,
+        "reduce_scatter": share * 4 * size * f64 + 2 * share * 2 * size * f32,
+        "reduce": size * share * 5 * f32 + share * 2 * f32,
         "ring_send": Fraction(7 * f32),
     }
 
