@@ -75,8 +75,10 @@ __all__ = [
     "QKNorm",
     "TSPAttentionFunction",
     "apply_rotary",
+    "apply_rotary_cos_sin",
     "head_layer_norm",
     "head_rms_norm",
+    "rotary_cos_sin",
     "tsp_attention",
 ]
 
@@ -90,12 +92,25 @@ def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
     ``freqs`` are angles laid out as cat(f, f); rotate-half acts on the first rot_dim channels of each head
     and the rest pass through (``--rotary-percent`` < 1).
     """
-    rot_dim = freqs.shape[-1]
+    return apply_rotary_cos_sin(t, rotary_cos_sin(freqs, t.dtype))
+
+
+def rotary_cos_sin(freqs: Tensor, dtype: torch.dtype) -> Tensor:
+    """RoPE angles ``[s, 1, 1, rot_dim]`` -> their cos and sin in ``dtype``, stacked ``[2, s, 1, 1, rot_dim]``
+    (as Megatron's unfused RoPE rounds them): made once per layer and pass instead of once per head bucket,
+    tensor and pass (4 operators each, a fifth of a G = 1 layer's at D = 8)."""
+    return torch.stack((freqs.cos(), freqs.sin())).to(dtype)
+
+
+def apply_rotary_cos_sin(t: Tensor, cos_sin: Tensor) -> Tensor:
+    """:func:`apply_rotary` from :func:`rotary_cos_sin`'s ``[2, s, 1, 1, rot_dim]``, with Megatron's
+    operations in Megatron's order (so the same values); no concatenation when every channel rotates."""
+    cos, sin = cos_sin
+    rot_dim = cos.shape[-1]
     t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
     first, second = t_rot.chunk(2, dim=-1)
-    rotated_half = torch.cat((-second, first), dim=-1)
-    cos, sin = freqs.cos().to(t.dtype), freqs.sin().to(t.dtype)
-    return torch.cat((t_rot * cos + rotated_half * sin, t_pass), dim=-1)
+    rotated = t_rot * cos + torch.cat((-second, first), dim=-1) * sin
+    return rotated if t_pass.shape[-1] == 0 else torch.cat((rotated, t_pass), dim=-1)
 
 
 def head_layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
@@ -281,7 +296,7 @@ class TSPAttentionFunction(torch.autograd.Function):
     """The TSP attention schedule, forward and backward; see the module docstring for bytes and memory.
 
     Inputs: x ``[S/D, B, h]``, qkv_weight, qkv_bias (or None), proj_weight (Megatron TP shards), the four
-    q/k-norm params (or None), rotary_freqs ``[S/D, 1, 1, rot_dim]`` (or None), q_positions ``[S/D]``,
+    q/k-norm params (or None), rotary_freqs (what ``spec.rotary_fn`` takes, or None), q_positions ``[S/D]``,
     k_positions ``[S]`` (global positions of the local and of the chunk-major gathered tokens), spec.
     Output ``[S/D, B, h]`` without the proj bias. Every tensor input that needs a grad gets it exactly once.
     q/k-norm param grads are this rank's partial sums (its tokens): like every replicated token-local param
@@ -404,8 +419,9 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
     ``qkv_weight``, ``qkv_bias``, ``proj_weight``: this rank's Megatron TP shards (module docstring);
     ``num_heads``/``num_kv_heads``: global nq/nkv, both divisible by D; ``q_positions [S/D]`` and
     ``k_positions [S]``: global positions of the local tokens and of the chunk-major gathered sequence
-    (``zigzag.local_positions`` / ``zigzag.gathered_positions``); ``rotary_freqs [S/D, 1, 1, rot_dim]``: the
-    local tokens' RoPE angles, applied with ``rotary_fn(t, freqs)``; ``softmax_scale`` defaults to
+    (``zigzag.local_positions`` / ``zigzag.gathered_positions``); ``rotary_freqs``: the local tokens' RoPE
+    angles ``[S/D, 1, 1, rot_dim]`` (or what ``rotary_fn`` takes instead, e.g. :func:`rotary_cos_sin`'s),
+    applied with ``rotary_fn(t, rotary_freqs)``; ``softmax_scale`` defaults to
     1/sqrt(hd); ``keep_weights``: keep the D buckets' weights from forward to backward (D weight buffers
     instead of two) so that backward fetches nothing; ``buckets_per_call`` (G, dividing D): head buckets
     per attention call (module docstring, "Calls").

@@ -43,7 +43,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from megatron_tsp.attention import QKNorm, tsp_attention
+from megatron_tsp.attention import QKNorm, apply_rotary_cos_sin, rotary_cos_sin, tsp_attention
 from megatron_tsp.kernels import select_core_attention
 from megatron_tsp.mlp import tsp_expert_mlps, tsp_mlp
 from megatron_tsp.norm import SequenceShardedNorm
@@ -115,10 +115,15 @@ class TSPSelfAttention(SelfAttention):
         if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:
             rotary_pos_emb = None  # a layer without RoPE (--no-rope-freq), as in Megatron's attention
         rotary_freqs = None
+        rotary_fn = partial(apply_rotary_pos_emb, config=self.config, cp_group=self.pg_collection.cp)
         if rotary_pos_emb is not None:
             if isinstance(rotary_pos_emb, tuple):  # Megatron passes (q, k) angles; for self-attention equal
                 rotary_pos_emb = rotary_pos_emb[0]
             rotary_freqs = rotary_pos_emb[q_positions]  # [S/D, 1, 1, rot_dim] at the tokens' global positions
+            if not self.config.apply_rope_fusion and not self.config.rotary_interleaved:
+                # Megatron's unfused RoPE, with cos/sin made once here instead of per head bucket and tensor
+                rotary_freqs = rotary_cos_sin(rotary_freqs, hidden_states.dtype)
+                rotary_fn = apply_rotary_cos_sin
         qk_norm = None
         if self.q_layernorm is not None:
             qk_norm = QKNorm(fn=self.q_layernorm.normalize, q_weight=self.q_layernorm.weight,
@@ -128,9 +133,8 @@ class TSPSelfAttention(SelfAttention):
             hidden_states, self.linear_qkv.weight, self.linear_qkv.bias, self.linear_proj.weight,
             q_positions, k_positions, group,
             self.config.num_attention_heads, self.config.num_query_groups,
-            softmax_scale=self.config.softmax_scale, rotary_freqs=rotary_freqs,
-            rotary_fn=partial(apply_rotary_pos_emb, config=self.config, cp_group=self.pg_collection.cp),
-            qk_norm=qk_norm, core_attention=self.core_attention, keep_weights=self.keep_weight_shards,
+            softmax_scale=self.config.softmax_scale, rotary_freqs=rotary_freqs, rotary_fn=rotary_fn, qk_norm=qk_norm,
+            core_attention=self.core_attention, keep_weights=self.keep_weight_shards,
             buckets_per_call=self.buckets_per_call)
         return output, self.linear_proj.bias
 

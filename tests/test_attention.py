@@ -21,8 +21,10 @@ from torch import Tensor
 from megatron_tsp.attention import (
     QKNorm,
     apply_rotary,
+    apply_rotary_cos_sin,
     head_layer_norm,
     head_rms_norm,
+    rotary_cos_sin,
     tsp_attention,
 )
 from megatron_tsp.comm import comm_bytes, track_shard_residency
@@ -260,10 +262,16 @@ def test_attention_matches_dense(tsp_size: int) -> None:
 
 
 def test_apply_rotary_matches_megatron() -> None:
-    t = torch.randn(6, 2, 3, 8, dtype=torch.float64)
-    for rot_dim in (8, 4):
-        angles = _rope_angles(6, rot_dim, torch.float64)
-        assert torch.equal(apply_rotary(t, angles), _apply_rotary_pos_emb_bshd(t, angles))
+    """Our RoPE, from the angles or from cos/sin made once per layer, gives Megatron's unfused values exactly
+    (fp32 angles with fp32/bf16 activations, as in training, and fp64), rotating all or half the channels."""
+    for dtype, angle_dtype in ((torch.float64, torch.float64), (torch.float32, torch.float32),
+                               (torch.bfloat16, torch.float32)):
+        t = torch.randn(6, 2, 3, 8, dtype=dtype)
+        for rot_dim in (8, 4):
+            angles = _rope_angles(6, rot_dim, angle_dtype)
+            expected = _apply_rotary_pos_emb_bshd(t, angles)
+            assert torch.equal(apply_rotary(t, angles), expected), (dtype, rot_dim)
+            assert torch.equal(apply_rotary_cos_sin(t, rotary_cos_sin(angles, dtype)), expected), (dtype, rot_dim)
 
 
 def test_causal_attention_by_position_any_order() -> None:
