@@ -195,23 +195,22 @@ def _call_weights(slot: Tensor, layout: ShardLayout, spec: _CallSpec) -> tuple[T
     """A call's (qkv weight ``[(nq + 2*nkv)*hd, h]``, qkv bias or None, proj weight ``[h, nq*hd]``) from its
     slot of G packed shards. Megatron's qkv layout is grouped per kv group, so the G shards' rows stacked
     are the layout of the call's G*nkv/D groups, and their proj columns side by side match the call's heads.
-    Views of the slot for one bucket per call; copies (the G shards' size) otherwise."""
-    shards = [_qkv_bias_proj(layout.unpack(part), spec) for part in slot.chunk(spec.buckets_per_call)]
-    if len(shards) == 1:
-        return shards[0]
-    qkv_weights, qkv_biases, proj_weights = zip(*shards)
-    qkv_bias = torch.cat(qkv_biases) if spec.has_qkv_bias else None
-    return torch.cat(qkv_weights), qkv_bias, torch.cat(proj_weights, dim=1)
+    Views of the slot for one bucket per call; copies (the G shards' size, one per tensor) otherwise."""
+    qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(layout.unpack_stacked(slot, spec.buckets_per_call), spec)
+    # .contiguous() copies only for G > 1 (a size-1 dim's stride does not count)
+    proj_columns = proj_weight.transpose(0, 1).contiguous().flatten(1)  # [G, h, c] -> [h, G, c] -> [h, G*c]
+    return (qkv_weight.contiguous().flatten(0, 1), None if qkv_bias is None else qkv_bias.contiguous().flatten(),
+            proj_columns)
 
 
-def _bucket_grads(call_grads: list[Tensor], spec: _CallSpec) -> list[list[Tensor]]:
+def _stacked_grads(call_grads: list[Tensor], spec: _CallSpec) -> list[Tensor]:
     """The transpose of :func:`_call_weights` for grads: a call's [qkv weight, (qkv bias,) proj weight] grads
-    -> each bucket's, in pack order (views)."""
+    as ``[G, *shape]`` views in pack order, bucket j's at j (for :meth:`ShardLayout.unpack_stacked`)."""
     qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(call_grads, spec)
     g = spec.buckets_per_call
-    per_bucket = zip(qkv_weight.chunk(g), proj_weight.chunk(g, dim=1),
-                     qkv_bias.chunk(g) if qkv_bias is not None else [None] * g)
-    return [[t for t in (w, b, proj) if t is not None] for w, proj, b in per_bucket]
+    stacked = [qkv_weight.unflatten(0, (g, -1)), None if qkv_bias is None else qkv_bias.unflatten(0, (g, -1)),
+               proj_weight.unflatten(1, (g, -1)).transpose(0, 1)]  # [h, G*c] -> [G, h, c]
+    return [t for t in stacked if t is not None]
 
 
 def _start_call(fetch: Pending, x: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
@@ -390,8 +389,9 @@ class TSPAttentionFunction(torch.autograd.Function):
             # This call's partial weight grads (local tokens), one part per bucket, are summed into each
             # bucket's owner, in acc_dtype.
             grad_buffer = shard_buffer(slot_numel, acc_dtype, x.device, "grad")
-            for part, grads in zip(grad_buffer.chunk(spec.buckets_per_call), _bucket_grads(call_grads, spec)):
-                layout.pack(grads, part)
+            for view, grad in zip(layout.unpack_stacked(grad_buffer, spec.buckets_per_call),
+                                  _stacked_grads(call_grads, spec), strict=True):
+                view.copy_(grad)  # one (cast) copy per tensor for the G buckets
             del call_grads
             if weight_grad_reduce is not None:  # the previous call's reduces overlapped this call
                 own_grads += _finish_reduce(*weight_grad_reduce, layout, spec)

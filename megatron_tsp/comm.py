@@ -241,6 +241,12 @@ class ShardLayout:
         """Views of ``flat [numel]`` with the layout's shapes."""
         return [part.view(shape) for part, shape in zip(flat.split(self.numels), self.shapes)]
 
+    def unpack_stacked(self, flat: Tensor, count: int) -> list[Tensor]:
+        """Views of ``flat [count * numel]``, ``count`` shards back to back: one ``[count, *shape]`` view per
+        tensor of the layout (strided: shard j's tensors sit in its own stretch)."""
+        rows = flat.view(count, self.numel).split(self.numels, dim=1)
+        return [part.view(count, *shape) for part, shape in zip(rows, self.shapes)]
+
     def pack(self, tensors: Sequence[Tensor], flat: Tensor) -> Tensor:
         """Copy ``tensors`` (cast to ``flat``'s dtype) into ``flat [numel]``; returns ``flat``."""
         for view, tensor in zip(self.unpack(flat), tensors, strict=True):

@@ -174,7 +174,7 @@ TSP_DEVICE_FACTOR = 1.26
 TSP_HOST_SECONDS = 1.85e-3
 # Operators (each at least one kernel launch on a GPU) a TSP layer dispatches in a training step under full
 # recompute, norms, RoPE, attention, MLP and grads included (scripts/count_step_ops.py, D = 2, 4, 8, every G,
-# both MLP schedules; CPU): 113 per attention call of G head buckets + 6 per head bucket + 85, and 37 per MLP
+# both MLP schedules; CPU): 115 per attention call of G head buckets + 4 per head bucket + 85, and 37 per MLP
 # ring step or 33 for the gathered MLP; with one call over all D buckets 4 fewer per bucket beyond the first
 # (its weight broadcasts, three passes' under full recompute, and grad reduces are one collective each);
 # every G > 1 count exact, G = 1 (no weight copy) 3-5% over. They scale TSP_HOST_SECONDS, fitted with one
@@ -182,7 +182,7 @@ TSP_HOST_SECONDS = 1.85e-3
 # to G = 1 (ring, D = 8) is within 3% of it. Counted, not timed on a GPU. (RoPE's cos/sin, since made once
 # per layer, cut G = 1's count from 1551 to 1285 at D = 8 after TSP_HOST_SECONDS was measured; the model
 # does not credit that until a GPU measures it.)
-_OPS_PER_CALL, _OPS_PER_BUCKET, _OPS_PER_LAYER = 113, 6, 85
+_OPS_PER_CALL, _OPS_PER_BUCKET, _OPS_PER_LAYER = 115, 4, 85
 _OPS_PER_RING_STEP, _OPS_GATHERED_MLP, _OPS_SAVED_PER_BUCKET_IN_ONE_CALL = 37, 33, 4
 
 
