@@ -25,14 +25,17 @@ accumulation dtype: fp32 for bf16/fp16 params, else the param dtype), W = (2 + 2
 
 Calls (``buckets_per_call`` = G, ``--tsp-attention-buckets-per-call``): the schedule runs D/G attention calls,
 each over G consecutive head buckets, as if one bucket held G*nq/D heads: the G owners broadcast their shards
-into one slot (one message each; with G = D one all-gather), the call's qkv GEMM, K/V all-gather,
-core-attention kernel, output GEMM and, in backward, reduce-scatter and weight-grad GEMMs each run once for
-the G buckets, and the weight grads are reduced to the G owners (one message each; with G = D one
-reduce-scatter). Bytes are unchanged (with G = D counted as all_gather and reduce_scatter). G = 1 is
-TSP.md's schedule; larger G issues about G times fewer operators per attention layer (a short sequence's
-step is bound by their launch cost), for G times larger transients (below) plus a copy of the call's
-weights (Megatron's grouped qkv layout stacks shard by shard, so the G shards' rows and proj columns are
-concatenated, one strided copy per tensor), and with G = D nothing overlaps the one K/V gather.
+into one slot (one message each), the call's qkv GEMM, K/V all-gather, core-attention kernel, output GEMM
+and, in backward, reduce-scatter and weight-grad GEMMs each run once for the G buckets, and the weight grads
+are reduced to the G owners (one message each). Megatron's grouped qkv layout stacks shard by shard, so the
+G shards' rows and proj columns concatenated (one strided copy per tensor) are the call's weights. With
+G = D there is one call, and each weight tensor is all-gathered straight into its full layout instead (proj
+sent transposed; no slot, no copy) and its grad reduce-scattered from it. Bytes are unchanged (with G = D
+counted as all_gather and reduce_scatter). G = 1 is TSP.md's schedule; larger G issues about G times fewer
+operators per attention layer (a short sequence's step is bound by their launch cost), for G times larger
+transients (below), and with G = D nothing overlaps the one K/V gather. The calls' output projections (and
+in backward their input grads) are summed in fp32 for 16-bit activations, starting from the first call's;
+one call's is the output as it is.
 
 Overlap: call r+1's K/V all-gather (the largest transfer at long context) is in flight while call r's
 attention computes, forward and backward; call r+2's weights are fetched into call r's slot once call r is
@@ -44,9 +47,9 @@ core-attention output and log-sum-exp (``[S/D, B, (nq + 2*nkv)*hd]``, ``[S/D, B,
 ``[B, nq, S/D]`` per layer in all, what Megatron's attention keeps for the same tokens), so that backward
 runs no GEMM and no attention forward again: it re-applies the q/k norms and RoPE (elementwise), re-gathers
 each call's K/V and differentiates the projections by hand. Two calls' weight shards (two slots of G
-shards, plus the calls' concatenated copies when G > 1; D shards with ``keep_weights``) are alive at a
-time, and two calls' full-sequence K/V (the one attended and the next in flight), plus in backward the grad
-of one.
+shards, plus the calls' concatenated copies when G > 1; with one call the gathered weights; D shards' worth
+with ``keep_weights``, kept in the calls' layout) are alive at a time, and two calls' full-sequence K/V (the
+one attended and the next in flight), plus in backward the grad of one.
 """
 
 from __future__ import annotations
@@ -63,9 +66,11 @@ from torch import Tensor
 from megatron_tsp.comm import (
     Pending,
     ShardLayout,
+    all_gather_linear_pair,
     all_gather_zigzag,
     broadcast_parts,
     reduce_parts,
+    reduce_scatter_seq,
     reduce_scatter_zigzag,
     shard_buffer,
 )
@@ -85,6 +90,8 @@ __all__ = [
 
 RotaryFn = Callable[[Tensor, Tensor], Tensor]
 HeadNormFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+# a call's (qkv weight [(nq + 2*nkv)*hd, h], qkv bias or None, proj weight [h, nq*hd]), for the call's heads
+CallWeights = tuple[Tensor, "Tensor | None", Tensor]
 
 
 def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
@@ -98,8 +105,8 @@ def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
 
 def rotary_cos_sin(freqs: Tensor, dtype: torch.dtype) -> Tensor:
     """RoPE angles ``[s, 1, 1, rot_dim]`` -> their cos and sin in ``dtype``, stacked ``[2, s, 1, 1, rot_dim]``
-    (as Megatron's unfused RoPE rounds them): made once per layer and pass instead of once per head bucket,
-    tensor and pass (a G = 1 layer at D = 8: 1285 operators per training step instead of 1551)."""
+    (as Megatron's unfused RoPE rounds them), which the TSP layers make once per angle table (specs.py)
+    instead of once per head bucket, tensor, layer and pass."""
     return torch.stack((freqs.cos(), freqs.sin())).to(dtype)
 
 
@@ -158,6 +165,11 @@ class _CallSpec:
     keep_weights: bool = False  # keep every bucket's fetched weights for backward (no re-fetch)
     keep_activations: bool = False  # keep every call's projection, attention output, LSE (differentiated)
 
+    @property
+    def calls(self) -> int:
+        """Attention calls per pass, D/G."""
+        return dist.get_world_size(self.tsp_group) // self.buckets_per_call
+
     def buckets(self, call: int) -> list[int]:
         """The head buckets (= their owners' TSP ranks) of call ``call``."""
         return list(range(call * self.buckets_per_call, (call + 1) * self.buckets_per_call))
@@ -181,22 +193,36 @@ def _split_heads(projection: Tensor, norm_params: list[Tensor | None], rotary_fr
 
 
 def _fetch_call(call: int, own_shard: list[Tensor], layout: ShardLayout, slots: list[Tensor],
-                spec: _CallSpec) -> Pending:
-    """Start broadcasting the packed [Wqkv, bqkv, Wo] of each of call ``call``'s G head buckets from its
-    owner into the call's slot, ``slots[call mod len(slots)]`` (G shards; two slots take turns, or with one
-    slot per call each keeps its own)."""
+                spec: _CallSpec) -> Callable[[], CallWeights]:
+    """Start fetching call ``call``'s weights; the returned function waits for them and gives them in the
+    call's layout (:data:`CallWeights`).
+
+    One call over all D buckets: each tensor is all-gathered straight into its full layout (Megatron's qkv
+    shards stacked in rank order are the full grouped layout; proj travels transposed), no slot and no copy.
+    Otherwise the packed [Wqkv, bqkv, Wo] of each of the call's G buckets is broadcast from its owner into the
+    call's slot, ``slots[call mod len(slots)]`` (two slots take turns, or with one slot per call each keeps
+    its own), and :func:`_call_weights` lays the G shards out as one call's.
+    """
+    if spec.calls == 1:
+        gathers = all_gather_linear_pair(*_qkv_bias_proj(own_shard, spec), spec.tsp_group)
+
+        def gathered() -> CallWeights:
+            qkv_weight, qkv_bias, proj_transposed = (None if p is None else p.wait() for p in gathers)
+            return qkv_weight, qkv_bias, proj_transposed.t()
+        return gathered
     slot, buckets = slots[call % len(slots)], spec.buckets(call)
     tsp_rank = dist.get_rank(spec.tsp_group)
     if tsp_rank in buckets:
         layout.pack(own_shard, slot.chunk(spec.buckets_per_call)[buckets.index(tsp_rank)])
-    return broadcast_parts(slot, buckets, spec.tsp_group)
+    broadcasts = broadcast_parts(slot, buckets, spec.tsp_group)
+    return lambda: _call_weights(broadcasts.wait(), layout, spec)
 
 
-def _call_weights(slot: Tensor, layout: ShardLayout, spec: _CallSpec) -> tuple[Tensor, Tensor | None, Tensor]:
-    """A call's (qkv weight ``[(nq + 2*nkv)*hd, h]``, qkv bias or None, proj weight ``[h, nq*hd]``) from its
-    slot of G packed shards. Megatron's qkv layout is grouped per kv group, so the G shards' rows stacked
-    are the layout of the call's G*nkv/D groups, and their proj columns side by side match the call's heads.
-    Views of the slot for one bucket per call; copies (the G shards' size, one per tensor) otherwise."""
+def _call_weights(slot: Tensor, layout: ShardLayout, spec: _CallSpec) -> CallWeights:
+    """A call's weights (:data:`CallWeights`) from its slot of G packed shards. Megatron's qkv layout is
+    grouped per kv group, so the G shards' rows stacked are the layout of the call's G*nkv/D groups, and their
+    proj columns side by side match the call's heads. Views of the slot for one bucket per call; copies (the
+    G shards' size, one per tensor) otherwise."""
     qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(layout.unpack_stacked(slot, spec.buckets_per_call), spec)
     # .contiguous() copies only for G > 1 (a size-1 dim's stride does not count)
     proj_columns = proj_weight.transpose(0, 1).contiguous().flatten(1)  # [G, h, c] -> [h, G, c] -> [h, G*c]
@@ -214,22 +240,27 @@ def _stacked_grads(call_grads: list[Tensor], spec: _CallSpec) -> list[Tensor]:
     return [t for t in stacked if t is not None]
 
 
-def _start_call(fetch: Pending, x: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
-                layout: ShardLayout, spec: _CallSpec) -> tuple[Tensor, Tensor, Pending, Tensor]:
-    """Wait for a call's weights, project the local tokens and start gathering the call's K/V.
+def _start_call(fetch: Callable[[], CallWeights], x: Tensor, norm_params: list[Tensor | None],
+                rotary_freqs: Tensor | None, spec: _CallSpec,
+                kept_weights: list[CallWeights] | None) -> tuple[Tensor, Tensor, Pending, Tensor]:
+    """Wait for a call's weights (appended to ``kept_weights`` unless None), project the local tokens and
+    start gathering the call's K/V.
 
     Returns the qkv projection ``[S/D, B, (nq + 2*nkv)*hd]``, q ``[S/D, B, nq, hd]``, the pending
     chunk-major all-gather of cat(k, v) ``[S, B, 2*nkv, hd]`` (the call's heads) and the call's
     output-projection weight.
     """
-    qkv_weight, qkv_bias, proj_weight = _call_weights(fetch.wait(), layout, spec)
+    weights = fetch()
+    if kept_weights is not None:
+        kept_weights.append(weights)
+    qkv_weight, qkv_bias, proj_weight = weights
     projection = F.linear(x, qkv_weight, qkv_bias)
     q, k, v = _split_heads(projection, norm_params, rotary_freqs, spec)
     return projection, q, all_gather_zigzag(torch.cat((k, v), dim=2), spec.tsp_group), proj_weight
 
 
-def _restart_call(fetch: Pending, projection: Tensor, norm_params: list[Tensor | None],
-                  rotary_freqs: Tensor | None, layout: ShardLayout, spec: _CallSpec) -> tuple:
+def _restart_call(fetch: Callable[[], CallWeights], projection: Tensor, norm_params: list[Tensor | None],
+                  rotary_freqs: Tensor | None, spec: _CallSpec) -> tuple:
     """Backward's :func:`_start_call`, from forward's kept projection: q/k/v rebuilt on detached leaves
     (the projection and the q/k-norm params, so that grads land on them, not on the Function's inputs, which
     must get exactly one grad each), and the pending all-gather of K/V (a detached copy, whose grad comes
@@ -238,7 +269,7 @@ def _restart_call(fetch: Pending, projection: Tensor, norm_params: list[Tensor |
     Returns (leaf projection, [qkv weight, proj weight], leaf q/k-norm params, (q, k, v), pending K/V
     gather). The GEMMs' grads are computed by hand (no graph).
     """
-    qkv_weight, _, proj_weight = _call_weights(fetch.wait(), layout, spec)
+    qkv_weight, _, proj_weight = fetch()
     with torch.enable_grad():
         leaf_projection = projection.detach().requires_grad_()
         leaf_norm = [None if p is None else p.detach().requires_grad_() for p in norm_params]
@@ -248,14 +279,15 @@ def _restart_call(fetch: Pending, projection: Tensor, norm_params: list[Tensor |
 
 
 def _call_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, ...], grad_out: Tensor,
-                   grad_x: Tensor, grad_norm: list[Tensor | None], q_positions: Tensor, k_positions: Tensor,
-                   spec: _CallSpec) -> list[Tensor]:
+                   q_positions: Tensor, k_positions: Tensor,
+                   spec: _CallSpec) -> tuple[Tensor, list[Tensor | None], list[Tensor]]:
     """One call's grads from this rank's tokens: the output projection's and the core attention's from
     forward's kept output and LSE (the attention is not recomputed), dK/dV reduce-scattered to the tokens'
     owners (the gather's transpose), then through the q/k norms and RoPE to the qkv projection and its
-    GEMM's grads. Adds the input and q/k-norm grads into ``grad_x`` and ``grad_norm``; returns the call's
-    weight grads in pack order. A function of its own so that its temporaries (dK/dV ``[S, B, 2*nkv, hd]``,
-    the projection's grad) are freed when it returns, not held through the next call's kernel."""
+    GEMM's grads. Returns the call's input grad ``[S/D, B, h]``, q/k-norm param grads (None where there is
+    no such param) and weight grads in pack order. A function of its own so that its temporaries (dK/dV
+    ``[S, B, 2*nkv, hd]``, the projection's grad) are freed when it returns, not held through the next call's
+    kernel."""
     leaf_projection, (qkv_weight, proj_weight), leaf_norm, (q, k, v), kv_gather = restarted
     attn = kept_attention[0]  # [S/D, B, nq*hd]
     grad_attn, grad_proj = linear_backward(grad_out, attn, proj_weight)  # out = attn @ proj_weight^T
@@ -269,13 +301,17 @@ def _call_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, ..
     local_leaves = [leaf_projection] + leaf_norm
     local_grads = iter(torch.autograd.grad([q, k, v], [t for t in local_leaves if t is not None],
                                            [grad_q, grad_k, grad_v]))
-    grad_projection, *grad_norm_call = [None if t is None else next(local_grads) for t in local_leaves]
-    for total, part in zip(grad_norm, grad_norm_call):
-        if total is not None:
-            total += part
-    grad_x_call, grad_qkv = linear_backward(grad_projection, x, qkv_weight, spec.has_qkv_bias)
-    grad_x += grad_x_call
-    return [*grad_qkv, *grad_proj]
+    grad_projection, *grad_norm = [None if t is None else next(local_grads) for t in local_leaves]
+    grad_x, grad_qkv = linear_backward(grad_projection, x, qkv_weight, spec.has_qkv_bias)
+    return grad_x, grad_norm, [*grad_qkv, *grad_proj]
+
+
+def _accumulate(total: Tensor | None, part: Tensor, parts: int) -> Tensor:
+    """``total + part`` over a sum of ``parts`` terms, kept in >= fp32: the first term starts the sum (no zero
+    fill), and a lone term is the sum as it is (a 16-bit GEMM result needs no fp32 round trip)."""
+    if total is None:
+        return part if parts == 1 else part.to(torch.promote_types(part.dtype, torch.float32))
+    return total.add_(part)
 
 
 def _qkv_bias_proj(parts: list[Tensor], spec: _CallSpec) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -283,13 +319,39 @@ def _qkv_bias_proj(parts: list[Tensor], spec: _CallSpec) -> tuple[Tensor, Tensor
     return (parts[0], parts[1], parts[2]) if spec.has_qkv_bias else (parts[0], None, parts[1])
 
 
-def _finish_reduce(call: int, pending: Pending, layout: ShardLayout, spec: _CallSpec) -> list[Tensor]:
-    """Wait for call ``call``'s weight-grad reduces; the owner of one of its buckets gets that bucket's
-    summed grads (copies, so that the reduce buffer is freed and at most two grad buffers stay alive)."""
-    own_part = pending.wait()
-    if dist.get_rank(spec.tsp_group) not in spec.buckets(call):
-        return []
-    return [g.clone() for g in layout.unpack(own_part)]
+def _reduce_call_grads(call: int, call_grads: list[Tensor], layout: ShardLayout, spec: _CallSpec,
+                       acc_dtype: torch.dtype) -> Callable[[], list[Tensor]]:
+    """Start summing call ``call``'s weight grads (this rank's tokens, the call's layout) into their owners, in
+    ``acc_dtype``; the returned function waits and gives this rank's own summed grads in pack order if it
+    owns one of the call's buckets, else [].
+
+    One call: each tensor is reduce-scattered from its full layout (proj's transposed), the transpose of
+    :func:`_fetch_call`'s gathers. Otherwise the grads are copied into one buffer of the call's G packed
+    shards (a strided, casting copy per tensor) and reduced part by part to their owners, and the owner copies
+    its part out, so that the buffer is freed once the function has run.
+    """
+    if spec.calls == 1:
+        qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(call_grads, spec)
+        rows = [g.to(acc_dtype) for g in (qkv_weight, qkv_bias) if g is not None]
+        # one copy: the cast lays it out row-major, or without a cast reduce_scatter_seq's contiguous() does
+        rows.append(proj_weight.t().to(acc_dtype, memory_format=torch.contiguous_format))
+        scatters = [reduce_scatter_seq(g, spec.tsp_group) for g in rows]
+
+        def own_scattered() -> list[Tensor]:
+            *qkv, proj_transposed = (pending.wait() for pending in scatters)
+            return [*qkv, proj_transposed.t()]
+        return own_scattered
+    grad_buffer = shard_buffer(spec.buckets_per_call * layout.numel, acc_dtype, call_grads[0].device, "grad")
+    for view, grad in zip(layout.unpack_stacked(grad_buffer, spec.buckets_per_call),
+                          _stacked_grads(call_grads, spec), strict=True):
+        view.copy_(grad)
+    reduces = reduce_parts(grad_buffer, spec.buckets(call), spec.tsp_group)
+    owner = dist.get_rank(spec.tsp_group) in spec.buckets(call)
+
+    def own_reduced() -> list[Tensor]:
+        summed = reduces.wait()
+        return [g.clone() for g in layout.unpack(summed)] if owner else []
+    return own_reduced
 
 
 class TSPAttentionFunction(torch.autograd.Function):
@@ -311,26 +373,29 @@ class TSPAttentionFunction(torch.autograd.Function):
         own_shard = [t for t in (qkv_weight, qkv_bias, proj_weight) if t is not None]
         layout = ShardLayout([t.shape for t in own_shard])
         norm_params = [q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias]
-        num_calls = dist.get_world_size(spec.tsp_group) // spec.buckets_per_call
-        num_slots = num_calls if spec.keep_weights else min(num_calls, 2)  # one per call when they are kept
+        num_calls = spec.calls
+        # kept weights of one bucket per call are views of their slot: one slot per call then
+        views_kept = spec.keep_weights and spec.buckets_per_call == 1
+        num_slots = 0 if num_calls == 1 else num_calls if views_kept else 2
         slot_numel = spec.buckets_per_call * layout.numel
         slots = [shard_buffer(slot_numel, qkv_weight.dtype, x.device, "weight") for _ in range(num_slots)]
+        kept_weights: list[CallWeights] | None = [] if spec.keep_weights else None
 
-        out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        out = None  # the calls' output projections summed (in >= fp32 over several calls)
         # per call: its projection, then the core attention's [S/D, B, G*nq/D*hd] output and its LSE
         kept_activations: list[tuple[Tensor, tuple[Tensor, ...]] | None] = []
         started = _start_call(_fetch_call(0, own_shard, layout, slots, spec), x, norm_params, rotary_freqs,
-                              layout, spec)
+                              spec, kept_weights)
         if num_calls > 1:
             fetch = _fetch_call(1, own_shard, layout, slots, spec)
         for call in range(num_calls):
             projection, q, kv_gather, call_proj_weight = started
             if call + 1 < num_calls:  # the next call's K/V travel while this call's attention computes
-                started = _start_call(fetch, x, norm_params, rotary_freqs, layout, spec)
+                started = _start_call(fetch, x, norm_params, rotary_freqs, spec, kept_weights)
             full_k, full_v = kv_gather.wait().chunk(2, dim=2)  # [S, B, G*nkv/D, hd] each
             attn, *saved = spec.core_attention.forward(q, full_k, full_v, q_positions, k_positions,
                                                        spec.softmax_scale)
-            out += F.linear(attn, call_proj_weight)
+            out = _accumulate(out, F.linear(attn, call_proj_weight), num_calls)
             if spec.keep_activations:
                 kept_activations.append((projection, (attn, *saved)))
             del projection, call_proj_weight
@@ -338,7 +403,7 @@ class TSPAttentionFunction(torch.autograd.Function):
                 fetch = _fetch_call(call + 2, own_shard, layout, slots, spec)
 
         ctx.spec = spec
-        ctx.kept_weights = slots if spec.keep_weights else None
+        ctx.kept_weights = kept_weights
         ctx.kept_activations = kept_activations if spec.keep_activations else None
         ctx.save_for_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs, q_positions,
                               k_positions)
@@ -352,29 +417,30 @@ class TSPAttentionFunction(torch.autograd.Function):
         own_shard = [t for t in (qkv_weight, qkv_bias, proj_weight) if t is not None]
         layout = ShardLayout([t.shape for t in own_shard])
         norm_params = [q_norm_weight, q_norm_bias, k_norm_weight, k_norm_bias]
-        num_calls = dist.get_world_size(spec.tsp_group) // spec.buckets_per_call
-        slot_numel = spec.buckets_per_call * layout.numel
+        num_calls = spec.calls
         acc_dtype = torch.promote_types(qkv_weight.dtype, torch.float32)
         kept, ctx.kept_weights = ctx.kept_weights, None  # freed with this frame
         kept_activations, ctx.kept_activations = ctx.kept_activations, None  # each call's freed after its use
         if kept_activations is None:
             raise RuntimeError("TSP attention backward without forward's activations: it runs once per forward "
                                "(no retain_graph), from a forward that ran with grad enabled")
-        if kept is None:
-            slots = [shard_buffer(slot_numel, qkv_weight.dtype, x.device, "weight") for _ in range(min(num_calls, 2))]
+        slots = []
+        if kept is None and num_calls > 1:
+            slots = [shard_buffer(spec.buckets_per_call * layout.numel, qkv_weight.dtype, x.device, "weight")
+                     for _ in range(2)]
 
-        def fetch_call(call: int) -> Pending:
+        def fetch_call(call: int) -> Callable[[], CallWeights]:
             if kept is not None:
-                return Pending(kept[call], [])
+                return lambda: kept[call]
             return _fetch_call(call, own_shard, layout, slots, spec)
 
-        grad_x = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        grad_norm = [None if p is None else torch.zeros_like(p, dtype=acc_dtype) for p in norm_params]
-        own_grads: list[Tensor] = []
-        weight_grad_reduce: tuple[int, Pending] | None = None  # (call, its in-flight reduces to the owners)
-        def restart_call(call: int, fetch: Pending) -> tuple:
-            return _restart_call(fetch, kept_activations[call][0], norm_params, rotary_freqs, layout, spec)
+        def restart_call(call: int, fetch: Callable[[], CallWeights]) -> tuple:
+            return _restart_call(fetch, kept_activations[call][0], norm_params, rotary_freqs, spec)
 
+        grad_x = None  # the calls' input grads summed (in >= fp32 over several calls), and the q/k norms'
+        grad_norm: list[Tensor | None] = [None] * len(norm_params)
+        own_grads: list[Tensor] = []
+        reducing: Callable[[], list[Tensor]] | None = None  # the previous call's in-flight weight-grad reduces
         started = restart_call(0, fetch_call(0))
         if num_calls > 1:
             fetch = fetch_call(1)
@@ -382,25 +448,22 @@ class TSPAttentionFunction(torch.autograd.Function):
             restarted = started
             if call + 1 < num_calls:  # the next call's K/V travel while this call's grads compute
                 started = restart_call(call + 1, fetch)
-            call_grads = _call_backward(x, restarted, kept_activations[call][1], grad_out, grad_x, grad_norm,
-                                        q_positions, k_positions, spec)
+            grad_x_call, grad_norm_call, call_grads = _call_backward(
+                x, restarted, kept_activations[call][1], grad_out, q_positions, k_positions, spec)
             kept_activations[call] = None
             del restarted  # this call's q/k/v graph and weights
-
-            # This call's partial weight grads (local tokens), one part per bucket, are summed into each
-            # bucket's owner, in acc_dtype.
-            grad_buffer = shard_buffer(slot_numel, acc_dtype, x.device, "grad")
-            for view, grad in zip(layout.unpack_stacked(grad_buffer, spec.buckets_per_call),
-                                  _stacked_grads(call_grads, spec), strict=True):
-                view.copy_(grad)  # one (cast) copy per tensor for the G buckets
-            del call_grads
-            if weight_grad_reduce is not None:  # the previous call's reduces overlapped this call
-                own_grads += _finish_reduce(*weight_grad_reduce, layout, spec)
-            weight_grad_reduce = (call, reduce_parts(grad_buffer, spec.buckets(call), spec.tsp_group))
-            del grad_buffer  # only the in-flight reduces hold it now
+            grad_x = _accumulate(grad_x, grad_x_call, num_calls)
+            grad_norm = [total if part is None else _accumulate(total, part, num_calls)
+                         for total, part in zip(grad_norm, grad_norm_call)]
+            # this call's partial weight grads (local tokens) are summed into each bucket's owner
+            if reducing is not None:  # the previous call's reduces overlapped this call; their buffer goes
+                own_grads += reducing()
+                reducing = None
+            reducing = _reduce_call_grads(call, call_grads, layout, spec, acc_dtype)
+            del grad_x_call, call_grads  # only the in-flight reduces hold the grads now
             if call + 2 < num_calls:  # this call's weight slot is free again (its graph is consumed)
                 fetch = fetch_call(call + 2)
-        own_grads += _finish_reduce(*weight_grad_reduce, layout, spec)
+        own_grads += reducing()
 
         grad_weights = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]
         grad_qkv_weight, grad_qkv_bias, grad_proj_weight = _qkv_bias_proj(grad_weights, spec)

@@ -31,6 +31,7 @@ __all__ = [
     "Pending",
     "ShardLayout",
     "ShardResidency",
+    "all_gather_linear_pair",
     "all_gather_seq",
     "all_gather_zigzag",
     "broadcast",
@@ -134,6 +135,17 @@ def all_gather_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     gathered = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
     work = dist.all_gather_into_tensor(gathered, tensor, group=group, async_op=True)
     return Pending(gathered, [work])
+
+
+def all_gather_linear_pair(column_weight: Tensor, column_bias: Tensor | None, row_weight: Tensor,
+                           group: dist.ProcessGroup) -> list[Pending | None]:
+    """Start gathering the D shards of Megatron's column- then row-parallel linear pair (attention's qkv and
+    proj, the MLP's fc1 and fc2) straight into their full layouts, one message per tensor: the column weight
+    ``[D*r, h]`` and its bias ``[D*r]`` (None stays None) with the ranks' rows in rank order, and the row
+    weight transposed, ``[D*c, h]`` (each rank sends its ``row_weight.t()``, so that the gathered rows are
+    the full weight's columns)."""
+    return [all_gather_seq(column_weight, group), None if column_bias is None else all_gather_seq(column_bias, group),
+            all_gather_seq(row_weight.t(), group)]
 
 
 def all_gather_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:

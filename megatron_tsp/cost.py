@@ -151,6 +151,7 @@ __all__ = [
     "tsp_attention_calls",
     "tsp_attention_comm",
     "tsp_host_steps",
+    "tsp_layer_operators",
     "tsp_mlp_comm",
 ]
 
@@ -174,16 +175,16 @@ TSP_DEVICE_FACTOR = 1.26
 TSP_HOST_SECONDS = 1.85e-3
 # Operators (each at least one kernel launch on a GPU) a TSP layer dispatches in a training step under full
 # recompute, norms, RoPE, attention, MLP and grads included (scripts/count_step_ops.py, D = 2, 4, 8, every G,
-# both MLP schedules; CPU): 115 per attention call of G head buckets + 4 per head bucket + 85, and 37 per MLP
-# ring step or 33 for the gathered MLP; with one call over all D buckets 4 fewer per bucket beyond the first
-# (its weight broadcasts, three passes' under full recompute, and grad reduces are one collective each);
-# every G > 1 count exact, G = 1 (no weight copy) 3-5% over. They scale TSP_HOST_SECONDS, fitted with one
-# bucket per call and the ring, to other schedules (tsp_host_steps); without recompute the ratio of G = 8
-# to G = 1 (ring, D = 8) is within 3% of it. Counted, not timed on a GPU. (RoPE's cos/sin, since made once
-# per layer, cut G = 1's count from 1551 to 1285 at D = 8 after TSP_HOST_SECONDS was measured; the model
-# does not credit that until a GPU measures it.)
-_OPS_PER_CALL, _OPS_PER_BUCKET, _OPS_PER_LAYER = 115, 4, 85
-_OPS_PER_RING_STEP, _OPS_GATHERED_MLP, _OPS_SAVED_PER_BUCKET_IN_ONE_CALL = 37, 33, 4
+# both MLP schedules; CPU, 2026-11-28): with several attention calls 103 per call (+ 6 with G > 1 head buckets
+# per call: their weights' concatenated copies, three passes) + 4 per head bucket (its weight broadcasts and
+# grad reduce) + 71; with one call over all D buckets (each weight tensor gathered whole) 176 at every D; plus
+# 31 per MLP ring step or 27 for the gathered MLP. Every count exact. They scale TSP_HOST_SECONDS, fitted with
+# one bucket per call and the ring, to other schedules (tsp_host_steps); without recompute the ratio of G = 8
+# to G = 1 (ring, D = 8) is within 4% of it. Counted, not timed on a GPU. (G = 1's count at D = 8 went from
+# 1455 when TSP_HOST_SECONDS was measured to 1175 since, by RoPE's cos/sin made once per angle table and the
+# first call's partial starting the sums; the model does not credit that until a GPU measures it.)
+_OPS_PER_CALL, _OPS_PER_CALL_CONCATENATED, _OPS_PER_BUCKET, _OPS_PER_LAYER = 103, 6, 4, 71
+_OPS_ONE_CALL_LAYER, _OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 176, 31, 27
 
 
 @dataclass(frozen=True)
@@ -474,15 +475,23 @@ def tsp_attention_calls(work: Workload, d: int) -> int:
     return d // work.tsp_buckets_per_call
 
 
+def tsp_layer_operators(work: Workload, d: int) -> int:
+    """Operators a TSP layer of degree D dispatches in a training step under full recompute (the ``_OPS_*``
+    fit of scripts/count_step_ops.py's counts) with the workload's attention calls and MLP schedule."""
+    calls = tsp_attention_calls(work, d)
+    mlp = _OPS_GATHERED_MLP if work.tsp_mlp_gather else _OPS_PER_RING_STEP * d
+    if calls == 1:
+        return _OPS_ONE_CALL_LAYER + mlp
+    per_call = _OPS_PER_CALL + (_OPS_PER_CALL_CONCATENATED if calls < d else 0)
+    return per_call * calls + _OPS_PER_BUCKET * d + _OPS_PER_LAYER + mlp
+
+
 def tsp_host_steps(work: Workload, d: int) -> float:
     """A TSP layer's host cost in units of :data:`TSP_HOST_SECONDS` per forward-equivalent pass: D (its head
     buckets) with one bucket per attention call and the MLP ring, where it was fitted; otherwise scaled by
-    the layer's operator count (the ``_OPS_*`` fit) against that schedule's."""
-    def operators(calls: int, gathered_mlp: bool) -> int:
-        mlp = _OPS_GATHERED_MLP if gathered_mlp else _OPS_PER_RING_STEP * d
-        one_call = _OPS_SAVED_PER_BUCKET_IN_ONE_CALL * (d - 1) if calls == 1 else 0
-        return _OPS_PER_CALL * calls + _OPS_PER_BUCKET * d + _OPS_PER_LAYER + mlp - one_call
-    return d * operators(tsp_attention_calls(work, d), work.tsp_mlp_gather) / operators(d, False)
+    :func:`tsp_layer_operators` against that schedule's."""
+    fitted = replace(work, tsp_buckets_per_call=1, tsp_mlp_gather=False)
+    return d * tsp_layer_operators(work, d) / tsp_layer_operators(fitted, d)
 
 
 def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
@@ -494,18 +503,19 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
     and reduce W*e_acc (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's
     forward row. The K/V gather and dK/dV reduce-scatter are two half-size calls per attention call of G
     head buckets (chunk-major, comm.py); weights and their grads one message per bucket, or with one call
-    over all D buckets one all_gather and one reduce_scatter.
+    over all D buckets an all_gather and a reduce_scatter per weight tensor (qkv, its bias, proj).
     """
     share = _share(d)
     weights = model.attention_weights() * share
     kv = work.tokens * model.kv_width * work.act_bytes * share
     calls = tsp_attention_calls(work, d)
-    one_call = calls == 1  # the D broadcasts are one all-gather, the D reduces one reduce-scatter (comm.py)
+    one_call = calls == 1  # each weight tensor gathered whole, its grad reduce-scattered (attention.py)
+    messages = (3 if model.qkv_bias else 2) if one_call else d
     fetch = ("attention weights", "all_gather" if one_call else "broadcast", weights * work.param_bytes, d, d,
-             True, 1 if one_call else d)
+             True, messages)
     gather = ("K/V", "all_gather", kv, d, d, False, 2 * calls)
     reduce = ("attention weight grads", "reduce_scatter" if one_call else "reduce", weights * work.grad_bytes, d,
-              d, True, 1 if one_call else d)
+              d, True, messages)
     refetch = () if work.tsp_keep_weights else (fetch,)
     return LayerComm(
         forward=_transfers(fetch, gather),
@@ -864,11 +874,13 @@ def _attention_weight_buffers(work: Workload, shard_elements: Fraction, calls: i
     """What TSP attention (attention.py) holds per W/D-element shard while its backward runs, with G head
     buckets per call and ``live`` = min(D/G, 2) calls under way (the one differentiated and the next):
     ``live`` weight slots of G shards (e), with G > 1 as many concatenated copies of a call's weights (e),
-    the call's grads just computed, G shards (e); grad buffers (e_acc) of ``live`` calls (the one being
-    packed, the previous one being reduced) plus the rank's own summed grads, one shard."""
+    the call's grads just computed, G shards (e); their grad buffer being reduced (e_acc; the previous call's
+    reduces end before it is made) and the rank's own summed grads, one shard. With one call over all D
+    buckets no slot: the gathered weights, the grads just computed (e) and their reduce-scatter inputs
+    (e_acc), D shards each, and the rank's own summed grads."""
     g, live = work.tsp_buckets_per_call, min(calls, 2)
-    copies = live if g > 1 else 0
-    return (g * (live + copies + 1) * work.param_bytes + (live * g + 1) * work.grad_bytes) * shard_elements
+    weight_buffers = 1 if calls == 1 else live * (2 if g > 1 else 1)  # slots, and their concatenated copies
+    return (g * (weight_buffers + 1) * work.param_bytes + (g + 1) * work.grad_bytes) * shard_elements
 
 
 def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> Fraction:
@@ -876,9 +888,9 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
 
     TP+SP/TPxCP: the gathered input and the gathered output grad, 2 x [S/c, B, h]. CP: the K/V chunk in
     flight and the next one, with their dK/dV (4 x the rank's local K/V). TSP (derived from attention.py and
-    mlp.py, checked against the allocator in docs/benchmarks.md): an fp32 [S/D, B, h] accumulator (output in
-    forward, input grad in backward) plus the larger of
-    - attention, with G head buckets per call (D/G calls, ``live`` = min(D/G, 2) of them under way): per
+    mlp.py, checked against the allocator in docs/benchmarks.md) the larger of
+    - attention, with G head buckets per call (D/G calls, ``live`` = min(D/G, 2) of them under way): with
+      several calls an fp32 [S/D, B, h] accumulator (output in forward, input grad in backward); per
       element of one call's full-sequence K/V (2BS*nkv*hd*G/D), (live + 2) x a bytes: the K/V of the call
       differentiated and of the next in flight, and inside the zigzag kernel's backward (kernels/zigzag.py,
       which reads the gathered K/V in place) its packed dK/dV and one part's dK/dV, in a; per local token,
@@ -886,13 +898,14 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
       attention-output grad and the kernel's dQ, nq*hd*G/D each, in a; the weight and grad buffers
       (:func:`_attention_weight_buffers`) of W_attn/D;
       with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
-    - MLP (dense layers): one shard's recomputed activation and product, their grads and its fc1 output's
-      grad for the local tokens, and the ring buffers of W_mlp/D; with gathered weights (``tsp_mlp_gather``)
-      the same for the whole ffn, beside the gathered W_mlp (e) and fc2's grads on their way to their
+    - MLP (dense layers): the ring's fp32 [S/D, B, h] accumulator, one shard's recomputed activation and
+      product, their grads and its fc1 output's grad for the local tokens, and the ring buffers of W_mlp/D;
+      with gathered weights (``tsp_mlp_gather``, no accumulator: one fc2 GEMM) the same for the whole ffn,
+      beside the gathered W_mlp (e) and fc2's grads on their way to their
       owners (h*ffn, e_acc), which is when the activation's backward runs (the CPU allocator: 109 MiB
       against 112 modelled, mlp.py's schedule alone at h = 512, ffn = 2048, S/D = 2048, fp32); with the
       expert ring, the ring's terms for the top-k copies of the local tokens and the local experts' W (MoE
-      layers).
+      layers), beside the accumulator.
     Under full recompute also what the schedules keep from the recomputed forward: attention's
     (:func:`layer_kept_attention_bytes`) in both, the fc1 outputs (:func:`layer_kept_fc1_bytes`) in the MLP's
     (also when selective recompute re-runs the MLP).
@@ -908,7 +921,8 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     head = local_tokens * Fraction(model.head_dim, calls)  # x nq: a call's local q (its G*nq/D heads)
     rotated = live * head * (model.heads + model.kv_groups) * a
     differentiated = head * model.heads * 2 * a
-    attention = (call_kv * (live + 2) * a + rotated + differentiated
+    accumulator = 4 * local_tokens * model.hidden
+    attention = (call_kv * (live + 2) * a + rotated + differentiated + accumulator * (calls > 1)
                  + _attention_weight_buffers(work, Fraction(model.attention_weights(), t), calls))
     if work.tsp_dense_mask:
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
@@ -916,23 +930,23 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     def shard_backward(ffn: int, tokens: Fraction) -> Fraction:  # one shard's, beside its kept fc1 output
         return (2 * _mlp_activation_elements(model, ffn) - _fc1_rows(model) * ffn) * tokens * a / t
 
-    mlp = Fraction(0)
+    mlp = accumulator
     if not moe and work.tsp_mlp_gather:  # the whole ffn at once, beside the gathered weights and fc2's grads
         mlp = (t * shard_backward(model.ffn, local_tokens) + work.param_bytes * model.mlp_weights(model.ffn)
                + work.grad_bytes * model.hidden * model.ffn)
     elif not moe:
-        mlp = (shard_backward(model.ffn, local_tokens)
-               + _ring_buffer_bytes(work, Fraction(model.mlp_weights(model.ffn), t)))
+        mlp += (shard_backward(model.ffn, local_tokens)
+                + _ring_buffer_bytes(work, Fraction(model.mlp_weights(model.ffn), t)))
     elif layout.expert_ring:
-        mlp = (shard_backward(model.expert_ffn, model.topk * local_tokens)
-               + _ring_buffer_bytes(work, Fraction(_local_expert_weights(model, layout), t)))
+        mlp += (shard_backward(model.expert_ffn, model.topk * local_tokens)
+                + _ring_buffer_bytes(work, Fraction(_local_expert_weights(model, layout), t)))
     if work.recompute == "full":
         kept_attention = layer_kept_attention_bytes(model, work, layout)
         attention += kept_attention
         mlp += kept_attention
     if work.recompute == "full" or work.mlp_selectively_recomputed(moe):
         mlp += layer_kept_fc1_bytes(model, work, layout, moe)
-    return 4 * local_tokens * model.hidden + max(attention, mlp)
+    return max(attention, mlp)
 
 
 def logits_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:

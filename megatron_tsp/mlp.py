@@ -54,7 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_tsp.comm import Pending, all_gather_seq, reduce_scatter_seq
+from megatron_tsp.comm import Pending, all_gather_linear_pair, reduce_scatter_seq
 from megatron_tsp.grads import linear_backward, needs_backward, weight_grad_for_autograd
 from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
 
@@ -174,14 +174,6 @@ class TSPMLPFunction(torch.autograd.Function):
         return grad_x.to(x.dtype), None, *grad_shard
 
 
-def _gather_weights(fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
-                    group: dist.ProcessGroup) -> list[Pending | None]:
-    """Start all-gathering the D shards: full fc1 ``[F_rows, h]``, its bias ``[F_rows]`` (or None) and fc2
-    transposed ``[ffn, h]`` (each rank sends its ``fc2_weight.t()``), in rank order."""
-    return [all_gather_seq(fc1_weight, group), None if fc1_bias is None else all_gather_seq(fc1_bias, group),
-            all_gather_seq(fc2_weight.t(), group)]
-
-
 def _activate_slices(fc1_out: Tensor, spec: _MLPSpec, tsp_size: int) -> Tensor:
     """:func:`_activate` of the gathered fc1's output ``[..., D * fc1 rows per shard]``, slice by slice (a
     gated shard's rows are its gate then its up) -> ``[..., ffn]`` in slice order."""
@@ -200,7 +192,7 @@ class TSPGatheredMLPFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, spec: _MLPSpec, fc1_weight: Tensor, fc1_bias: Tensor | None,
                 fc2_weight: Tensor) -> Tensor:
         tsp_size = dist.get_world_size(spec.tsp_group)
-        gathers = _gather_weights(fc1_weight, fc1_bias, fc2_weight, spec.tsp_group)
+        gathers = all_gather_linear_pair(fc1_weight, fc1_bias, fc2_weight, spec.tsp_group)
         fc1, fc1_b = gathers[0].wait(), None if gathers[1] is None else gathers[1].wait()
         fc1_out = F.linear(x, fc1, fc1_b)  # fc2's gather is in flight meanwhile
         fc2_t = gathers[2].wait()
@@ -223,7 +215,7 @@ class TSPGatheredMLPFunction(torch.autograd.Function):
         tsp_size = dist.get_world_size(spec.tsp_group)
         acc_dtype = torch.promote_types(fc1_weight.dtype, torch.float32)
         if kept is None:
-            gathers = _gather_weights(fc1_weight, None, fc2_weight, spec.tsp_group)
+            gathers = all_gather_linear_pair(fc1_weight, None, fc2_weight, spec.tsp_group)
             fc1, fc2_t = gathers[0], gathers[2]
         else:
             fc1, fc2_t = (Pending(t, []) for t in kept)

@@ -14,6 +14,7 @@ Users of a Megatron-LM checkout patched with ``patches/`` select the TSP decoder
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import replace
 from functools import lru_cache, partial
 from typing import Any, Optional
@@ -62,6 +63,34 @@ def _zigzag_positions(seq_len: int, tsp_size: int, tsp_rank: int,
     """Global positions of rank p's local tokens ``[S/D]`` and of the chunk-major gathered ones ``[S]``, made
     once per shape: every layer and step passes the same tensors, which the zigzag kernel checks once."""
     return local_positions(seq_len, tsp_size, tsp_rank, device), gathered_positions(seq_len, tsp_size, device)
+
+
+# Megatron's angle table, by where its data sits -> (a weak reference to it, its version, the local positions,
+# dtype, as cos/sin, the local tokens' RoPE input)
+_LOCAL_ROTARY: dict[tuple, tuple] = {}
+
+
+def _local_rotary(angles: torch.Tensor, q_positions: torch.Tensor, dtype: torch.dtype,
+                  cos_sin: bool) -> torch.Tensor:
+    """The local tokens' RoPE input from Megatron's angle table ``[S, 1, 1, rot_dim]``: their angles
+    ``[S/D, 1, 1, rot_dim]``, or with ``cos_sin`` :func:`rotary_cos_sin`'s ``[2, S/D, 1, 1, rot_dim]``.
+
+    Made once per table: Megatron's ``RotaryEmbedding.forward`` is lru-cached per length, so every layer and
+    step passes the same table, or under activation recompute a detached alias of it (the same data and
+    version counter), hence the key by data address, valid while the table it was made from lives. An
+    in-place change of the table (its version) makes it again.
+    """
+    where = (angles.data_ptr(), tuple(angles.shape), angles.stride(), angles.device)
+    wanted = (angles._version, q_positions, dtype, cos_sin)
+    known = _LOCAL_ROTARY.get(where)
+    if (known is not None and known[0]() is not None and known[1] == wanted[0] and known[2] is q_positions
+            and known[3:5] == wanted[2:]):
+        return known[5]
+    local = angles[q_positions]  # at the tokens' global positions
+    if cos_sin:
+        local = rotary_cos_sin(local, dtype)
+    _LOCAL_ROTARY[where] = (weakref.ref(angles, lambda _: _LOCAL_ROTARY.pop(where, None)), *wanted, local)
+    return local
 
 
 class TSPSelfAttention(SelfAttention):
@@ -119,10 +148,10 @@ class TSPSelfAttention(SelfAttention):
         if rotary_pos_emb is not None:
             if isinstance(rotary_pos_emb, tuple):  # Megatron passes (q, k) angles; for self-attention equal
                 rotary_pos_emb = rotary_pos_emb[0]
-            rotary_freqs = rotary_pos_emb[q_positions]  # [S/D, 1, 1, rot_dim] at the tokens' global positions
-            if not self.config.apply_rope_fusion and not self.config.rotary_interleaved:
-                # Megatron's unfused RoPE, with cos/sin made once here instead of per head bucket and tensor
-                rotary_freqs = rotary_cos_sin(rotary_freqs, hidden_states.dtype)
+            # Megatron's unfused RoPE, with cos/sin made once instead of per head bucket, tensor and layer
+            cos_sin = not self.config.apply_rope_fusion and not self.config.rotary_interleaved
+            rotary_freqs = _local_rotary(rotary_pos_emb, q_positions, hidden_states.dtype, cos_sin)
+            if cos_sin:
                 rotary_fn = apply_rotary_cos_sin
         qk_norm = None
         if self.q_layernorm is not None:

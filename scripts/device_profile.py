@@ -16,9 +16,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# aten operators that allocate or alias without touching data (no kernel on a GPU)
+# aten operators that allocate or alias without touching data (no kernel on a GPU); ``_unsafe_view`` is the
+# reshape of a fresh result (e.g. a matmul's) that autograd does not track as a view
 _NO_WORK = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
-            "lift_fresh", "set_", "resize_", "promote_types", "result_type"}
+            "lift_fresh", "set_", "resize_", "promote_types", "result_type", "_unsafe_view"}
 
 
 class _CountWorkOps(TorchDispatchMode):

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from megatron_tsp.cost import Workload, tsp_layer_operators
+from megatron_tsp.mlp import MLP_SCHEDULES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -83,12 +86,18 @@ def test_bench_layer_smoke_on_cpu() -> None:
     assert operators[1] < operators[0] and operators[3] < operators[2], done.stdout
 
 
-def test_count_step_ops_on_cpu() -> None:
+@pytest.mark.parametrize("mlp_schedule", MLP_SCHEDULES)
+def test_count_step_ops_on_cpu(mlp_schedule: str) -> None:
     """scripts/count_step_ops.py counts one layer's operators in a training step: fewer with one attention call
-    over both head buckets than with two, and fewest for Megatron's TP+SP layer."""
+    over both head buckets than with two, fewest for Megatron's TP+SP layer, and exactly the cost model's
+    operator fit (which scales TSP's host time from the measured schedule to the others)."""
     done = subprocess.run([sys.executable, "scripts/count_step_ops.py", "--tsp", "2", "--buckets-per-call", "1,2",
-                           "--seq", "64"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--seq", "64", "--mlp-schedule", mlp_schedule], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = dict(re.findall(r"(TP\+SP|TSP G=\d): (\d+) operators per layer", done.stdout))
     assert list(counts) == ["TP+SP", "TSP G=1", "TSP G=2"], done.stdout
     assert int(counts["TP+SP"]) < int(counts["TSP G=2"]) < int(counts["TSP G=1"]), done.stdout
+    for g in (1, 2):
+        work = Workload(micro_batch=1, seq_len=64, tsp_buckets_per_call=g, tsp_mlp_gather=mlp_schedule == "gather")
+        assert int(counts[f"TSP G={g}"]) == tsp_layer_operators(work, 2), done.stdout

@@ -223,3 +223,32 @@ def test_backward_grads_are_copied_then_added_never_partly() -> None:
     assert written.gaps(0, 8) == [slice(0, 2), slice(6, 8)]
     with pytest.raises(RuntimeError, match="written in part"):
         written.store(slice(5, 8), (grad, torch.ones(1, 1, 3, 1)))
+
+
+def test_chunk_rows_copied_once_for_a_kernel_that_wants_them_contiguous() -> None:
+    """With ``contiguous_rows`` (cuDNN's parts) each query chunk's q, out, dO and LSE rows reach every part
+    of the chunk contiguous, as the same tensors (one copy per chunk, not per part), with unchanged results."""
+    seq_len, tsp_size, rank = 32, 4, 1  # rank 1: both chunks have a prefix and a diagonal part
+    math = math_part_kernel()
+    seen: dict[str, list[Tensor]] = {"forward": [], "backward": []}
+
+    def forward(q: Tensor, *args: object) -> tuple[Tensor, Tensor]:
+        seen["forward"].append(q)
+        return math.forward(q, *args)
+
+    def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                 *args: object) -> tuple[Tensor, Tensor, Tensor]:
+        seen["backward"] += [grad_out, q, out, lse]
+        return math.backward(grad_out, q, k, v, out, lse, *args)
+
+    q, k, v, grad_out = _inputs(seq_len, tsp_size, 4, 2, torch.float64, seed=3)
+    positions = local_positions(seq_len, tsp_size, rank), gathered_positions(seq_len, tsp_size)
+    wanting = PartKernel(forward, backward, contiguous_rows=True)
+    got = _output_and_grads(wanting, q, k, v, grad_out, *positions)
+    for want, result in zip(_output_and_grads(math, q, k, v, grad_out, *positions), got, strict=True):
+        assert_rel_close(result, want, TOLERANCE[torch.float64], "contiguous rows")
+    assert len(seen["forward"]) == 4 and len(seen["backward"]) == 16  # two chunks of two parts
+    assert all(t.is_contiguous() for ts in seen.values() for t in ts)
+    for phase, per_part in (("forward", 1), ("backward", 4)):  # a chunk's parts share its row tensors
+        first, second = seen[phase][:per_part], seen[phase][per_part:2 * per_part]
+        assert all(a is b for a, b in zip(first, second)), phase

@@ -45,9 +45,10 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
              scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """:class:`~megatron_tsp.kernels.zigzag.PartKernel` backward against the merged ``out``/``lse`` of the rows."""
     no_dropout = torch.zeros((), dtype=torch.int64, device=q.device)
-    # The zigzag function hands over row slices of larger buffers; cuDNN wants Q, O and dO alike, and a
-    # non-contiguous LSE gives wrong grads (a caveat torch's own ring attention notes), so copy the rows (K/V
-    # stay views: key ranges of the gathered K/V, unit last stride, as the contract allows).
+    # cuDNN wants Q, O and dO alike, and a non-contiguous LSE gives wrong grads (a caveat torch's own ring
+    # attention notes), so rows must be contiguous: the zigzag functions copy each query chunk's rows once
+    # (``contiguous_rows``), which makes these no-ops there (K/V stay views: key ranges of the gathered K/V,
+    # unit last stride, as the contract allows).
     grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         grad_out.contiguous(), q.contiguous(), k, v, out.contiguous(), lse.contiguous().unsqueeze(-1),
         no_dropout, no_dropout, None, None, None, q.shape[2], k.shape[2], 0.0, causal, scale=scale)

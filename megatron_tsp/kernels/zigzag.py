@@ -55,10 +55,13 @@ class PartKernel:
     are the merged ones of the whole rows, so the grads are this part's share of the exact grads.
     q/out ``[b, nq, sq, hd]``, k/v ``[b, nkv, sk, hd]`` (query head i uses kv head i // (nq/nkv), Megatron's
     grouping), lse ``[b, nq, sq]`` in the accumulation dtype (fp32 for 16-bit inputs); sk >= 1.
+    ``contiguous_rows``: the kernel copies strided q, out, dO and LSE rows into contiguous ones, so the zigzag
+    functions hand it each query chunk's rows contiguous, copied once for the chunk's parts (not per part).
     """
 
     forward: PartForward
     backward: PartBackward
+    contiguous_rows: bool = False
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -144,7 +147,7 @@ def math_part_kernel(block_elements: int = 1 << 24) -> PartKernel:
                       partial(_math_backward, block_elements=block_elements))
 
 
-FUSED_CUDNN = PartKernel(cudnn.forward, cudnn.backward)
+FUSED_CUDNN = PartKernel(cudnn.forward, cudnn.backward, contiguous_rows=True)
 """NVIDIA GPU parts (fp16/bf16, head dim <= 128) by cuDNN's fused attention."""
 
 PART_KERNEL_ENV = "MEGATRON_TSP_PART_KERNEL"
@@ -278,6 +281,12 @@ def _call_layout(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positio
     return q_heads_first, k_heads_first, v_heads_first, _chunk_plan(local_len // 2, tsp_size, tsp_rank), kernel
 
 
+def _chunk_rows(t: Tensor, rows: slice, kernel: PartKernel) -> Tensor:
+    """A query chunk's rows of a heads-first ``t`` (dim 2), contiguous if ``kernel`` wants them so."""
+    chunk = t[:, :, rows]
+    return chunk.contiguous() if kernel.contiguous_rows else chunk
+
+
 @torch.no_grad()  # a plain function by contract: its results are kept for zigzag_attention_backward
 def zigzag_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor,
                              softmax_scale: float, *, part_kernel: PartKernel | None = None) -> tuple[Tensor, Tensor]:
@@ -291,9 +300,9 @@ def zigzag_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tenso
     out_heads_first = out.permute(1, 2, 0, 3)
     lse = torch.empty(q.shape[:-1], dtype=_acc_dtype(q.dtype), device=q.device)
     for rows, parts in plan:
+        q_rows = _chunk_rows(q, rows, kernel)
         _merge_into(out_heads_first[:, :, rows], lse[:, :, rows], [
-            kernel.forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], causal, softmax_scale)
-            for keys, causal in parts])
+            kernel.forward(q_rows, k[:, :, keys], v[:, :, keys], causal, softmax_scale) for keys, causal in parts])
     return out.flatten(2), lse
 
 
@@ -320,10 +329,10 @@ def zigzag_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor,
     # the second chunk first: its prefix holds the first chunk's prefix and diagonal, so every part's key
     # range is either unwritten or written whole when it comes
     for rows, parts in reversed(plan):
+        grad_out_rows, q_rows, out_rows, lse_rows = (_chunk_rows(t, rows, kernel) for t in (grad_out, q, out, lse))
         for keys, causal in parts:
-            part_q, part_k, part_v = kernel.backward(grad_out[:, :, rows], q[:, :, rows], k[:, :, keys],
-                                                     v[:, :, keys], out[:, :, rows], lse[:, :, rows], causal,
-                                                     softmax_scale)
+            part_q, part_k, part_v = kernel.backward(grad_out_rows, q_rows, k[:, :, keys], v[:, :, keys], out_rows,
+                                                     lse_rows, causal, softmax_scale)
             written_rows.store(rows, (grad_q, part_q))
             written_keys.store(keys, (grad_k, part_k), (grad_v, part_v))
     for unwritten in written_keys.gaps(0, k.shape[2]):  # keys in every local query's future
