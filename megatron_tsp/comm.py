@@ -63,9 +63,11 @@ class Pending:
 
 @dataclass
 class CommCounter:
-    """Algorithmic bytes this rank moved, per op name (see the module docstring for the convention)."""
+    """Algorithmic bytes this rank moved, per op name (see the module docstring for the convention), and the
+    messages that carried them (collective calls, or sends for ``ring_send``; none in a group of one)."""
 
     bytes_by_op: dict[str, Fraction] = field(default_factory=lambda: defaultdict(Fraction))
+    messages_by_op: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
     def total(self) -> Fraction:
         return sum(self.bytes_by_op.values(), Fraction(0))
@@ -76,7 +78,8 @@ _active_counters: list[CommCounter] = []
 
 @contextmanager
 def comm_bytes() -> Iterator[CommCounter]:
-    """Count the bytes of every TSP op issued by this process inside the block (nesting allowed)."""
+    """Count the bytes and messages of every TSP op issued by this process inside the block (nesting
+    allowed)."""
     counter = CommCounter()
     _active_counters.append(counter)
     try:
@@ -85,9 +88,11 @@ def comm_bytes() -> Iterator[CommCounter]:
         _active_counters.remove(counter)
 
 
-def _record(op: str, nbytes: Fraction) -> None:
+def _record(op: str, nbytes: Fraction, group: dist.ProcessGroup, messages: int = 1) -> None:
+    sent = messages if dist.get_world_size(group) > 1 else 0
     for counter in _active_counters:
         counter.bytes_by_op[op] += nbytes
+        counter.messages_by_op[op] += sent
 
 
 def _nbytes(tensor: Tensor) -> int:
@@ -101,7 +106,7 @@ def _collective_share(group: dist.ProcessGroup) -> Fraction:
 
 def broadcast(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
     """In-place broadcast of ``tensor`` (any shape, contiguous) from group-local rank ``owner``."""
-    _record("broadcast", _collective_share(group) * _nbytes(tensor))
+    _record("broadcast", _collective_share(group) * _nbytes(tensor), group)
     if dist.get_world_size(group) == 1:
         return Pending(tensor, [])
     work = dist.broadcast(tensor, src=dist.get_global_rank(group, owner), group=group, async_op=True)
@@ -115,7 +120,7 @@ def broadcast_parts(flat: Tensor, owners: Sequence[int], group: dist.ProcessGrou
     one (in place, counted as ``all_gather``)."""
     size = dist.get_world_size(group)
     if size > 1 and list(owners) == list(range(size)):
-        _record("all_gather", _collective_share(group) * _nbytes(flat))
+        _record("all_gather", _collective_share(group) * _nbytes(flat), group)
         own = flat.chunk(size)[dist.get_rank(group)]
         return Pending(flat, [dist.all_gather_into_tensor(flat, own, group=group, async_op=True)])
     parts = [broadcast(part, owner, group) for part, owner in zip(flat.chunk(len(owners)), owners, strict=True)]
@@ -129,7 +134,7 @@ def all_gather_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     """
     size = dist.get_world_size(group)
     tensor = tensor.contiguous()
-    _record("all_gather", _collective_share(group) * size * _nbytes(tensor))
+    _record("all_gather", _collective_share(group) * size * _nbytes(tensor), group)
     if size == 1:
         return Pending(tensor, [])
     gathered = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
@@ -156,7 +161,7 @@ def all_gather_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     needs no reordering copy."""
     size, half = dist.get_world_size(group), tensor.shape[0] // 2
     tensor = tensor.contiguous()
-    _record("all_gather", _collective_share(group) * size * _nbytes(tensor))
+    _record("all_gather", _collective_share(group) * size * _nbytes(tensor), group, messages=2)
     if size == 1:
         return Pending(torch.cat((tensor[half:], tensor[:half])), [])
     gathered = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
@@ -170,7 +175,7 @@ def reduce_scatter_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     ``[p*n, (p+1)*n)``, ``[n, ...]``."""
     size = dist.get_world_size(group)
     tensor = tensor.contiguous()
-    _record("reduce_scatter", _collective_share(group) * _nbytes(tensor))
+    _record("reduce_scatter", _collective_share(group) * _nbytes(tensor), group)
     if size == 1:
         return Pending(tensor, [])
     scattered = tensor.new_empty((tensor.shape[0] // size, *tensor.shape[1:]))
@@ -184,7 +189,7 @@ def reduce_scatter_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     size = dist.get_world_size(group)
     tensor = tensor.contiguous()
     half = tensor.shape[0] // (2 * size)
-    _record("reduce_scatter", _collective_share(group) * _nbytes(tensor))
+    _record("reduce_scatter", _collective_share(group) * _nbytes(tensor), group, messages=2)
     if size == 1:
         return Pending(torch.cat((tensor[half:], tensor[:half])), [])
     scattered = tensor.new_empty((2 * half, *tensor.shape[1:]))
@@ -200,7 +205,7 @@ def reduce(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
 
     On the other ranks the tensor's content afterwards is unspecified.
     """
-    _record("reduce", _collective_share(group) * _nbytes(tensor))
+    _record("reduce", _collective_share(group) * _nbytes(tensor), group)
     if dist.get_world_size(group) == 1:
         return Pending(tensor, [])
     work = dist.reduce(tensor, dst=dist.get_global_rank(group, owner), op=dist.ReduceOp.SUM, group=group,
@@ -230,7 +235,7 @@ def ring_exchange(send: Tensor, recv: Tensor, group: dist.ProcessGroup) -> Pendi
     size = dist.get_world_size(group)
     if size == 1:
         raise ValueError("ring_exchange needs a group of at least 2 ranks")
-    _record("ring_send", Fraction(_nbytes(send)))
+    _record("ring_send", Fraction(_nbytes(send)), group)
     rank = dist.get_rank(group)
     ops = [dist.P2POp(dist.isend, send, dist.get_global_rank(group, (rank + 1) % size), group),
            dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, (rank - 1) % size), group)]

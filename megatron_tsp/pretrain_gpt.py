@@ -233,6 +233,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if counter is not None:
         totals = {op: float(nbytes) for op, nbytes in sorted(counter.bytes_by_op.items())}
         print_rank_0(f"> megatron-tsp comm bytes per rank over {args.train_iters} iterations: {json.dumps(totals)}")
+        messages = dict(sorted(counter.messages_by_op.items()))
+        print_rank_0(f"> megatron-tsp comm messages per rank over {args.train_iters} iterations: "
+                     f"{json.dumps(messages)}")
 
 
 if __name__ == "__main__":

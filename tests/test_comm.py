@@ -79,6 +79,9 @@ def _check_ops(group: dist.ProcessGroup) -> None:
         "reduce": size * share * 5 * f32 + share * 2 * f32,
         "ring_send": Fraction(7 * f32),
     }
+    # one message per collective call (the zigzag gathers and scatters are two), one per send
+    assert dict(counter.messages_by_op) == {"broadcast": size + 1, "all_gather": 4, "reduce_scatter": 4,
+                                            "reduce": size + 1, "ring_send": 1}
 
 
 def _ops_on_world_and_subgroups(rank: int, world_size: int) -> None:

@@ -7,7 +7,8 @@ recompute (whose backward repeats the forward's collectives), D=2 with one of tw
 attention as one call over both head buckets, the MLP by gathered weights),
 D=2 with weight shards kept for backward, D=2 with selective recompute of the MLPs and norms (their ring
 forward repeated), and D=2 MoE with the expert ring, without and with selective recompute of the MoE layers
-(the expert ring's forward repeated). The bar is 1%; in fact they agree exactly.
+(the expert ring's forward repeated). The bar is 1%; in fact they agree exactly. The messages that carry
+them (collective calls and sends, each charged a link latency by the model) must agree exactly.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
 
 ITERATIONS = 10
 _REPORT = re.compile(r"megatron-tsp comm bytes per rank over \d+ iterations: (\{.*\})")
+_MESSAGES = re.compile(r"megatron-tsp comm messages per rank over \d+ iterations: (\{.*\})")
 # The tiny config (configs/tiny_gpt_cpu.yaml): fp32, SwiGLU, no biases, sequence length 128, micro-batch 2 of
 # a global batch of 4; the MoE cases add tests.pretrain_runs.MOE (4 experts of ffn 256, top-2).
 TINY = ModelShape(hidden=64, layers=2, heads=4, kv_groups=4, head_dim=16, ffn=256, vocab=1024)
@@ -74,3 +76,8 @@ def test_counted_bytes_match_the_cost_model(name: str) -> None:
     assert counted.keys() == expected.keys()
     for op, nbytes in expected.items():
         assert counted[op] == pytest.approx(nbytes, rel=0.01), op
+    # and the messages that carry them, which the model charges a link latency each
+    messages: dict[str, int] = {}
+    for transfer in transfers:
+        messages[transfer.op] = messages.get(transfer.op, 0) + transfer.messages * steps
+    assert json.loads(_MESSAGES.search(run.output).group(1)) == messages
