@@ -59,8 +59,9 @@ def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "Megatron's output layer over all-gathered hidden states (fewer bytes when "
                             "micro-batch x sequence is below about the vocabulary size).")
     group.add_argument("--tsp-report-comm-bytes", action="store_true",
-                       help="Count the bytes of every TSP collective during training and print the totals per "
-                            "op (rank 0) when training ends, to check against megatron_tsp.cost.")
+                       help="Count the bytes of every TSP collective during training, and the messages "
+                            "carrying them, and print the totals per op (rank 0) when training ends, to check "
+                            "against megatron_tsp.cost.")
     return parser
 
 
