@@ -180,9 +180,9 @@ TSP_HOST_SECONDS = 1.85e-3
 # grad reduce) + 71; with one call over all D buckets (each weight tensor gathered whole) 176 at every D; plus
 # 31 per MLP ring step or 27 for the gathered MLP. Every count exact. They scale TSP_HOST_SECONDS, fitted with
 # one bucket per call and the ring, to other schedules (tsp_host_steps); without recompute the ratio of G = 8
-# to G = 1 (ring, D = 8) is within 4% of it. Counted, not timed on a GPU. (G = 1's count at D = 8 went from
-# 1455 when TSP_HOST_SECONDS was measured to 1175 since, by RoPE's cos/sin made once per angle table and the
-# first call's partial starting the sums; the model does not credit that until a GPU measures it.)
+# to G = 1 (ring, D = 8) is within 4% of it. Counted, not timed on a GPU. (G = 1's count at D = 8 was 1455
+# when TSP_HOST_SECONDS was measured; RoPE's cos/sin made once per angle table and sums started by their first
+# term took it to 1175, which the model does not credit until a GPU measures it.)
 _OPS_PER_CALL, _OPS_PER_CALL_CONCATENATED, _OPS_PER_BUCKET, _OPS_PER_LAYER = 103, 6, 4, 71
 _OPS_ONE_CALL_LAYER, _OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 176, 31, 27
 
