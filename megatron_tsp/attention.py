@@ -34,8 +34,8 @@ sent transposed; no slot, no copy) and its grad reduce-scattered from it. Bytes 
 counted as all_gather and reduce_scatter). G = 1 is TSP.md's schedule; larger G issues about G times fewer
 operators per attention layer (a short sequence's step is bound by their launch cost), for G times larger
 transients (below), and with G = D nothing overlaps the one K/V gather. The calls' output projections (and
-in backward their input grads) are summed in fp32 for 16-bit activations, starting from the first call's;
-one call's is the output as it is.
+in backward their input grads) are summed in fp32 for 16-bit activations, starting from the first call's,
+each later call's GEMM adding into the sum (``grads.add_linear_``); one call's is the output as it is.
 
 Overlap: call r+1's K/V all-gather (the largest transfer at long context) is in flight while call r's
 attention computes, forward and backward; call r+2's weights are fetched into call r's slot once call r is
@@ -74,7 +74,13 @@ from megatron_tsp.comm import (
     reduce_scatter_zigzag,
     shard_buffer,
 )
-from megatron_tsp.grads import linear_backward, needs_backward, weight_grad_for_autograd
+from megatron_tsp.grads import (
+    add_linear_,
+    linear_backward,
+    linear_weight_grads,
+    needs_backward,
+    weight_grad_for_autograd,
+)
 from megatron_tsp.kernels import ZIGZAG, AttentionBackend, packed_kv
 
 __all__ = [
@@ -279,12 +285,13 @@ def _restart_call(fetch: Callable[[], CallWeights], projection: Tensor, norm_par
 
 
 def _call_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, ...], grad_out: Tensor,
-                   q_positions: Tensor, k_positions: Tensor,
+                   grad_x: Tensor | None, q_positions: Tensor, k_positions: Tensor,
                    spec: _CallSpec) -> tuple[Tensor, list[Tensor | None], list[Tensor]]:
     """One call's grads from this rank's tokens: the output projection's and the core attention's from
     forward's kept output and LSE (the attention is not recomputed), dK/dV reduce-scattered to the tokens'
     owners (the gather's transpose), then through the q/k norms and RoPE to the qkv projection and its
-    GEMM's grads. Returns the call's input grad ``[S/D, B, h]``, q/k-norm param grads (None where there is
+    GEMM's grads. Returns the input grad summed over the calls so far (``grad_x``, None before the first
+    call, plus this call's, :func:`_accumulate_linear`), the call's q/k-norm param grads (None where there is
     no such param) and weight grads in pack order. A function of its own so that its temporaries (dK/dV
     ``[S, B, 2*nkv, hd]``, the projection's grad) are freed when it returns, not held through the next call's
     kernel."""
@@ -302,8 +309,8 @@ def _call_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, ..
     local_grads = iter(torch.autograd.grad([q, k, v], [t for t in local_leaves if t is not None],
                                            [grad_q, grad_k, grad_v]))
     grad_projection, *grad_norm = [None if t is None else next(local_grads) for t in local_leaves]
-    grad_x, grad_qkv = linear_backward(grad_projection, x, qkv_weight, spec.has_qkv_bias)
-    return grad_x, grad_norm, [*grad_qkv, *grad_proj]
+    grad_x = _accumulate_linear(grad_x, grad_projection, qkv_weight.t(), spec.calls)  # + grad_projection @ W
+    return grad_x, grad_norm, [*linear_weight_grads(grad_projection, x, spec.has_qkv_bias), *grad_proj]
 
 
 def _accumulate(total: Tensor | None, part: Tensor, parts: int) -> Tensor:
@@ -312,6 +319,14 @@ def _accumulate(total: Tensor | None, part: Tensor, parts: int) -> Tensor:
     if total is None:
         return part if parts == 1 else part.to(torch.promote_types(part.dtype, torch.float32))
     return total.add_(part)
+
+
+def _accumulate_linear(total: Tensor | None, x: Tensor, weight: Tensor, parts: int) -> Tensor:
+    """:func:`_accumulate` of the term ``x @ weight^T``, which after the first one the GEMM adds into the
+    sum itself (:func:`~megatron_tsp.grads.add_linear_`)."""
+    if total is None:
+        return _accumulate(None, F.linear(x, weight), parts)
+    return add_linear_(total, x, weight)
 
 
 def _qkv_bias_proj(parts: list[Tensor], spec: _CallSpec) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -395,7 +410,7 @@ class TSPAttentionFunction(torch.autograd.Function):
             full_k, full_v = kv_gather.wait().chunk(2, dim=2)  # [S, B, G*nkv/D, hd] each
             attn, *saved = spec.core_attention.forward(q, full_k, full_v, q_positions, k_positions,
                                                        spec.softmax_scale)
-            out = _accumulate(out, F.linear(attn, call_proj_weight), num_calls)
+            out = _accumulate_linear(out, attn, call_proj_weight, num_calls)
             if spec.keep_activations:
                 kept_activations.append((projection, (attn, *saved)))
             del projection, call_proj_weight
@@ -448,11 +463,10 @@ class TSPAttentionFunction(torch.autograd.Function):
             restarted = started
             if call + 1 < num_calls:  # the next call's K/V travel while this call's grads compute
                 started = restart_call(call + 1, fetch)
-            grad_x_call, grad_norm_call, call_grads = _call_backward(
-                x, restarted, kept_activations[call][1], grad_out, q_positions, k_positions, spec)
+            grad_x, grad_norm_call, call_grads = _call_backward(
+                x, restarted, kept_activations[call][1], grad_out, grad_x, q_positions, k_positions, spec)
             kept_activations[call] = None
             del restarted  # this call's q/k/v graph and weights
-            grad_x = _accumulate(grad_x, grad_x_call, num_calls)
             grad_norm = [total if part is None else _accumulate(total, part, num_calls)
                          for total, part in zip(grad_norm, grad_norm_call)]
             # this call's partial weight grads (local tokens) are summed into each bucket's owner
@@ -460,7 +474,7 @@ class TSPAttentionFunction(torch.autograd.Function):
                 own_grads += reducing()
                 reducing = None
             reducing = _reduce_call_grads(call, call_grads, layout, spec, acc_dtype)
-            del grad_x_call, call_grads  # only the in-flight reduces hold the grads now
+            del call_grads  # only the in-flight reduces hold the grads now
             if call + 2 < num_calls:  # this call's weight slot is free again (its graph is consumed)
                 fetch = fetch_call(call + 2)
         own_grads += reducing()

@@ -55,7 +55,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_tsp.comm import Pending, all_gather_linear_pair, reduce_scatter_seq
-from megatron_tsp.grads import linear_backward, needs_backward, weight_grad_for_autograd
+from megatron_tsp.grads import (
+    add_linear_,
+    linear_backward,
+    linear_weight_grads,
+    needs_backward,
+    weight_grad_for_autograd,
+)
 from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
 
 __all__ = ["MLP_SCHEDULES", "TSPGatheredMLPFunction", "TSPMLPFunction", "tsp_expert_mlps", "tsp_mlp"]
@@ -98,16 +104,17 @@ def _activate(fc1_out: Tensor, spec: _MLPSpec) -> Tensor:
     return spec.activation(fc1_out)
 
 
-def _shard_forward(x: Tensor, shard: Sequence[Tensor], spec: _MLPSpec, kept_fc1: list[Tensor] | None) -> Tensor:
-    """One shard's output for this rank's tokens: each MLP's rows of x through that MLP's slice. Appends each
-    MLP's fc1 output to ``kept_fc1`` unless it is None."""
-    outputs = []
-    for rows, mlp in zip(_rows_per_mlp(x, spec), _per_mlp(shard, spec)):
+def _shard_forward(x: Tensor, shard: Sequence[Tensor], spec: _MLPSpec, kept_fc1: list[Tensor] | None,
+                   out: Tensor) -> None:
+    """Add one shard's output for this rank's tokens into ``out`` (like x, the sum over shards): each MLP's
+    rows of x through that MLP's slice, fc2's GEMM adding into the MLP's rows of ``out``
+    (:func:`~megatron_tsp.grads.add_linear_`). Appends each MLP's fc1 output to ``kept_fc1`` unless it is
+    None."""
+    for rows, mlp, out_rows in zip(_rows_per_mlp(x, spec), _per_mlp(shard, spec), _rows_per_mlp(out, spec)):
         fc1_out = F.linear(rows, mlp[0], mlp[1] if spec.has_fc1_bias else None)
         if kept_fc1 is not None:
             kept_fc1.append(fc1_out)
-        outputs.append(F.linear(_activate(fc1_out, spec), mlp[-1]))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # the dense MLP: no concatenating copy
+        add_linear_(out_rows, _activate(fc1_out, spec), mlp[-1])
 
 
 def _shard_grads(x: Tensor, shard: Sequence[Tensor], fc1_outs: Sequence[Tensor], grad_out: Tensor,
@@ -126,9 +133,8 @@ def _shard_grads(x: Tensor, shard: Sequence[Tensor], fc1_outs: Sequence[Tensor],
         grad_hidden, grad_fc2 = linear_backward(grad_rows, hidden, mlp[-1])
         (grad_fc1_out,) = torch.autograd.grad(hidden, leaf_fc1_out, grad_hidden)
         del hidden, leaf_fc1_out, grad_hidden
-        grad_rows_x, grad_fc1 = linear_backward(grad_fc1_out, rows, mlp[0], spec.has_fc1_bias)
-        grad_x_rows += grad_rows_x
-        grads += [*grad_fc1, *grad_fc2]
+        add_linear_(grad_x_rows, grad_fc1_out, mlp[0].t())  # += grad_fc1_out @ fc1
+        grads += [*linear_weight_grads(grad_fc1_out, rows, spec.has_fc1_bias), *grad_fc2]
     return grads
 
 
@@ -146,8 +152,7 @@ class TSPMLPFunction(torch.autograd.Function):
         kept_fc1: dict[int, list[Tensor]] = {}  # owner -> its shard's fc1 output of each MLP
 
         def add_shard_output(shard: list[Tensor], owner: int) -> None:
-            out.add_(_shard_forward(x, shard, spec, kept_fc1.setdefault(owner, []) if spec.keep_fc1_outputs
-                                    else None))
+            _shard_forward(x, shard, spec, kept_fc1.setdefault(owner, []) if spec.keep_fc1_outputs else None, out)
 
         ctx.kept_shards = visit_shards(own_shard, spec.tsp_group, add_shard_output, keep=spec.keep_weights)
         ctx.kept_fc1 = kept_fc1 if spec.keep_fc1_outputs else None

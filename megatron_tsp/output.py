@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_tsp.comm import all_gather_seq
-from megatron_tsp.grads import linear_backward, weight_grad_for_autograd
+from megatron_tsp.grads import add_linear_, linear_weight_grads, weight_grad_for_autograd
 from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
 
 __all__ = ["TSPVocabLossFunction", "tsp_vocab_parallel_loss"]
@@ -102,9 +102,8 @@ class TSPVocabLossFunction(torch.autograd.Function):
             inside, rows = _targets_in_shard(labels, owner, spec)
             grad_logits.scatter_add_(-1, rows.unsqueeze(-1), -inside.unsqueeze(-1).to(grad_logits.dtype))  # - one-hot
             grad_logits = (grad_logits * grad_loss.unsqueeze(-1)).to(hidden.dtype)
-            grad_hidden_shard, grad_weight_shard = linear_backward(grad_logits, hidden, shard_weight)
-            grad_hidden.add_(grad_hidden_shard)
-            return grad_weight_shard
+            add_linear_(grad_hidden, grad_logits, shard_weight.t())  # += grad_logits @ shard_weight
+            return linear_weight_grads(grad_logits, hidden)
 
         (own_grad,) = gather_shard_grads([weight], spec.tsp_group, shard_grads)
         grad_weight = own_grad.to(weight.dtype) if spec.shared_weight else weight_grad_for_autograd(weight, own_grad)

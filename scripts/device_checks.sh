@@ -10,7 +10,8 @@
 #      for larger transients; same SEQS, TSP only;
 #   3. the attention-kernel benchmark at the shape of ../shared/reference/BASELINES.md (S = 128K, D = 8,
 #      4 heads of 128 per bucket, bf16): TSP's zigzag kernel against TP's square causal call;
-#   4. tests/test_kernels.py, whose cuDNN part-kernel cases run only on a GPU;
+#   4. tests/test_kernels.py and tests/test_grads.py, whose cuDNN part-kernel and fused fp32-accumulation
+#      cases run only on a GPU;
 #   5. the same two ranks with the norms and MLPs recomputed at SELECTIVE_SEQ (128K, the planner's pick for
 #      the 7B on 8 H100s), and without recompute at NONE_SEQ (32K): the cost model's terms for them against a
 #      GPU's allocator;
@@ -49,7 +50,7 @@ step "${bench_gpu[@]}" --seqs "$seqs" --layouts tsp --buckets-per-call 8 --mlp-s
     --out "$out/bench_gpu_fast.json"
 step python3 scripts/bench_attention_kernel.py --seq-len "${ATTENTION_SEQ:-131072}" \
     --tsp-size 8 --heads 4 --kv-heads 4 --head-dim 128 --dtype bfloat16 --repeats 3 --no-reference
-step python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+step python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_grads.py
 step "${bench_gpu[@]}" --seqs "${SELECTIVE_SEQ:-131072}" --recompute selective \
     --recompute-modules layernorm mlp --out "$out/bench_gpu_selective.json"
 step "${bench_gpu[@]}" --seqs "${NONE_SEQ:-32768}" --recompute none --out "$out/bench_gpu_none.json"
