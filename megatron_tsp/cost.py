@@ -504,23 +504,29 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
     and reduce W*e_acc (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's
     forward row. The K/V gather and dK/dV reduce-scatter are two half-size calls per attention call of G
     head buckets (chunk-major, comm.py); weights and their grads one message per bucket, or with one call
-    over all D buckets an all_gather and a reduce_scatter per weight tensor (qkv, its bias, proj).
+    over all D buckets an all_gather and a reduce_scatter per weight tensor (qkv, its bias, proj). With D/G
+    calls, the first call's weights (waited on before any compute) and the last call's grads (waited on at
+    the end) are exposed, 1/(D/G) of those bytes each; with one call all of them.
     """
     share = _share(d)
     weights = model.attention_weights() * share
     kv = work.tokens * model.kv_width * work.act_bytes * share
     calls = tsp_attention_calls(work, d)
     one_call = calls == 1  # each weight tensor gathered whole, its grad reduce-scattered (attention.py)
-    messages = (3 if model.qkv_bias else 2) if one_call else d
-    fetch = ("attention weights", "all_gather" if one_call else "broadcast", weights * work.param_bytes, d, d,
-             True, messages)
+    fetch_op, reduce_op = ("all_gather", "reduce_scatter") if one_call else ("broadcast", "reduce")
+    per_call = (3 if model.qkv_bias else 2) if one_call else work.tsp_buckets_per_call  # messages of one call
+    exposed, overlapped = Fraction(1, calls), 1 - Fraction(1, calls)
+
+    def split(what: str, op: str, nbytes: Fraction, at: str) -> tuple[tuple, ...]:
+        return ((f"{what} ({at} call)", op, nbytes * exposed, d, d, False, per_call),
+                (what, op, nbytes * overlapped, d, d, True, per_call * (calls - 1)))
+    fetch = split("attention weights", fetch_op, weights * work.param_bytes, "first")
     gather = ("K/V", "all_gather", kv, d, d, False, 2 * calls)
-    reduce = ("attention weight grads", "reduce_scatter" if one_call else "reduce", weights * work.grad_bytes, d,
-              d, True, messages)
-    refetch = () if work.tsp_keep_weights else (fetch,)
+    reduce = split("attention weight grads", reduce_op, weights * work.grad_bytes, "last")
+    refetch = () if work.tsp_keep_weights else fetch
     return LayerComm(
-        forward=_transfers(fetch, gather),
-        backward=_transfers(*refetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, 2 * calls), reduce))
+        forward=_transfers(*fetch, gather),
+        backward=_transfers(*refetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, 2 * calls), *reduce))
 
 
 def _weight_ring_comm(what: str, weights: int, work: Workload, d: int, kept: bool) -> LayerComm:

@@ -286,7 +286,8 @@ def test_kept_weight_shards_leave_backward_without_weight_traffic() -> None:
 
 def test_attention_calls_keep_bytes_and_trade_operators_for_memory() -> None:
     """--tsp-attention-buckets-per-call G at D = 8: the same bytes, K/V and dK/dV in 2D/G messages (weights
-    and their grads one per bucket; with G = D one all_gather and one reduce_scatter per weight tensor), host time scaled down
+    and their grads one per bucket; with G = D one all_gather and one reduce_scatter per weight tensor), the
+    first call's weights and the last call's grads exposed (1/(D/G) of their bytes), host time scaled down
     from G = 1's D steps by the operator fit, and larger transients (G calls' K/V, q/k and weights)."""
     d, layout = 8, Layout("TSP", tensor=8)
     works = {g: Workload(micro_batch=1, seq_len=16384, tsp_buckets_per_call=g) for g in (1, 2, 4, 8)}
@@ -294,12 +295,21 @@ def test_attention_calls_keep_bytes_and_trade_operators_for_memory() -> None:
     for g, comm in comms.items():
         for phase in ("forward", "backward"):
             transfers, single = getattr(comm, phase), getattr(comms[1], phase)
-            assert {t.what: t.nbytes for t in transfers} == {t.what: t.nbytes for t in single}, (g, phase)
-        messages = {t.what: (t.op, t.messages) for t in (*comm.forward, *comm.backward)}
-        one_call = g == d
-        assert messages == {"attention weights": ("all_gather", 2) if one_call else ("broadcast", d),
-                            "K/V": ("all_gather", 2 * d // g), "dK/dV": ("reduce_scatter", 2 * d // g),
-                            "attention weight grads": ("reduce_scatter", 2) if one_call else ("reduce", d)}, g
+            assert sum(t.nbytes for t in transfers) == sum(t.nbytes for t in single), (g, phase)
+            for t in transfers:
+                if t.what.startswith("attention weight"):  # exposed: the first or last of D/G calls
+                    whole = sum(u.nbytes for u in transfers if u.what.startswith(t.what.split(" (")[0]))
+                    assert t.nbytes == whole * (Fraction(g, d) if not t.hidden else 1 - Fraction(g, d)), (g, t)
+        messages = {t.what: (t.op, t.messages, t.hidden) for t in (*comm.forward, *comm.backward)}
+        exposed = {"K/V": ("all_gather", 2 * d // g, False), "dK/dV": ("reduce_scatter", 2 * d // g, False)}
+        if g == d:  # one call: its weights and grads are waited on before and after all its compute
+            assert messages == {**exposed, "attention weights (first call)": ("all_gather", 2, False),
+                                "attention weight grads (last call)": ("reduce_scatter", 2, False)}, g
+        else:  # the first call's weights and the last call's grads exposed, the others overlapped
+            assert messages == {**exposed, "attention weights (first call)": ("broadcast", g, False),
+                                "attention weights": ("broadcast", d - g, True),
+                                "attention weight grads (last call)": ("reduce", g, False),
+                                "attention weight grads": ("reduce", d - g, True)}, g
     host = [tsp_host_steps(work, d) for work in works.values()]
     assert host[0] == d and host == sorted(host, reverse=True) and host[-1] < d / 2
     peaks = [memory(_SEVEN_B, work, layout).working for work in works.values()]
@@ -440,7 +450,7 @@ def test_selective_moe_recompute_modules(name: str) -> None:
                 layer_comm(model, works[modules], layout, moe=True).recompute)
 
     forward = layer_comm(model, Workload(1, seq), layout, moe=True).forward
-    attention = ("attention", "attention weights", "K/V")
+    attention = ("attention", "attention weights", "attention weights (first call)", "K/V")
     shared_flops = 2 * seq * 3 * h * shared_ffn / t
     assert recomputed(("moe",)) == (2 * seq * topk * 3 * h * expert_ffn / t + shared_flops,
                                     tuple(tr for tr in forward if tr.what not in attention))
