@@ -116,13 +116,7 @@ def broadcast(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
 def broadcast_parts(flat: Tensor, owners: Sequence[int], group: dist.ProcessGroup) -> Pending:
     """In-place broadcast of the j-th of ``len(owners)`` equal parts of ``flat [n]`` from ``owners[j]``: one
     message per part (each owner's shard travels as it was packed), waited for together; the result is
-    ``flat``. When every rank owns the part of its rank (owners = 0..D-1) that is an all-gather, issued as
-    one (in place, counted as ``all_gather``)."""
-    size = dist.get_world_size(group)
-    if size > 1 and list(owners) == list(range(size)):
-        _record("all_gather", _collective_share(group) * _nbytes(flat), group)
-        own = flat.chunk(size)[dist.get_rank(group)]
-        return Pending(flat, [dist.all_gather_into_tensor(flat, own, group=group, async_op=True)])
+    ``flat``. (Where every rank owns a part, :func:`all_gather_seq` is the collective to use.)"""
     parts = [broadcast(part, owner, group) for part, owner in zip(flat.chunk(len(owners)), owners, strict=True)]
     return Pending(flat, [work for part in parts for work in part._works])
 
@@ -215,12 +209,9 @@ def reduce(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
 
 def reduce_parts(flat: Tensor, owners: Sequence[int], group: dist.ProcessGroup) -> Pending:
     """Sum the j-th of ``len(owners)`` equal parts of ``flat [n]`` over the group into ``owners[j]``. The
-    result is this rank's summed part (``[n / len(owners)]``) if it is an owner, else unspecified. When every
-    rank owns the part of its rank (owners = 0..D-1) that is a reduce-scatter, issued as one (counted as
-    ``reduce_scatter``)."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if size > 1 and list(owners) == list(range(size)):
-        return reduce_scatter_seq(flat, group)
+    result is this rank's summed part (``[n / len(owners)]``) if it is an owner, else unspecified. (Where
+    every rank owns a part, :func:`reduce_scatter_seq` is the collective to use.)"""
+    rank = dist.get_rank(group)
     parts = [reduce(part, owner, group) for part, owner in zip(flat.chunk(len(owners)), owners, strict=True)]
     own = flat.chunk(len(owners))[owners.index(rank)] if rank in owners else flat
     return Pending(own, [work for part in parts for work in part._works])

@@ -54,8 +54,8 @@ def _check_ops(group: dist.ProcessGroup) -> None:
             if rank == owner:
                 assert torch.equal(summed, torch.full((5,), float(total)))
 
-        # parts of one buffer from / into their owners: every rank one (issued as an all-gather and a
-        # reduce-scatter), or the last rank the only one (a broadcast and a reduce)
+        # parts of one buffer from / into their owners: every rank one, or the last rank the only one (a
+        # broadcast and a reduce per part)
         for owners in (list(range(size)), [size - 1]):
             flat = torch.zeros(len(owners), 3)
             if rank in owners:
@@ -73,15 +73,15 @@ def _check_ops(group: dist.ProcessGroup) -> None:
 
     f32, f64 = 4, 8
     assert dict(counter.bytes_by_op) == {
-        "broadcast": size * share * 6 * f32 + share * 3 * f32,
-        "all_gather": share * 2 * size * 2 * f32 + share * size * 4 * f64 + share * size * 3 * f32,
-        "reduce_scatter": share * 4 * size * f64 + 2 * share * 2 * size * f32,
-        "reduce": size * share * 5 * f32 + share * 2 * f32,
+        "broadcast": size * share * 6 * f32 + (size + 1) * share * 3 * f32,
+        "all_gather": share * 2 * size * 2 * f32 + share * size * 4 * f64,
+        "reduce_scatter": share * 4 * size * f64 + share * 2 * size * f32,
+        "reduce": size * share * 5 * f32 + (size + 1) * share * 2 * f32,
         "ring_send": Fraction(7 * f32),
     }
     # one message per collective call (the zigzag gathers and scatters are two), one per send
-    assert dict(counter.messages_by_op) == {"broadcast": size + 1, "all_gather": 4, "reduce_scatter": 4,
-                                            "reduce": size + 1, "ring_send": 1}
+    assert dict(counter.messages_by_op) == {"broadcast": 2 * size + 1, "all_gather": 3, "reduce_scatter": 3,
+                                            "reduce": 2 * size + 1, "ring_send": 1}
 
 
 def _ops_on_world_and_subgroups(rank: int, world_size: int) -> None:

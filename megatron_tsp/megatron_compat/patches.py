@@ -11,7 +11,10 @@ package (and ``cpu.py`` beside it) to be re-checked.
 - Not patches, but leaning on megatron-core 0.19.2 behaviour, all in ``specs.py``: the expert-bias tag
   correction (``TSPMoELayer``, at build time); the expert ring's token dispatcher, rebuilt on a view of
   the process groups without an expert-tensor-parallel group (read as size 1 by ``utils.get_pg_size``);
-  the vocabulary-ring loss, plugged in as GPTModel's ``output_processor``.
+  the vocabulary-ring loss, plugged in as GPTModel's ``output_processor``; RoPE's local cos/sin made once
+  per angle table (``_local_rotary``), which pays off because ``RotaryEmbedding.forward`` is lru-cached per
+  length, and under activation recompute hits through the detached alias Megatron's checkpoint passes (a
+  cache miss only costs the recomputation, never a wrong value).
 - ``cpu.py`` (torch-level, not Megatron): ``torch.cuda`` stand-ins and ``torch.compile`` disabled on CPU.
 """
 
