@@ -78,15 +78,16 @@ measured - 1.
 | 7B TP+SP 128K (H100)                  |        17.01 |     16.91 |   -0.5%  |          29.38 / 29.28 |
 | 7B TP+SP 32K, no recompute (H100)     |        38.34 |     38.50 |   +0.4%  |          50.71 / 50.87 |
 | 7B TP+SP 128K, sel. norms+MLP (H100)  |        47.83 |     47.79 |   -0.1%  |          60.20 / 60.16 |
-| 7B TSP 16K (H100)                     |         7.41 |      7.43 |   +0.3%  |          19.78 / 19.80 |
-| 7B TSP 128K (H100)                    |        13.89 |     13.32 |   -4.1%  |          26.26 / 25.69 |
-| 7B TSP 32K, no recompute (H100)       |        22.84 |     22.79 |   -0.2%  |          35.21 / 35.16 |
-| 7B TSP 128K, sel. norms+MLP (H100)    |        32.83 |     32.63 |   -0.6%  |          45.20 / 45.00 |
+| 7B TSP 16K (H100)                     |         7.41 |      7.42 |   +0.1%  |          19.78 / 19.79 |
+| 7B TSP 128K (H100)                    |        13.89 |     13.19 |   -5.0%  |          26.26 / 25.56 |
+| 7B TSP 32K, no recompute (H100)       |        22.84 |     22.76 |   -0.3%  |          35.21 / 35.13 |
+| 7B TSP 128K, sel. norms+MLP (H100)    |        32.83 |     32.51 |   -1.0%  |          45.20 / 44.87 |
 
 Without SP the model misses 1.1-1.8 GiB (not identified; the factor fitted to TP+SP underweights the backward
-of full-sequence norms). TSP under full recompute is low by 0.7-4.1% from 32K to 128K (a transient of its
-backward the model does not hold; that row's measurement predates the zigzag backward writing its grads in
-the input dtype, which the model already follows). The norm's intermediate is taken to be CPU-only (torch
+of full-sequence norms). TSP under full recompute is low by 0.7-5.0% from 32K to 128K (a transient of its
+backward the model does not hold; the TSP rows' measurements predate the zigzag backward writing its grads in
+the input dtype and the MLP writing a gated activation's grad into one buffer, which the model already
+follows: the latter takes 0.13 GiB off the model at 128K, -4.1% before it). The norm's intermediate is taken to be CPU-only (torch
 runs rms_norm as one fused CUDA kernel, whose backward needs its input and rstd), so the model counts a norm's
 input and output only. The Llama rows test the output layer's working set (its peak is the fp32 logits,
 V/D = 16032), overestimated by 2-3%.
@@ -178,14 +179,14 @@ TSP_HOST_SECONDS = 1.85e-3
 # both MLP schedules; CPU, 2026-11-28): with several attention calls 100 per call (+ 6 with G > 1 head buckets
 # per call: their weights' concatenated copies, three passes) + 4 per head bucket (its weight broadcasts and
 # grad reduce) + 74; with one call over all D buckets (each weight tensor gathered whole) 176 at every D; plus
-# 28 per MLP ring step or 27 for the gathered MLP. Every count exact. They scale TSP_HOST_SECONDS, fitted with
+# 27 per MLP ring step or 26 for the gathered MLP. Every count exact. They scale TSP_HOST_SECONDS, fitted with
 # one bucket per call and the ring, to other schedules (tsp_host_steps); without recompute the ratio of G = 8
 # to G = 1 (ring, D = 8) is within 4% of it. Counted, not timed on a GPU. (G = 1's count at D = 8 was 1455
 # when TSP_HOST_SECONDS was measured; RoPE's cos/sin made once per angle table and sums started by their first
-# term, each GEMM after it adding into the sum, took it to 1130, which the model does not credit until a GPU
-# measures it.)
+# term, each GEMM after it adding into the sum, and the gated activation's grad written without a concatenation
+# took it to 1122, which the model does not credit until a GPU measures it.)
 _OPS_PER_CALL, _OPS_PER_CALL_CONCATENATED, _OPS_PER_BUCKET, _OPS_PER_LAYER = 100, 6, 4, 74
-_OPS_ONE_CALL_LAYER, _OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 176, 28, 27
+_OPS_ONE_CALL_LAYER, _OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 176, 27, 26
 
 
 @dataclass(frozen=True)
@@ -905,12 +906,15 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
       attention-output grad and the kernel's dQ, nq*hd*G/D each, in a; the weight and grad buffers
       (:func:`_attention_weight_buffers`) of W_attn/D;
       with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
-    - MLP (dense layers): the ring's fp32 [S/D, B, h] accumulator, one shard's recomputed activation and
-      product, their grads and its fc1 output's grad for the local tokens, and the ring buffers of W_mlp/D;
+    - MLP (dense layers): the ring's fp32 [S/D, B, h] accumulator, one shard's fc1 output grad, its activation
+      output's grad and, gated, act(gate) (2 x its fc1 outputs; mlp.py writes a gated grad's halves into one
+      buffer), for the local tokens, and the ring buffers of W_mlp/D;
       with gathered weights (``tsp_mlp_gather``, no accumulator: one fc2 GEMM) the same for the whole ffn,
       beside the gathered W_mlp (e) and fc2's grads on their way to their
-      owners (h*ffn, e_acc), which is when the activation's backward runs (the CPU allocator: 109 MiB
-      against 112 modelled, mlp.py's schedule alone at h = 512, ffn = 2048, S/D = 2048, fp32); with the
+      owners (h*ffn, e_acc), which is when the activation's backward runs (``scripts/bench_layer.py --tsp 4
+      --seq 8192 --hidden 512 --heads 8 --ffn 2048``, CPU allocator, the schedule alone: 117 MiB gathered and
+      70 with the ring, each also holding the call's output, its grad and the input grad, 3 x 4 MiB; modelled
+      112 and 67 without them); with the
       expert ring, the ring's terms for the top-k copies of the local tokens and the local experts' W (MoE
       layers), beside the accumulator.
     Under full recompute also what the schedules keep from the recomputed forward: attention's
@@ -937,7 +941,7 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)
 
     def shard_backward(ffn: int, tokens: Fraction) -> Fraction:  # one shard's, beside its kept fc1 output
-        return (2 * _mlp_activation_elements(model, ffn) - _fc1_rows(model) * ffn) * tokens * a / t
+        return 2 * _fc1_rows(model) * ffn * tokens * a / t
 
     mlp = accumulator
     if not moe and work.tsp_mlp_gather:  # the whole ffn at once, beside the gathered weights and fc2's grads

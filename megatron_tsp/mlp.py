@@ -98,10 +98,54 @@ def _rows_per_mlp(t: Tensor, spec: _MLPSpec) -> Sequence[Tensor]:
 def _activate(fc1_out: Tensor, spec: _MLPSpec) -> Tensor:
     """The activation of one ffn slice's fc1 output: ``[n, ..., 2*ffn/D]`` ([gate ; up]) -> act(gate) * up
     ``[n, ..., ffn/D]`` when gated, else ``[n, ..., ffn/D]`` -> act of it."""
-    if spec.gated:
-        gate, up = fc1_out.chunk(2, dim=-1)
-        return spec.activation(gate) * up
-    return spec.activation(fc1_out)
+    return _activate_keeping_gate(fc1_out, spec)[0]
+
+
+def _activate_keeping_gate(fc1_out: Tensor, spec: _MLPSpec) -> tuple[Tensor, Tensor | None]:
+    """(:func:`_activate`, and when gated act(gate), which its backward needs)."""
+    if not spec.gated:
+        return spec.activation(fc1_out), None
+    gate, up = fc1_out.chunk(2, dim=-1)
+    activated_gate = spec.activation(gate)
+    return activated_gate * up, activated_gate
+
+
+# Activations whose elementwise backward has an aten op that writes into a given tensor (Megatron's --swiglu
+# is F.silu, its default F.gelu); others are differentiated by autograd and copied there.
+_ACTIVATION_BACKWARDS: dict[Callable[[Tensor], Tensor], Callable[..., Tensor]] = {
+    F.silu: torch.ops.aten.silu_backward.grad_input,
+    F.gelu: torch.ops.aten.gelu_backward.grad_input,
+}
+
+
+def _activation_backward_into(out: Tensor, activation: Callable[[Tensor], Tensor], x: Tensor,
+                              grad: Tensor) -> None:
+    """``out`` = grad * activation'(x), elementwise; ``out`` may be a strided view of a larger buffer."""
+    fused = _ACTIVATION_BACKWARDS.get(activation)
+    if fused is not None:
+        fused(grad, x, grad_input=out)
+        return
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_()
+        (grad_x,) = torch.autograd.grad(activation(leaf), leaf, grad)
+    out.copy_(grad_x)
+
+
+def _activate_backward(fc1_out: Tensor, activated_gate: Tensor | None, grad_hidden: Tensor,
+                       spec: _MLPSpec) -> Tensor:
+    """The grad of :func:`_activate`'s input from its output's, ``grad_hidden`` (consumed: scaled in place),
+    and the act(gate) of :func:`_activate_keeping_gate`. Both halves of a gated grad are written into one
+    ``[..., 2*ffn/D]`` buffer: no concatenation, and no grad of a half alive beside it (the same ops and
+    values as autograd's)."""
+    grad_fc1_out = torch.empty_like(fc1_out)
+    if not spec.gated:
+        _activation_backward_into(grad_fc1_out, spec.activation, fc1_out, grad_hidden)
+        return grad_fc1_out
+    gate, up = fc1_out.chunk(2, dim=-1)
+    grad_gate, grad_up = grad_fc1_out.chunk(2, dim=-1)
+    torch.mul(grad_hidden, activated_gate, out=grad_up)
+    _activation_backward_into(grad_gate, spec.activation, gate, grad_hidden.mul_(up))
+    return grad_fc1_out
 
 
 def _shard_forward(x: Tensor, shard: Sequence[Tensor], spec: _MLPSpec, kept_fc1: list[Tensor] | None,
@@ -127,12 +171,11 @@ def _shard_grads(x: Tensor, shard: Sequence[Tensor], fc1_outs: Sequence[Tensor],
     for rows, mlp, fc1_out, grad_rows, grad_x_rows in zip(
             _rows_per_mlp(x, spec), _per_mlp(shard, spec), fc1_outs, _rows_per_mlp(grad_out, spec),
             _rows_per_mlp(grad_x, spec)):
-        with torch.enable_grad():
-            leaf_fc1_out = fc1_out.detach().requires_grad_()
-            hidden = _activate(leaf_fc1_out, spec)
+        hidden, activated_gate = _activate_keeping_gate(fc1_out, spec)
         grad_hidden, grad_fc2 = linear_backward(grad_rows, hidden, mlp[-1])
-        (grad_fc1_out,) = torch.autograd.grad(hidden, leaf_fc1_out, grad_hidden)
-        del hidden, leaf_fc1_out, grad_hidden
+        del hidden
+        grad_fc1_out = _activate_backward(fc1_out, activated_gate, grad_hidden, spec)
+        del activated_gate, grad_hidden
         add_linear_(grad_x_rows, grad_fc1_out, mlp[0].t())  # += grad_fc1_out @ fc1
         grads += [*linear_weight_grads(grad_fc1_out, rows, spec.has_fc1_bias), *grad_fc2]
     return grads
@@ -179,11 +222,10 @@ class TSPMLPFunction(torch.autograd.Function):
         return grad_x.to(x.dtype), None, *grad_shard
 
 
-def _activate_slices(fc1_out: Tensor, spec: _MLPSpec, tsp_size: int) -> Tensor:
-    """:func:`_activate` of the gathered fc1's output ``[..., D * fc1 rows per shard]``, slice by slice (a
-    gated shard's rows are its gate then its up) -> ``[..., ffn]`` in slice order."""
-    per_slice = fc1_out.unflatten(-1, (tsp_size, fc1_out.shape[-1] // tsp_size))
-    return _activate(per_slice, spec).flatten(-2)
+def _slices(t: Tensor, tsp_size: int) -> Tensor:
+    """The gathered fc1's output (or the hidden grad) ``[..., D * n]`` viewed slice by slice ``[..., D, n]``: a
+    gated slice's fc1 rows are its gate then its up, so :func:`_activate` applies to each slice."""
+    return t.unflatten(-1, (tsp_size, t.shape[-1] // tsp_size))
 
 
 class TSPGatheredMLPFunction(torch.autograd.Function):
@@ -201,7 +243,7 @@ class TSPGatheredMLPFunction(torch.autograd.Function):
         fc1, fc1_b = gathers[0].wait(), None if gathers[1] is None else gathers[1].wait()
         fc1_out = F.linear(x, fc1, fc1_b)  # fc2's gather is in flight meanwhile
         fc2_t = gathers[2].wait()
-        out = F.linear(_activate_slices(fc1_out, spec, tsp_size), fc2_t.t())
+        out = F.linear(_activate(_slices(fc1_out, tsp_size), spec).flatten(-2), fc2_t.t())
         ctx.kept_weights = (fc1, fc2_t) if spec.keep_weights else None
         ctx.kept_fc1 = fc1_out if spec.keep_fc1_outputs else None
         ctx.spec = spec
@@ -224,15 +266,17 @@ class TSPGatheredMLPFunction(torch.autograd.Function):
             fc1, fc2_t = gathers[0], gathers[2]
         else:
             fc1, fc2_t = (Pending(t, []) for t in kept)
-        with torch.enable_grad():
-            leaf_fc1_out = fc1_out.detach().requires_grad_()
-            hidden = _activate_slices(leaf_fc1_out, spec, tsp_size)
+        fc1_slices = _slices(fc1_out, tsp_size)
+        hidden, activated_gate = _activate_keeping_gate(fc1_slices, spec)
+        hidden = hidden.flatten(-2)  # [..., ffn] in slice order
         grad_out_rows = grad_out.flatten(0, -2)
-        grad_fc2_t = reduce_scatter_seq((hidden.detach().flatten(0, -2).t() @ grad_out_rows).to(acc_dtype),
+        grad_fc2_t = reduce_scatter_seq((hidden.flatten(0, -2).t() @ grad_out_rows).to(acc_dtype),
                                         spec.tsp_group)  # [ffn, h] -> this rank's [ffn/D, h], in flight
+        del hidden
         grad_hidden = F.linear(grad_out, fc2_t.wait())  # grad_out @ fc2
-        (grad_fc1_out,) = torch.autograd.grad(hidden, leaf_fc1_out, grad_hidden)
-        del hidden, leaf_fc1_out, grad_hidden, fc1_out
+        grad_fc1_out = _activate_backward(fc1_slices, activated_gate, _slices(grad_hidden, tsp_size), spec)
+        grad_fc1_out = grad_fc1_out.flatten(-2)
+        del activated_gate, grad_hidden, fc1_out, fc1_slices
         grad_x, grad_fc1 = linear_backward(grad_fc1_out, x, fc1.wait(), spec.has_fc1_bias)
         own = [reduce_scatter_seq(g.to(acc_dtype), spec.tsp_group) for g in grad_fc1]
         own_grads = [pending.wait() for pending in own] + [grad_fc2_t.wait().t()]

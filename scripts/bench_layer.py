@@ -4,9 +4,10 @@ Torch's fake process group stands in for the other D-1 ranks (as in bench_gpu.py
 communication is faked), so the times are the rank's compute. A layer's backward does exactly two
 forwards' worth of GEMMs (TSP keeps its GEMM outputs; tests/test_attention.py and test_mlp.py count them),
 so the MLP's backward / forward ratio is about 2; attention's also holds its kernel's backward, which
-recomputes the scores (about 2.5 forwards). Prints the median of each, run on CPU or a GPU, and the
+recomputes the scores (about 2.5 forwards). Prints the median of each, run on CPU or a GPU, the
 operators that do work each dispatches (each at least one kernel launch on a GPU, where TSP's schedules are
-host-bound at short sequences: docs/benchmarks.md):
+host-bound at short sequences: docs/benchmarks.md) and the peak memory a forward and backward allocates
+above what was allocated before it (the input, weights and their grads already there):
 
     .venv/bin/python scripts/bench_layer.py --tsp 4 --seq 8192 --hidden 1024 --heads 16 --ffn 4096
 
@@ -27,6 +28,7 @@ from torch import Tensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from megatron_tsp.attention import tsp_attention
+from megatron_tsp.megatron_compat import peak_allocated_bytes
 from megatron_tsp.mlp import tsp_mlp
 from megatron_tsp.zigzag import gathered_positions, local_positions
 
@@ -54,6 +56,17 @@ def _seconds(run: Callable[[], Tensor], device: torch.device, repeats: int) -> t
 def _forward_backward(run: Callable[[], Tensor]) -> None:
     out = run()
     out.backward(torch.ones_like(out))
+
+
+def _peak_mib(run: Callable[[], Tensor], device: torch.device) -> float:
+    """MiB a forward and backward of ``run`` allocates at its peak above what was allocated before."""
+    if device.type == "cpu":
+        return peak_allocated_bytes(lambda: _forward_backward(run)) / 2**20
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    _forward_backward(run)
+    return (torch.cuda.max_memory_allocated(device) - start) / 2**20
 
 
 def main() -> None:
@@ -106,7 +119,8 @@ def main() -> None:
         forward_ops = count_work_ops(lambda: outputs.append(run()))
         backward_ops = count_work_ops(lambda: outputs[0].backward(torch.ones_like(outputs[0])))
         print(f"{name:>13}: forward {forward * 1e3:8.1f} ms, backward {backward * 1e3:8.1f} ms "
-              f"({backward / forward:.2f}x forward); {forward_ops} + {backward_ops} operators")
+              f"({backward / forward:.2f}x forward); {forward_ops} + {backward_ops} operators; "
+              f"peak {_peak_mib(run, device):.1f} MiB")
         if args.profile and device.type == "cuda":
             print_device_profile(f"{name} forward", run)
             print_device_profile(f"{name} forward + backward", lambda: _forward_backward(run))

@@ -58,18 +58,25 @@ def test_bench_gpu_smoke_on_cpu(tmp_path: Path, extra: tuple[str, ...]) -> None:
                                                (("none", "--buckets-per-call", "2"), "tsp"),
                                                (("none", "--mlp-schedule", "gather"), "tsp")])
 def test_cost_model_peak_matches_allocator(tmp_path: Path, recompute: tuple[str, ...], layouts: str) -> None:
-    """docs/benchmarks.md's CPU comparison at S = 8192: the model (less its GPU-fitted offset) within 10%;
+    """docs/benchmarks.md's CPU comparison at S = 8192: the model (less its GPU-fitted offset; without
+    recompute plus the CPU-only intermediates of torch's composite rms_norm) within 10%;
     without full recompute for TSP only (the model's TP+SP terms miss up to 17% there on CPU, see
     docs/benchmarks.md); TSP attention as one call over the 4 head buckets (G times the K/V transients), and
     as two calls without recompute (whose backward peak comes after the layer's MLP backward freed its fc1
     outputs); the TSP MLP by gathered weights (the whole ffn's activation work and the layer's MLP weights at
     once)."""
-    records = _bench(tmp_path, "--tsp", "4", "--layers", "2", "--hidden", "512", "--heads", "8", "--ffn", "2048",
-                     "--vocab", "4096", "--seqs", "8192", "--recompute", *recompute, "--layouts", layouts)
+    d, layers, hidden, seq = 4, 2, 512, 8192
+    records = _bench(tmp_path, "--tsp", str(d), "--layers", str(layers), "--hidden", str(hidden), "--heads", "8",
+                     "--ffn", "2048", "--vocab", "4096", "--seqs", str(seq), "--recompute", *recompute,
+                     "--layouts", layouts)
     measured = [record for record in records if "layout" in record]
     assert [record["layout"] for record in measured] == layouts.split(",")
+    # Without recompute every norm's saved activations are alive at the step's peak, and torch's CPU rms_norm
+    # (a composite; fused on CUDA, which the model follows) keeps one more [S/D, B, h] per norm: the layers'
+    # two and the final norm's, fp32 (docs/benchmarks.md).
+    cpu_only = (2 * layers + 1) * seq // d * hidden * 4 / 2**30 if recompute[0] == "none" else 0
     for record in measured:
-        predicted = record["model_peak_GiB"] - record["model_offset_GiB"]
+        predicted = record["model_peak_GiB"] - record["model_offset_GiB"] + cpu_only
         assert abs(predicted / record["peak_GiB"] - 1) < 0.10, record
 
 

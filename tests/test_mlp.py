@@ -33,6 +33,11 @@ class Case:
     schedule: str = "ring"  # --tsp-mlp-schedule
 
 
+def squared_relu(x: Tensor) -> Tensor:
+    """Megatron's --squared-relu: an activation without an aten backward op in mlp.py's table (autograd's)."""
+    return F.relu(x) ** 2
+
+
 CASES = [
     Case(F.silu, gated=True, bias=True, batch=2, seq_len=16),  # SwiGLU
     Case(F.silu, gated=True, bias=False, batch=3, seq_len=24, dtype=torch.float64),
@@ -47,6 +52,8 @@ CASES = [
     Case(F.gelu, gated=False, bias=True, batch=3, seq_len=24, schedule="gather"),
     Case(F.silu, gated=True, bias=False, batch=3, seq_len=24, keep_weights=True, schedule="gather"),
     Case(F.silu, gated=True, bias=True, batch=2, seq_len=16, dtype=torch.bfloat16, schedule="gather"),
+    Case(squared_relu, gated=True, bias=False, batch=2, seq_len=16, dtype=torch.float64),
+    Case(squared_relu, gated=False, bias=True, batch=3, seq_len=24, schedule="gather"),
 ]
 
 
