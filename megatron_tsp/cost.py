@@ -84,10 +84,13 @@ measured - 1.
 | 7B TSP 128K, sel. norms+MLP (H100)    |        32.83 |     32.51 |   -1.0%  |          45.20 / 44.87 |
 
 Without SP the model misses 1.1-1.8 GiB (not identified; the factor fitted to TP+SP underweights the backward
-of full-sequence norms). TSP under full recompute is low by 0.7-5.0% from 32K to 128K (a transient of its
-backward the model does not hold; the TSP rows' measurements predate the zigzag backward writing its grads in
-the input dtype and the MLP writing a gated activation's grad into one buffer, which the model already
-follows: the latter takes 0.13 GiB off the model at 128K, -4.1% before it). The norm's intermediate is taken to be CPU-only (torch
+of full-sequence norms). TSP under full recompute is low by 0.7-5.0% from 32K to 128K: a transient of its
+backward the model does not hold and the CPU run does not show (on CPU, D = 4, one bucket per call, the model
+is within 1% of the allocator once the CPU-only intermediates of torch's composite rms_norm are added,
+docs/benchmarks.md).
+The TSP rows' measurements predate the zigzag backward writing its grads in the input dtype and the MLP
+writing a gated activation's grad into one buffer, which the model already follows (the latter takes
+0.13 GiB off the model at 128K: -4.1% before it). The norm's intermediate is taken to be CPU-only (torch
 runs rms_norm as one fused CUDA kernel, whose backward needs its input and rstd), so the model counts a norm's
 input and output only. The Llama rows test the output layer's working set (its peak is the fp32 logits,
 V/D = 16032), overestimated by 2-3%.
