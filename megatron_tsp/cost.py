@@ -536,14 +536,19 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
 def _weight_ring_comm(what: str, weights: int, work: Workload, d: int, kept: bool) -> LayerComm:
     """A weight ring (weight_ring.py) over ``weights`` elements, D-1 hops of W/D each.
 
-    forward: ring_send W*e*(D-1)/D. backward: ring_send W*e*(D-1)/D (weights re-circulated, unless
-    ``kept``) plus W*e_acc*(D-1)/D (grad accumulators). All hidden behind the shards' GEMMs (double
-    buffering).
+    forward: ring_send W*e*(D-1)/D, hidden (a rank starts on its own shard while the next one travels).
+    backward: ring_send W*e*(D-1)/D (weights re-circulated, unless ``kept``) plus W*e_acc*(D-1)/D (grad
+    accumulators). The re-circulated weights' first hop is exposed (backward starts on another rank's shard
+    and waits for it; its own comes last), the other hops and every accumulator hop are hidden behind the
+    shards' GEMMs (double buffering; the last accumulator hop behind the own shard's).
     """
     elements = weights * _share(d)
+    hop = elements / (d - 1) if d > 1 else Fraction(0)  # W/D
     circulate = (f"{what} weights", "ring_send", elements * work.param_bytes, 2, d, True, d - 1)
     accumulate = (f"{what} weight grads", "ring_send", elements * work.grad_bytes, 2, d, True, d - 1)
-    recirculate = () if kept else (circulate,)
+    recirculate = () if kept else (
+        (f"{what} weights (first hop)", "ring_send", hop * work.param_bytes, 2, d, False, 1),
+        (f"{what} weights", "ring_send", (elements - hop) * work.param_bytes, 2, d, True, d - 2))
     return LayerComm(forward=_transfers(circulate), backward=_transfers(*recirculate, accumulate))
 
 

@@ -339,6 +339,23 @@ def test_gathered_mlp_moves_the_ring_bytes_in_fewer_messages() -> None:
     assert memory(model, gather_work, layout).working > memory(model, ring_work, layout).working
 
 
+@pytest.mark.parametrize("d", [2, 4, 8])
+def test_weight_ring_exposes_backwards_first_weight_hop(d: int) -> None:
+    """weight_ring.py: forward and the accumulators hide every hop behind a shard's GEMMs; backward's
+    re-circulated weights start on another rank's shard, so their first hop (W/D) is waited on, unless
+    kept; D-1 messages each way in all."""
+    model = _SHAPES[0][0]
+    work = Workload(micro_batch=2, seq_len=64, param_bytes=2, act_bytes=2)
+    for kept in (False, True):
+        ring = tsp_mlp_comm(model, replace(work, tsp_keep_weights=kept), d, model.ffn)
+        assert all(t.hidden for t in ring.forward) and sum(t.messages for t in ring.forward) == d - 1
+        exposed = [t for t in ring.backward if not t.hidden]
+        hop = Fraction(model.mlp_weights(model.ffn), d) * work.param_bytes
+        assert [(t.what, t.nbytes, t.messages) for t in exposed] == \
+               ([] if kept else [("MLP weights (first hop)", hop, 1)]), (d, kept)
+        assert sum(t.messages for t in ring.backward) == (d - 1) * (1 if kept else 2), (d, kept)
+
+
 def test_planner_sizes_attention_calls(capsys: pytest.CaptureFixture[str]) -> None:
     """TSP layouts are costed at every G dividing D and both MLP schedules: at 16K (host-bound) one call over
     the 8 buckets is chosen; at 128K the times tie and the least memory (G = 1, the ring) wins. A G fixed by
