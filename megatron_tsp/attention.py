@@ -69,6 +69,8 @@ from megatron_tsp.comm import (
     all_gather_linear_pair,
     all_gather_zigzag,
     broadcast_parts,
+    group_rank,
+    group_size,
     reduce_parts,
     reduce_scatter_seq,
     reduce_scatter_zigzag,
@@ -174,7 +176,7 @@ class _CallSpec:
     @property
     def calls(self) -> int:
         """Attention calls per pass, D/G."""
-        return dist.get_world_size(self.tsp_group) // self.buckets_per_call
+        return group_size(self.tsp_group) // self.buckets_per_call
 
     def buckets(self, call: int) -> list[int]:
         """The head buckets (= their owners' TSP ranks) of call ``call``."""
@@ -217,7 +219,7 @@ def _fetch_call(call: int, own_shard: list[Tensor], layout: ShardLayout, slots: 
             return qkv_weight, qkv_bias, proj_transposed.t()
         return gathered
     slot, buckets = slots[call % len(slots)], spec.buckets(call)
-    tsp_rank = dist.get_rank(spec.tsp_group)
+    tsp_rank = group_rank(spec.tsp_group)
     if tsp_rank in buckets:
         layout.pack(own_shard, slot.chunk(spec.buckets_per_call)[buckets.index(tsp_rank)])
     broadcasts = broadcast_parts(slot, buckets, spec.tsp_group)
@@ -361,7 +363,7 @@ def _reduce_call_grads(call: int, call_grads: list[Tensor], layout: ShardLayout,
                           _stacked_grads(call_grads, spec), strict=True):
         view.copy_(grad)
     reduces = reduce_parts(grad_buffer, spec.buckets(call), spec.tsp_group)
-    owner = dist.get_rank(spec.tsp_group) in spec.buckets(call)
+    owner = group_rank(spec.tsp_group) in spec.buckets(call)
 
     def own_reduced() -> list[Tensor]:
         summed = reduces.wait()
@@ -504,7 +506,7 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
     instead of two) so that backward fetches nothing; ``buckets_per_call`` (G, dividing D): head buckets
     per attention call (module docstring, "Calls").
     """
-    tsp_size = dist.get_world_size(tsp_group)
+    tsp_size = group_size(tsp_group)
     if num_heads % tsp_size or num_kv_heads % tsp_size:
         raise ValueError(f"TSP attention needs query heads ({num_heads}) and kv heads ({num_kv_heads}) "
                          f"divisible by the TSP size {tsp_size}")

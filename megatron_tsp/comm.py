@@ -37,6 +37,8 @@ __all__ = [
     "broadcast",
     "broadcast_parts",
     "comm_bytes",
+    "group_rank",
+    "group_size",
     "reduce",
     "reduce_parts",
     "reduce_scatter_seq",
@@ -45,6 +47,18 @@ __all__ = [
     "shard_buffer",
     "track_shard_residency",
 ]
+
+
+def group_size(group: dist.ProcessGroup) -> int:
+    """``group_size(group)`` for a group this rank belongs to, asked of the group itself: torch's
+    function re-checks the default group on every call (a few microseconds, and the schedules ask on every
+    collective, where a short sequence's step is host-bound)."""
+    return group.size()
+
+
+def group_rank(group: dist.ProcessGroup) -> int:
+    """``group_rank(group)`` (this rank's group-local rank) for a group this rank belongs to, likewise."""
+    return group.rank()
 
 
 class Pending:
@@ -88,26 +102,25 @@ def comm_bytes() -> Iterator[CommCounter]:
         _active_counters.remove(counter)
 
 
-def _record(op: str, nbytes: Fraction, group: dist.ProcessGroup, messages: int = 1) -> None:
-    sent = messages if dist.get_world_size(group) > 1 else 0
+def _record(op: str, group: dist.ProcessGroup, tensor: Tensor, *, scale: int = 1, messages: int = 1,
+            collective: bool = True) -> None:
+    """Count ``scale`` x ``tensor``'s bytes (times (D-1)/D for a ``collective``, module docstring) and
+    ``messages`` under ``op`` in the active counters; nothing to compute, not even the group size, when none
+    is active (every collective of a training step passes here)."""
+    if not _active_counters:
+        return
+    size = group_size(group)
+    nbytes = scale * tensor.numel() * tensor.element_size() * (Fraction(size - 1, size) if collective else 1)
+    sent = messages if size > 1 else 0
     for counter in _active_counters:
         counter.bytes_by_op[op] += nbytes
         counter.messages_by_op[op] += sent
 
 
-def _nbytes(tensor: Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def _collective_share(group: dist.ProcessGroup) -> Fraction:
-    size = dist.get_world_size(group)
-    return Fraction(size - 1, size)
-
-
 def broadcast(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
     """In-place broadcast of ``tensor`` (any shape, contiguous) from group-local rank ``owner``."""
-    _record("broadcast", _collective_share(group) * _nbytes(tensor), group)
-    if dist.get_world_size(group) == 1:
+    _record("broadcast", group, tensor)
+    if group_size(group) == 1:
         return Pending(tensor, [])
     work = dist.broadcast(tensor, src=dist.get_global_rank(group, owner), group=group, async_op=True)
     return Pending(tensor, [work])
@@ -126,9 +139,9 @@ def all_gather_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
 
     The output is the flat ``[D*n, ...]`` form because gloo rejects a stacked ``[D, n, ...]`` output.
     """
-    size = dist.get_world_size(group)
+    size = group_size(group)
     tensor = tensor.contiguous()
-    _record("all_gather", _collective_share(group) * size * _nbytes(tensor), group)
+    _record("all_gather", group, tensor, scale=size)
     if size == 1:
         return Pending(tensor, [])
     gathered = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
@@ -153,9 +166,9 @@ def all_gather_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     (``zigzag.gathered_positions``). Two all-gathers of half the rows each, counted as one ``all_gather``
     of the whole: in this order each causal part of a query chunk is one contiguous key range, so attention
     needs no reordering copy."""
-    size, half = dist.get_world_size(group), tensor.shape[0] // 2
+    size, half = group_size(group), tensor.shape[0] // 2
     tensor = tensor.contiguous()
-    _record("all_gather", _collective_share(group) * size * _nbytes(tensor), group, messages=2)
+    _record("all_gather", group, tensor, scale=size, messages=2)
     if size == 1:
         return Pending(torch.cat((tensor[half:], tensor[:half])), [])
     gathered = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
@@ -167,9 +180,9 @@ def all_gather_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
 def reduce_scatter_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     """The transpose of :func:`all_gather_seq`: sum ``[D*n, ...]`` over the group and give rank p rows
     ``[p*n, (p+1)*n)``, ``[n, ...]``."""
-    size = dist.get_world_size(group)
+    size = group_size(group)
     tensor = tensor.contiguous()
-    _record("reduce_scatter", _collective_share(group) * _nbytes(tensor), group)
+    _record("reduce_scatter", group, tensor)
     if size == 1:
         return Pending(tensor, [])
     scattered = tensor.new_empty((tensor.shape[0] // size, *tensor.shape[1:]))
@@ -180,10 +193,10 @@ def reduce_scatter_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
 def reduce_scatter_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     """The transpose of :func:`all_gather_zigzag`: sum a chunk-major ``[2Dc, ...]`` over the group and give
     each rank its own two chunks, ``[2c, ...]`` in local order (first chunk, then second)."""
-    size = dist.get_world_size(group)
+    size = group_size(group)
     tensor = tensor.contiguous()
     half = tensor.shape[0] // (2 * size)
-    _record("reduce_scatter", _collective_share(group) * _nbytes(tensor), group, messages=2)
+    _record("reduce_scatter", group, tensor, messages=2)
     if size == 1:
         return Pending(torch.cat((tensor[half:], tensor[:half])), [])
     scattered = tensor.new_empty((2 * half, *tensor.shape[1:]))
@@ -199,8 +212,8 @@ def reduce(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
 
     On the other ranks the tensor's content afterwards is unspecified.
     """
-    _record("reduce", _collective_share(group) * _nbytes(tensor), group)
-    if dist.get_world_size(group) == 1:
+    _record("reduce", group, tensor)
+    if group_size(group) == 1:
         return Pending(tensor, [])
     work = dist.reduce(tensor, dst=dist.get_global_rank(group, owner), op=dist.ReduceOp.SUM, group=group,
                        async_op=True)
@@ -211,7 +224,7 @@ def reduce_parts(flat: Tensor, owners: Sequence[int], group: dist.ProcessGroup) 
     """Sum the j-th of ``len(owners)`` equal parts of ``flat [n]`` over the group into ``owners[j]``. The
     result is this rank's summed part (``[n / len(owners)]``) if it is an owner, else unspecified. (Where
     every rank owns a part, :func:`reduce_scatter_seq` is the collective to use.)"""
-    rank = dist.get_rank(group)
+    rank = group_rank(group)
     parts = [reduce(part, owner, group) for part, owner in zip(flat.chunk(len(owners)), owners, strict=True)]
     own = flat.chunk(len(owners))[owners.index(rank)] if rank in owners else flat
     return Pending(own, [work for part in parts for work in part._works])
@@ -223,11 +236,11 @@ def ring_exchange(send: Tensor, recv: Tensor, group: dist.ProcessGroup) -> Pendi
     Both are contiguous buffers of equal size; ``send`` must stay untouched until ``wait()``, whose result
     is ``recv``.
     """
-    size = dist.get_world_size(group)
+    size = group_size(group)
     if size == 1:
         raise ValueError("ring_exchange needs a group of at least 2 ranks")
-    _record("ring_send", Fraction(_nbytes(send)), group)
-    rank = dist.get_rank(group)
+    _record("ring_send", group, send, collective=False)
+    rank = group_rank(group)
     ops = [dist.P2POp(dist.isend, send, dist.get_global_rank(group, (rank + 1) % size), group),
            dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, (rank - 1) % size), group)]
     return Pending(recv, dist.batch_isend_irecv(ops))

@@ -54,7 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_tsp.comm import Pending, all_gather_linear_pair, reduce_scatter_seq
+from megatron_tsp.comm import Pending, all_gather_linear_pair, group_size, reduce_scatter_seq
 from megatron_tsp.grads import (
     add_linear_,
     linear_backward,
@@ -238,7 +238,7 @@ class TSPGatheredMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, spec: _MLPSpec, fc1_weight: Tensor, fc1_bias: Tensor | None,
                 fc2_weight: Tensor) -> Tensor:
-        tsp_size = dist.get_world_size(spec.tsp_group)
+        tsp_size = group_size(spec.tsp_group)
         gathers = all_gather_linear_pair(fc1_weight, fc1_bias, fc2_weight, spec.tsp_group)
         fc1, fc1_b = gathers[0].wait(), None if gathers[1] is None else gathers[1].wait()
         fc1_out = F.linear(x, fc1, fc1_b)  # fc2's gather is in flight meanwhile
@@ -259,7 +259,7 @@ class TSPGatheredMLPFunction(torch.autograd.Function):
         if fc1_out is None:
             raise RuntimeError("TSP MLP backward without forward's fc1 output: it runs once per forward (no "
                                "retain_graph), from a forward that ran with grad enabled")
-        tsp_size = dist.get_world_size(spec.tsp_group)
+        tsp_size = group_size(spec.tsp_group)
         acc_dtype = torch.promote_types(fc1_weight.dtype, torch.float32)
         if kept is None:
             gathers = all_gather_linear_pair(fc1_weight, None, fc2_weight, spec.tsp_group)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_tsp.comm import all_gather_seq
+from megatron_tsp.comm import all_gather_seq, group_rank, group_size
 from megatron_tsp.grads import add_linear_, linear_weight_grads, weight_grad_for_autograd
 from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
 
@@ -117,7 +117,7 @@ class _GatherLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, losses: Tensor, group: dist.ProcessGroup) -> Tensor:
-        ctx.rows, ctx.rank = losses.shape[0], dist.get_rank(group)
+        ctx.rows, ctx.rank = losses.shape[0], group_rank(group)
         return all_gather_seq(losses, group).wait()
 
     @staticmethod
@@ -133,11 +133,11 @@ def tsp_vocab_parallel_loss(hidden: Tensor, weight: Tensor, labels: Tensor, tsp_
     ``compute_language_model_loss`` shape), equal on every rank of the group. ``shared_weight``: the weight
     has other users whose grads autograd adds (the tied input embedding, multi-token prediction).
     """
-    rank, tokens = dist.get_rank(tsp_group), hidden.shape[0]
-    if labels.shape != (hidden.shape[1], tokens * dist.get_world_size(tsp_group)):
+    rank, tokens = group_rank(tsp_group), hidden.shape[0]
+    if labels.shape != (hidden.shape[1], tokens * group_size(tsp_group)):
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)} of a "
-                         f"TSP group of {dist.get_world_size(tsp_group)}: expected [B, S] = "
-                         f"[{hidden.shape[1]}, {tokens * dist.get_world_size(tsp_group)}]")
+                         f"TSP group of {group_size(tsp_group)}: expected [B, S] = "
+                         f"[{hidden.shape[1]}, {tokens * group_size(tsp_group)}]")
     local_labels = labels.t()[rank * tokens:(rank + 1) * tokens]  # [S/D, B]
     spec = _VocabSpec(tsp_group=tsp_group, shard_rows=weight.shape[0], shared_weight=shared_weight)
     losses = TSPVocabLossFunction.apply(hidden, local_labels, spec, weight)

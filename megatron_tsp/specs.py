@@ -45,6 +45,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_tsp.attention import QKNorm, apply_rotary_cos_sin, rotary_cos_sin, tsp_attention
+from megatron_tsp.comm import group_rank, group_size
 from megatron_tsp.kernels import select_core_attention
 from megatron_tsp.mlp import tsp_expert_mlps, tsp_mlp
 from megatron_tsp.norm import SequenceShardedNorm
@@ -138,7 +139,7 @@ class TSPSelfAttention(SelfAttention):
             raise ValueError("TSP attention does not support packed sequences, attention bias or fused "
                              "cos/sin RoPE")
         group = _tsp_group(self)
-        tsp_size, tsp_rank = dist.get_world_size(group), dist.get_rank(group)
+        tsp_size, tsp_rank = group_size(group), group_rank(group)
         seq_len, device = hidden_states.shape[0] * tsp_size, hidden_states.device
         q_positions, k_positions = _zigzag_positions(seq_len, tsp_size, tsp_rank, device)
         if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_tsp.comm import ShardLayout, ring_exchange, shard_buffer
+from megatron_tsp.comm import ShardLayout, group_rank, group_size, ring_exchange, shard_buffer
 
 __all__ = ["gather_shard_grads", "visit_shards"]
 
@@ -44,7 +44,7 @@ def visit_shards(own_shard: Sequence[Tensor], group: dist.ProcessGroup, visit: V
     first. With ``keep`` returns the D received buffers (buffer s holds owner (p - s) mod D) for
     :func:`gather_shard_grads`; else None.
     """
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    size, rank = group_size(group), group_rank(group)
     layout = ShardLayout([t.shape for t in own_shard])
     num_slots = size if keep else 2  # send from one slot while receiving into the other, or keep them all
     if size > 1:
@@ -68,7 +68,7 @@ def gather_shard_grads(own_shard: Sequence[Tensor], group: dist.ProcessGroup, sh
     else it needs, such as input grads, itself). Returns the own shard's grads summed over the group, in
     fp32 for 16-bit weights. ``kept``: :func:`visit_shards`'s buffers, so that no weights move again.
     """
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    size, rank = group_size(group), group_rank(group)
     layout = ShardLayout([t.shape for t in own_shard])
     dtype, device = own_shard[0].dtype, own_shard[0].device
     acc_dtype = torch.promote_types(dtype, torch.float32)

@@ -6,8 +6,9 @@ forwards' worth of GEMMs (TSP keeps its GEMM outputs; tests/test_attention.py an
 so the MLP's backward / forward ratio is about 2; attention's also holds its kernel's backward, which
 recomputes the scores (about 2.5 forwards). Prints the median of each, run on CPU or a GPU, the
 operators that do work each dispatches (each at least one kernel launch on a GPU, where TSP's schedules are
-host-bound at short sequences: docs/benchmarks.md) and the peak memory a forward and backward allocates
-above what was allocated before it (the input, weights and their grads already there):
+host-bound at short sequences: docs/benchmarks.md), the Python function calls a forward and backward makes
+(the host's other cost there, deterministic on any device) and the peak memory a forward and backward
+allocates above what was allocated before it (the input, weights and their grads already there):
 
     .venv/bin/python scripts/bench_layer.py --tsp 4 --seq 8192 --hidden 1024 --heads 16 --ffn 4096
 
@@ -18,6 +19,8 @@ above what was allocated before it (the input, weights and their grads already t
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 from collections.abc import Callable
@@ -56,6 +59,13 @@ def _seconds(run: Callable[[], Tensor], device: torch.device, repeats: int) -> t
 def _forward_backward(run: Callable[[], Tensor]) -> None:
     out = run()
     out.backward(torch.ones_like(out))
+
+
+def _python_calls(run: Callable[[], Tensor]) -> int:
+    """Python function calls (torch's Python layers and ours, builtins included) of a forward and backward."""
+    profiler = cProfile.Profile()
+    profiler.runcall(_forward_backward, run)
+    return pstats.Stats(profiler).total_calls
 
 
 def _peak_mib(run: Callable[[], Tensor], device: torch.device) -> float:
@@ -119,8 +129,8 @@ def main() -> None:
         forward_ops = count_work_ops(lambda: outputs.append(run()))
         backward_ops = count_work_ops(lambda: outputs[0].backward(torch.ones_like(outputs[0])))
         print(f"{name:>13}: forward {forward * 1e3:8.1f} ms, backward {backward * 1e3:8.1f} ms "
-              f"({backward / forward:.2f}x forward); {forward_ops} + {backward_ops} operators; "
-              f"peak {_peak_mib(run, device):.1f} MiB")
+              f"({backward / forward:.2f}x forward); {forward_ops} + {backward_ops} operators, "
+              f"{_python_calls(run)} Python calls; peak {_peak_mib(run, device):.1f} MiB")
         if args.profile and device.type == "cuda":
             print_device_profile(f"{name} forward", run)
             print_device_profile(f"{name} forward + backward", lambda: _forward_backward(run))

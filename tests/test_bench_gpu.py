@@ -82,19 +82,22 @@ def test_cost_model_peak_matches_allocator(tmp_path: Path, recompute: tuple[str,
 
 
 def test_bench_layer_smoke_on_cpu() -> None:
-    """scripts/bench_layer.py times both TSP schedules, forward and backward, and counts their operators."""
+    """scripts/bench_layer.py times both TSP schedules, forward and backward, counts their operators and Python
+    calls, and measures their peak memory."""
     done = subprocess.run([sys.executable, "scripts/bench_layer.py", "--tsp", "2", "--seq", "64", "--hidden", "32",
                            "--heads", "4", "--ffn", "64", "--repeats", "1", "--buckets-per-call", "1,2",
                            "--mlp-schedules", "ring,gather"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     timed = re.findall(r"(\w+ (?:G=\d|ring|gather)): forward +[0-9.]+ ms, backward +[0-9.]+ ms .*; (\d+) \+ (\d+) "
-                       r"operators", done.stdout)
+                       r"operators, (\d+) Python calls; peak ([0-9.]+) MiB", done.stdout)
     assert [name for name, *_ in timed] == ["attention G=1", "attention G=2", "mlp ring", "mlp gather"], done.stdout
-    assert all(int(forward) > 0 and int(backward) > 0 for _, forward, backward in timed)
-    # one call over both buckets, and the gathered MLP, dispatch fewer operators than two calls and the ring
-    operators = [int(forward) + int(backward) for _, forward, backward in timed]
-    assert operators[1] < operators[0] and operators[3] < operators[2], done.stdout
+    assert all(int(forward) > 0 and int(backward) > 0 and float(peak) > 0 for _, forward, backward, _, peak in timed)
+    # one call over both buckets, and the gathered MLP, dispatch fewer operators and Python calls than two
+    # calls and the ring
+    for column in (lambda row: int(row[1]) + int(row[2]), lambda row: int(row[3])):
+        values = [column(row) for row in timed]
+        assert values[1] < values[0] and values[3] < values[2], done.stdout
 
 
 @pytest.mark.parametrize("mlp_schedule", MLP_SCHEDULES)
