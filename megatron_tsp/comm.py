@@ -50,14 +50,14 @@ __all__ = [
 
 
 def group_size(group: dist.ProcessGroup) -> int:
-    """``group_size(group)`` for a group this rank belongs to, asked of the group itself: torch's
+    """``dist.get_world_size(group)`` for a group this rank belongs to, asked of the group itself: torch's
     function re-checks the default group on every call (a few microseconds, and the schedules ask on every
     collective, where a short sequence's step is host-bound)."""
     return group.size()
 
 
 def group_rank(group: dist.ProcessGroup) -> int:
-    """``group_rank(group)`` (this rank's group-local rank) for a group this rank belongs to, likewise."""
+    """``dist.get_rank(group)`` (this rank's group-local rank) for a group this rank belongs to, likewise."""
     return group.rank()
 
 
