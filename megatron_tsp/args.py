@@ -19,6 +19,7 @@ from megatron_tsp.mlp import MLP_SCHEDULES
 
 
 OUTPUT_LAYERS = ("vocab-ring", "megatron")  # --tsp-output-layer; the first is the default
+AUTO = "auto"  # --tsp-attention-buckets-per-call / --tsp-mlp-schedule: chosen by the cost model at startup
 
 
 class TSPConfigError(ValueError):
@@ -42,17 +43,21 @@ def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Keep the weight shards each TSP layer fetched in forward until its backward (all D "
                             "shards of a layer per rank) instead of fetching them again: backward moves only "
                             "activations and grads, for W_layer bytes per layer of extra memory.")
-    group.add_argument("--tsp-attention-buckets-per-call", type=int, default=1,
+    group.add_argument("--tsp-attention-buckets-per-call", type=buckets_per_call_flag, default=1,
                        help="Head buckets per TSP attention call, G (divides --tsp-size): 1 walks the D buckets "
                             "one by one (least memory); larger G runs D/G calls over G buckets each, about G "
                             "times fewer kernels and host operations per attention layer (short sequences are "
-                            "launch-bound) for G times larger K/V and weight transients. Same bytes, same math.")
-    group.add_argument("--tsp-mlp-schedule", choices=MLP_SCHEDULES, default=MLP_SCHEDULES[0],
+                            "launch-bound) for G times larger K/V and weight transients. Same bytes, same math. "
+                            "auto: the G (and with --tsp-mlp-schedule auto the MLP schedule) with the lowest "
+                            "step time that fits in this GPU's memory by megatron_tsp.cost, as the planner "
+                            "picks them; printed at startup.")
+    group.add_argument("--tsp-mlp-schedule", choices=(*MLP_SCHEDULES, AUTO), default=MLP_SCHEDULES[0],
                        help="ring: the dense MLP's weight shards circulate (TSP.md), two shards alive at a time; "
                             "gather: every rank all-gathers the layer's MLP weights and runs one fc1 and one "
                             "fc2 GEMM over the whole ffn, about D times fewer kernels and host operations for "
                             "the whole layer's MLP weights (and in backward their grads) held at once. Same "
-                            "bytes, same math. MoE experts keep the ring (--tsp-expert-ring).")
+                            "bytes, same math. MoE experts keep the ring (--tsp-expert-ring). auto: as for "
+                            "--tsp-attention-buckets-per-call.")
     group.add_argument("--tsp-output-layer", choices=OUTPUT_LAYERS, default=OUTPUT_LAYERS[0],
                        help="vocab-ring: the output layer and loss circulate the output weight's vocabulary shards "
                             "and each rank scores only its own tokens (never S x V/D logits per rank); megatron: "
@@ -63,6 +68,15 @@ def add_tsp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "carrying them, and print the totals per op (rank 0) when training ends, to check "
                             "against megatron_tsp.cost.")
     return parser
+
+
+def buckets_per_call_flag(value: str) -> int | str:
+    """``--tsp-attention-buckets-per-call``'s type: a positive count, or auto."""
+    if value == AUTO:
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a positive count of head buckets, or {AUTO}")
+    return int(value)
 
 
 def config_to_argv(path: str | os.PathLike) -> list[str]:
@@ -134,11 +148,13 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
     _check(not ring or d > 1, "--tsp-expert-ring needs --tsp-size > 1 (it shards experts over the TSP axis); "
                               "drop --tsp-expert-ring or raise --tsp-size")
     g = args.tsp_attention_buckets_per_call
-    _check(g >= 1 and d % g == 0,
+    _check(g == AUTO or d % g == 0,
            f"--tsp-attention-buckets-per-call {g} must divide --tsp-size {d}: choose one of "
-           f"{[n for n in range(1, d + 1) if d % n == 0]}")
+           f"{[n for n in range(1, d + 1) if d % n == 0]}, or {AUTO}")
     if d == 1:
         return
+    if AUTO in (g, args.tsp_mlp_schedule):
+        _validate_auto_schedules(args)
     _check(args.tensor_model_parallel_size == 1,
            f"--tsp-size {d} with --tensor-model-parallel-size {args.tensor_model_parallel_size}: TSP takes "
            f"the tensor-parallel slot of the mesh; drop --tensor-model-parallel-size (or set it to 1)")
@@ -201,6 +217,19 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
            f"--tsp-size {d}: the TSP attention kernels compute the plain softmax; use --softmax-type vanilla")
     _check(getattr(args, "window_size", None) is None,
            f"--window-size (sliding-window attention) is not supported with --tsp-size {d}; remove it")
+
+
+def _validate_auto_schedules(args: argparse.Namespace) -> None:
+    """``auto`` schedules are costed by ``megatron_tsp.cost`` at startup: refuse what it does not model."""
+    flags = (f"--tsp-attention-buckets-per-call {args.tsp_attention_buckets_per_call} --tsp-mlp-schedule "
+             f"{args.tsp_mlp_schedule}")
+    fix = "pass both flags explicitly (python -m megatron_tsp.plan compares them)"
+    _check(not getattr(args, "mtp_num_layers", None),
+           f"{flags} with --mtp-num-layers {getattr(args, 'mtp_num_layers', None)}: the cost model that picks "
+           f"auto schedules does not model multi-token prediction; {fix}")
+    _check(isinstance(args.moe_layer_freq, int),
+           f"{flags} with a --moe-layer-freq pattern: the cost model that picks auto schedules takes an integer "
+           f"frequency; {fix}")
 
 
 def _validate_expert_ring(args: argparse.Namespace, world_size: int) -> None:

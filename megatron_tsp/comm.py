@@ -44,6 +44,7 @@ __all__ = [
     "reduce_scatter_seq",
     "reduce_scatter_zigzag",
     "ring_exchange",
+    "same_on_all_ranks",
     "shard_buffer",
     "track_shard_residency",
 ]
@@ -59,6 +60,16 @@ def group_size(group: dist.ProcessGroup) -> int:
 def group_rank(group: dist.ProcessGroup) -> int:
     """``dist.get_rank(group)`` (this rank's group-local rank) for a group this rank belongs to, likewise."""
     return group.rank()
+
+
+def same_on_all_ranks(values: Sequence[int]) -> bool:
+    """Whether every rank of the default group passed the same ``values`` (one blocking all-reduce of
+    ``[values, -values]`` by max, which all ranks must call; the answer is the same on every rank)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    extremes = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64, device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    largest, smallest = extremes[:len(values)], -extremes[len(values):]
+    return bool(torch.equal(largest, smallest))
 
 
 class Pending:

@@ -1156,6 +1156,15 @@ def _compute_seconds(flops: LayerFlops, phase: str, tsp_host_steps: float, hw: H
     return max(TSP_DEVICE_FACTOR * seconds, passes * tsp_host_steps * TSP_HOST_SECONDS)
 
 
+def _layer_host_steps(work: Workload, layout: Layout, moe: bool) -> float:
+    """:func:`tsp_host_steps` of a TSP layer (0 for other layouts, whose host time is not modelled). A MoE
+    layer's MLP is its experts, not the dense MLP that ``--tsp-mlp-schedule`` picks: it is costed as the
+    ring's host time, where the fit was made."""
+    if layout.kind != "TSP":
+        return 0
+    return tsp_host_steps(replace(work, tsp_mlp_gather=False) if moe else work, layout.tensor)
+
+
 def _seconds(flops: LayerFlops, comm: LayerComm, tsp_host_steps: float, hw: Hardware) -> float:
     """Each phase takes max(compute, hidden transfers) + exposed transfers."""
     total = 0.0
@@ -1206,11 +1215,10 @@ def step_cost(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, m
     stage; the data-parallel grad sync overlaps the last micro-batch's backward (``--overlap-grad-reduce``)."""
     stage_s, compute_s, sent, sync_exposed_s = [], [], [], []
     for stage in pipeline_stages(model, layout):
-        host_steps = tsp_host_steps(work, layout.tensor) if layout.kind == "TSP" else 0  # the layers' only
         parts = [(1, output_layer_flops(model, work, layout) if stage.output else LayerFlops(0.0, 0.0),
                   edge_comm(model, work, layout, stage), 0)]
         parts += [(count, layer_flops(model, group_work, layout, moe), layer_comm(model, group_work, layout, moe),
-                   host_steps) for count, moe, group_work in layer_groups(work, stage)]
+                   _layer_host_steps(group_work, layout, moe)) for count, moe, group_work in layer_groups(work, stage)]
         stage_s.append(sum(float(count) * _seconds(flops, comm, steps, hw) for count, flops, comm, steps in parts))
 
         def phases_seconds(*phases: str) -> float:

@@ -23,7 +23,10 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Sequence
 
-from megatron_tsp.args import OUTPUT_LAYERS, config_to_argv
+import torch
+
+from megatron_tsp import comm
+from megatron_tsp.args import AUTO, OUTPUT_LAYERS, TSPConfigError, buckets_per_call_flag, config_to_argv
 from megatron_tsp.cost import (KINDS, RECOMPUTE_MODULES, Hardware, Layout, ModelShape, StepCost, Workload, memory,
                                step_cost)
 from megatron_tsp.mlp import MLP_SCHEDULES
@@ -63,10 +66,11 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
     for flag in ("--num-query-groups", "--kv-channels", "--ffn-hidden-size", "--num-experts",
                  "--moe-ffn-hidden-size", "--moe-shared-expert-intermediate-size", "--global-batch-size"):
         parser.add_argument(flag, type=int)
-    for flag in ("--group-query-attention", "--swiglu", "--disable-bias-linear", "--add-qkv-bias",
+    for flag in ("--group-query-attention", "--swiglu", "--add-qkv-bias",
                  "--untie-embeddings-and-output-weights", "--bf16", "--fp16", "--use-distributed-optimizer",
                  "--tsp-keep-weight-shards"):
         parser.add_argument(flag, action="store_true")
+    parser.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")  # as Megatron's
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     parser.add_argument("--moe-router-topk", type=int, default=2)
@@ -74,8 +78,8 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
     parser.add_argument("--position-embedding-type", default="learned_absolute")
     parser.add_argument("--rotary-percent", type=float, default=1.0)
     parser.add_argument("--mtp-num-layers", type=int)
-    parser.add_argument("--tsp-attention-buckets-per-call", type=int)
-    parser.add_argument("--tsp-mlp-schedule", choices=MLP_SCHEDULES)
+    parser.add_argument("--tsp-attention-buckets-per-call", type=buckets_per_call_flag)
+    parser.add_argument("--tsp-mlp-schedule", choices=(*MLP_SCHEDULES, AUTO))
     parser.add_argument("--recompute-granularity", choices=("full", "selective"))
     parser.add_argument("--recompute-method", choices=("uniform", "block"))
     parser.add_argument("--recompute-num-layers", type=int)
@@ -85,7 +89,8 @@ def _megatron_flags(argv: Sequence[str], source: str) -> argparse.Namespace:
 
 
 def model_from_flags(flags: argparse.Namespace) -> ModelShape:
-    """A :class:`ModelShape` as Megatron would build it from these flags (its defaults for ffn, kv-channels)."""
+    """A :class:`ModelShape` as Megatron would build it from these flags (``_megatron_flags``' namespace or a
+    training run's; Megatron's defaults for ffn, kv-channels)."""
     h, heads = flags.hidden_size, flags.num_attention_heads
     ffn = flags.ffn_hidden_size or (int(4 * h * 2 / 3 / 64) * 64 if flags.swiglu else 4 * h)
     experts = flags.num_experts or 0
@@ -93,7 +98,7 @@ def model_from_flags(flags: argparse.Namespace) -> ModelShape:
         hidden=h, layers=flags.num_layers, heads=heads,
         kv_groups=flags.num_query_groups if flags.group_query_attention else heads,
         head_dim=flags.kv_channels or h // heads, ffn=ffn, vocab=flags.vocab_size, gated=flags.swiglu,
-        qkv_bias=flags.add_qkv_bias or not flags.disable_bias_linear, linear_bias=not flags.disable_bias_linear,
+        qkv_bias=flags.add_qkv_bias or flags.add_bias_linear, linear_bias=flags.add_bias_linear,
         tied_embeddings=not flags.untie_embeddings_and_output_weights,
         vocab_divisor=flags.make_vocab_size_divisible_by, experts=experts,
         topk=flags.moe_router_topk if experts else 0,
@@ -101,6 +106,26 @@ def model_from_flags(flags: argparse.Namespace) -> ModelShape:
         shared_expert_ffn=flags.moe_shared_expert_intermediate_size or 0, moe_layer_freq=flags.moe_layer_freq,
         rotary_dim=(int((flags.kv_channels or h // heads) * flags.rotary_percent)
                     if flags.position_embedding_type in ("rope", "yarn", "mrope") else 0))
+
+
+def workload_from_flags(flags: argparse.Namespace, seq_len: int, dense_mask: bool = False) -> Workload:
+    """The :class:`Workload` Megatron's flags describe (``_megatron_flags``' namespace or a training run's, with
+    Megatron's names); an ``auto`` TSP schedule is written as G = 1 and the ring (:func:`evaluate` tries the
+    others). ValueError for a --recompute-modules entry the cost model does not know."""
+    full = flags.recompute_granularity == "full"
+    layers, sixteen_bit = flags.recompute_num_layers, flags.bf16 or flags.fp16
+    buckets = flags.tsp_attention_buckets_per_call
+    return Workload(micro_batch=flags.micro_batch_size, seq_len=seq_len, param_bytes=2 if sixteen_bit else 4,
+                    act_bytes=2 if sixteen_bit else 4, recompute=flags.recompute_granularity or "none",
+                    recompute_modules=tuple(flags.recompute_modules or ("core_attn",)),
+                    # --recompute-method block: the first N layers of a stage; uniform: chunks of N layers
+                    recompute_layers=layers if full and flags.recompute_method == "block" else None,
+                    recompute_chunk=(layers or 1) if full and flags.recompute_method == "uniform" else 1,
+                    distributed_optimizer=flags.use_distributed_optimizer, tsp_dense_mask=dense_mask,
+                    tsp_keep_weights=flags.tsp_keep_weight_shards,
+                    tsp_buckets_per_call=buckets if isinstance(buckets, int) else 1,
+                    tsp_mlp_gather=flags.tsp_mlp_schedule == "gather",
+                    tsp_vocab_ring=flags.tsp_output_layer == "vocab-ring")
 
 
 def _divisors(n: int) -> list[int]:
@@ -354,13 +379,55 @@ def plot_sequence_sweep(model: ModelShape, work: Workload, gpus: int, hw: Hardwa
     plt.close(figure)
 
 
-def _buckets_per_call(value: str) -> int | str:
-    """``--tsp-attention-buckets-per-call``: a positive count, or auto."""
-    if value == "auto":
-        return value
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r}: a positive count of head buckets, or auto")
-    return int(value)
+def running_hardware() -> Hardware:
+    """This process's GPU as a :data:`GPUS` entry, found by its name (H100, H200, MI300X); another GPU is
+    costed with the H100's rates and its own memory, CPU ranks (tests, smoke runs) as an H100."""
+    if not torch.cuda.is_available():
+        return GPUS["h100"]
+    properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+    known = next((key for key in GPUS if key.upper() in properties.name.upper()), None)
+    return GPUS[known] if known else replace(GPUS["h100"], name=properties.name,
+                                             memory_bytes=properties.total_memory)
+
+
+def choose_tsp_schedules(args: argparse.Namespace, hw: Hardware) -> Candidate:
+    """This training run's TSP layout costed on ``hw``, with each of G and the MLP schedule that its flag sets
+    to ``auto`` the fastest that fits (:func:`evaluate`, as the planner picks them). ``args``: Megatron's
+    validated namespace with the vocabulary padded (``padded_vocab_size``)."""
+    d, pp = args.tsp_size, args.pipeline_model_parallel_size
+    model = replace(model_from_flags(args), vocab=args.padded_vocab_size)
+    layout = Layout("TSP", tensor=d, pipeline=pp, data=args.world_size // (d * pp),
+                    expert=args.expert_model_parallel_size, expert_ring=args.tsp_expert_ring)
+    return evaluate(model, workload_from_flags(args, args.seq_length), layout, hw, args.global_batch_size,
+                    auto_recompute=False, auto_buckets=args.tsp_attention_buckets_per_call == AUTO,
+                    auto_mlp=args.tsp_mlp_schedule == AUTO)
+
+
+def resolve_auto_schedules(args: argparse.Namespace) -> None:
+    """Replace ``auto`` in ``--tsp-attention-buckets-per-call`` / ``--tsp-mlp-schedule`` by
+    :func:`choose_tsp_schedules`' choice for this GPU, and print it (rank 0).
+
+    Every rank calls this once the default process group exists and Megatron has padded the vocabulary: the
+    ranks' choices are compared (one all-reduce), and ranks on different GPU models that chose differently
+    all raise :class:`TSPConfigError` instead of running mismatched collectives.
+    """
+    if AUTO not in (args.tsp_attention_buckets_per_call, args.tsp_mlp_schedule):
+        return
+    if args.tsp_size == 1:  # no TSP layers: nothing to choose, and every rank knows it
+        args.tsp_attention_buckets_per_call, args.tsp_mlp_schedule = 1, MLP_SCHEDULES[0]
+        return
+    hw = running_hardware()
+    chosen = choose_tsp_schedules(args, hw)
+    buckets, gather = chosen.work.tsp_buckets_per_call, chosen.work.tsp_mlp_gather
+    if not comm.same_on_all_ranks([buckets, gather]):
+        raise TSPConfigError("--tsp-attention-buckets-per-call / --tsp-mlp-schedule auto chose differently on "
+                             "different ranks (different GPU models); pass both flags explicitly")
+    args.tsp_attention_buckets_per_call, args.tsp_mlp_schedule = buckets, "gather" if gather else "ring"
+    if args.rank == 0:
+        fits = "" if chosen.fits else f", the leanest: none fits in {hw.memory_bytes / GiB:.1f} GiB"
+        print(f"> megatron-tsp auto schedules: --tsp-attention-buckets-per-call {buckets} --tsp-mlp-schedule "
+              f"{args.tsp_mlp_schedule} (cost model on {hw.name}: {_si(chosen.cost.step_s, 's')} per step, "
+              f"{chosen.cost.memory.total / GiB:.3g} GiB per GPU{fits})", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -388,10 +455,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="cost TSP keeping forward's weight shards for backward (also read from the config)")
     parser.add_argument("--tsp-output-layer", choices=OUTPUT_LAYERS,
                         help="cost TSP with this output layer (default: the config's, else vocab-ring)")
-    parser.add_argument("--tsp-attention-buckets-per-call", type=_buckets_per_call,
+    parser.add_argument("--tsp-attention-buckets-per-call", type=buckets_per_call_flag,
                         help="cost TSP with G head buckets per attention call, or auto: every G dividing D "
                              "(default: the config's, else auto)")
-    parser.add_argument("--tsp-mlp-schedule", choices=(*MLP_SCHEDULES, "auto"),
+    parser.add_argument("--tsp-mlp-schedule", choices=(*MLP_SCHEDULES, AUTO),
                         help="cost TSP's dense MLP by this schedule, or auto: both (default: the config's, else "
                              "auto)")
     parser.add_argument("--plot", help="write a PNG of memory and bytes against sequence length here")
@@ -407,33 +474,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--mtp-num-layers {flags.mtp_num_layers} (in {args.config}): multi-token prediction is not "
                      f"modelled by the cost model (its layers and logits); plan without it")
     model = model_from_flags(flags)
-    micro_batch = args.micro_batch_size or flags.micro_batch_size
-    sixteen_bit = flags.bf16 or flags.fp16
-    recompute = args.recompute or flags.recompute_granularity or "none"
-    buckets = args.tsp_attention_buckets_per_call or flags.tsp_attention_buckets_per_call or "auto"
-    mlp_schedule = args.tsp_mlp_schedule or flags.tsp_mlp_schedule or "auto"
-    recompute_layers = args.recompute_num_layers or (flags.recompute_num_layers if args.recompute is None and
-                                                     flags.recompute_method == "block" else None)
-    # The config's --recompute-method uniform --recompute-num-layers N (N layers per checkpointed chunk)
-    chunk = (flags.recompute_num_layers or 1) if args.recompute is None and flags.recompute_method == "uniform" else 1
+    # the command line's choices over the config's; the planner's schedules default to auto, training's do not
+    flags.micro_batch_size = args.micro_batch_size or flags.micro_batch_size
+    if args.recompute is not None:
+        flags.recompute_granularity = args.recompute if args.recompute in ("full", "selective") else None
+        flags.recompute_method = "block" if args.recompute_num_layers else None
+        flags.recompute_num_layers = args.recompute_num_layers
+    flags.recompute_modules = args.recompute_modules or flags.recompute_modules
+    flags.tsp_keep_weight_shards = args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards
+    flags.tsp_output_layer = args.tsp_output_layer or flags.tsp_output_layer
+    for name in ("tsp_attention_buckets_per_call", "tsp_mlp_schedule"):
+        setattr(flags, name, getattr(args, name) or getattr(flags, name) or AUTO)
+    micro_batch = flags.micro_batch_size
     try:
-        work = Workload(micro_batch=micro_batch, seq_len=args.seq_length, param_bytes=2 if sixteen_bit else 4,
-                        act_bytes=2 if sixteen_bit else 4, recompute="none" if recompute == "auto" else recompute,
-                        recompute_modules=tuple(args.recompute_modules or flags.recompute_modules),
-                        recompute_layers=recompute_layers if recompute == "full" else None,
-                        recompute_chunk=chunk if recompute == "full" else 1,
-                        distributed_optimizer=flags.use_distributed_optimizer,
-                        tsp_dense_mask=args.dense_mask_attention,
-                        tsp_keep_weights=args.tsp_keep_weight_shards or flags.tsp_keep_weight_shards,
-                        tsp_buckets_per_call=buckets if isinstance(buckets, int) else 1,
-                        tsp_mlp_gather=mlp_schedule == "gather",
-                        tsp_vocab_ring=(args.tsp_output_layer or flags.tsp_output_layer) == "vocab-ring")
+        work = workload_from_flags(flags, args.seq_length, dense_mask=args.dense_mask_attention)
     except ValueError as error:  # the config's --recompute-modules has one the cost model does not know
         parser.error(f"{error} (in {args.config})")
     global_batch = flags.global_batch_size or micro_batch * args.gpus
     hw = GPUS[args.gpu]
-    candidates = plan(model, work, args.gpus, hw, global_batch, auto_recompute=recompute == "auto",
-                      auto_buckets=buckets == "auto", auto_mlp=mlp_schedule == "auto")
+    candidates = plan(model, work, args.gpus, hw, global_batch, auto_recompute=args.recompute == "auto",
+                      auto_buckets=flags.tsp_attention_buckets_per_call == AUTO,
+                      auto_mlp=flags.tsp_mlp_schedule == AUTO)
     if not candidates:
         sys.exit(f"no layout of {args.gpus} GPUs divides this model, sequence {args.seq_length} and global batch "
                  f"{global_batch} (micro-batch {micro_batch})")

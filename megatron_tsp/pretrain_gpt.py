@@ -43,6 +43,7 @@ from megatron.training.utils import get_blend_and_blend_per_split  # noqa: E402
 from megatron_tsp.args import TSPConfigError, add_tsp_args, configure_tsp, expand_config  # noqa: E402
 from megatron_tsp.comm import comm_bytes  # noqa: E402
 from megatron_tsp.mesh import initialize_model_parallel  # noqa: E402
+from megatron_tsp.plan import resolve_auto_schedules  # noqa: E402
 from megatron_tsp.specs import (  # noqa: E402
     get_gpt_decoder_block_tsp_spec,
     get_gpt_mtp_block_tsp_spec,
@@ -221,6 +222,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if running_on_cpu():
         print_rank_0(f"> megatron-tsp: no GPU found, running on {args.world_size} CPU rank(s) over gloo")
     initialize_distributed(args)
+    try:
+        resolve_auto_schedules(args)  # needs the process group and the padded vocabulary (set_global_variables)
+    except TSPConfigError as error:  # the same on every rank (checked by a collective every rank made)
+        sys.exit(f"[rank {args.rank}] megatron-tsp configuration error: {error}")
     config = pretrain_cfg_container_from_args(args)
     with contextlib.ExitStack() as stack:
         if running_on_cpu():

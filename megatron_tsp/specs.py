@@ -47,7 +47,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron_tsp.attention import QKNorm, apply_rotary_cos_sin, rotary_cos_sin, tsp_attention
 from megatron_tsp.comm import group_rank, group_size
 from megatron_tsp.kernels import select_core_attention
-from megatron_tsp.mlp import tsp_expert_mlps, tsp_mlp
+from megatron_tsp.mlp import MLP_SCHEDULES, tsp_expert_mlps, tsp_mlp
 from megatron_tsp.norm import SequenceShardedNorm
 from megatron_tsp.output import tsp_vocab_parallel_loss
 from megatron_tsp.zigzag import gathered_positions, local_positions
@@ -307,6 +307,10 @@ def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int
     the dense MLP's, ring or gather (``mlp.py``). Extra keyword
     arguments (Megatron's spec helpers pass backend flags) are ignored.
     """
+    if not isinstance(attention_buckets_per_call, int) or mlp_schedule not in MLP_SCHEDULES:
+        raise ValueError(f"TSP layer spec with head buckets per call {attention_buckets_per_call!r} and MLP "
+                         f"schedule {mlp_schedule!r}: 'auto' is resolved by plan.resolve_auto_schedules before "
+                         f"the model is built (the entry points do it once the process group exists)")
     if num_experts is None:
         mlp = partial(TSPMLP.as_mlp_submodule, keep_weight_shards=keep_weight_shards, schedule=mlp_schedule,
                       submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))

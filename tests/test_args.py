@@ -58,7 +58,10 @@ BAD = [  # flags, world size, text the error must contain (the flag to change)
     (["--tsp-size", "2", "--tsp-order", "tsp-dp-pp"], 4, "--tsp-order"),
     (["--tsp-size", "4", "--tsp-attention-buckets-per-call", "3"], 4,
      "--tsp-attention-buckets-per-call 3 must divide --tsp-size 4: choose one of [1, 2, 4]"),
-    (["--tsp-attention-buckets-per-call", "0"], 1, "--tsp-attention-buckets-per-call 0 must divide --tsp-size 1"),
+    (["--tsp-size", "2", "--tsp-mlp-schedule", "auto", "--mtp-num-layers", "1"], 4,
+     "does not model multi-token prediction; pass both flags explicitly"),
+    (["--tsp-size", "2", "--tsp-attention-buckets-per-call", "auto", "--num-experts", "4", "--moe-layer-freq",
+      "[1,0]"], 4, "with a --moe-layer-freq pattern"),
     (["--tsp-size", "2", "--attention-dropout", "0.1"], 4, "pass --attention-dropout 0"),
     (["--tsp-size", "2", "--position-embedding-type", "yarn"], 4, "--position-embedding-type yarn"),
     (["--tsp-size", "2", "--num-experts", "4", "--expert-tensor-parallel-size", "2"], 4,
@@ -84,6 +87,14 @@ def test_bad_configuration_names_the_flag(flags: list[str], world: int, message:
     with pytest.raises((TSPConfigError, ValueError)) as error:
         validate_tsp_args(args, world)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_buckets_per_call_is_a_positive_count_or_auto(value: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        parse("--tsp-size", "2", "--tsp-attention-buckets-per-call", value)
+    assert "a positive count of head buckets, or auto" in capsys.readouterr().err
+    assert parse("--tsp-size", "2", "--tsp-attention-buckets-per-call", "auto").tsp_attention_buckets_per_call == "auto"
 
 
 @pytest.mark.parametrize("tsp,world", [(1, 1), (2, 4), (4, 8)])

@@ -43,7 +43,7 @@ CASES = {  # loss-parity case: (model, layout, workload); micro-batches per step
                                 replace(FP32, recompute="full")),
     "tsp2_recompute_selective_keep_weight_shards": (TINY, Layout(kind="TSP", tensor=2),
                                                     replace(FP32, recompute="selective", tsp_keep_weights=True)),
-    "tsp2_recompute_block_one_attention_call_mlp_gather": (
+    "tsp2_recompute_block_auto_schedules": (  # resolved to one attention call, the gathered MLP
         TINY, Layout(kind="TSP", tensor=2),
         replace(FP32, recompute="full", recompute_layers=1, tsp_buckets_per_call=2, tsp_mlp_gather=True)),
     "tsp2_recompute_selective_mlp_layernorm": (TINY, Layout(kind="TSP", tensor=2),

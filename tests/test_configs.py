@@ -203,6 +203,7 @@ def build_on_rank(path: Path, world: int, rank: int, layers: int, *extra: str) -
 
     from megatron_tsp.megatron_compat import cuda_to_cpu
     from megatron_tsp.mesh import get_tsp_world_size, initialize_model_parallel
+    from megatron_tsp.plan import resolve_auto_schedules
     from megatron_tsp.pretrain_gpt import model_provider
 
     # CPU initialisation: the GPU path allocates on torch.cuda.current_device(), which the meta device
@@ -216,6 +217,7 @@ def build_on_rank(path: Path, world: int, rank: int, layers: int, *extra: str) -
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size, order=args.tsp_order,
         create_gloo_process_groups=False)  # gloo groups would rendezvous through the fake store and hang
+    resolve_auto_schedules(args)  # the GPU configs' auto schedules, as the entry point does here
     config = core_transformer_config_from_args(args)
     config.perform_initialization = False  # nothing to initialise on meta tensors
     config.init_model_with_meta_device = True  # skips the first/last-stage embedding all-reduce

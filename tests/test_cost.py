@@ -595,3 +595,17 @@ def test_planner_reads_recompute_modes(flags: tuple[str, ...], label: str, refus
     with pytest.raises(SystemExit):
         plan.main([*common, *flags[2:]])  # the mode's detail without the mode
     assert refused in capsys.readouterr().err
+
+
+def test_mlp_schedule_costs_only_dense_layers() -> None:
+    """--tsp-mlp-schedule picks the dense MLP's schedule: a model whose every layer is MoE costs the same with
+    either (host time included: the experts are not the gathered MLP), one with dense layers does not."""
+    all_moe = replace(_MOE, moe_layer_freq=1)
+    work = Workload(micro_batch=1, seq_len=4096, recompute="full")
+    layout = Layout("TSP", tensor=4, expert=2)
+    ring, gather = (step_cost(all_moe, replace(work, tsp_mlp_gather=g), layout, plan.GPUS["h100"], 8)
+                    for g in (False, True))
+    assert (ring.step_s, ring.memory.total, ring.comm_bytes) == (gather.step_s, gather.memory.total, gather.comm_bytes)
+    mixed = [step_cost(_MOE, replace(work, tsp_mlp_gather=g), layout, plan.GPUS["h100"], 8).step_s
+             for g in (False, True)]
+    assert mixed[1] < mixed[0]

@@ -3,8 +3,8 @@
 The copy shadows the installed package in a subprocess (PYTHONPATH), which checks each hook at the place
 the patch puts it: Megatron's own parser accepts ``--tsp-size`` and its ``validate_args`` maps it onto the
 tensor-parallel slot (or refuses a missing TSP ``--spec``), ``_get_block_submodules`` calls the block-spec
-function ``--spec`` names, ``get_batch_on_this_cp_rank`` puts the batch in zigzag order, and megatron-tsp's
-own entry point still parses on the patched package.
+function ``--spec`` names (and resolves ``auto`` TSP schedules there), ``get_batch_on_this_cp_rank`` puts the
+batch in zigzag order, and megatron-tsp's own entry point still parses on the patched package.
 """
 
 from __future__ import annotations
@@ -73,6 +73,19 @@ batch = {"tokens": tokens, "labels": tokens, "loss_mask": tokens, "position_ids"
 out = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=dist.group.WORLD)
 report["zigzag"] = [out[name].tolist() for name in ("tokens", "labels", "position_ids")] + [out["attention_mask"]]
 
+# auto schedules: chosen at the first block spec, once the process group and the padded vocabulary exist
+sys.argv = ["pretrain_gpt.py", *base, "--spec", "megatron_tsp.specs", "get_gpt_decoder_block_tsp_spec",
+            "--tsp-attention-buckets-per-call", "auto", "--tsp-mlp-schedule", "auto"]
+auto_args = parse_args()
+validate_args(auto_args, {})
+auto_args.padded_vocab_size = auto_args.vocab_size
+from megatron.training.global_vars import set_args
+set_args(auto_args)
+auto_block = _get_block_submodules(core_transformer_config_from_args(auto_args), import_module(auto_args.spec),
+                                   None, 0)
+report["auto"] = [[layer.submodules.self_attention.params["buckets_per_call"] for layer in auto_block.layer_specs],
+                  auto_args.tsp_attention_buckets_per_call, auto_args.tsp_mlp_schedule]
+
 from megatron_tsp.pretrain_gpt import parse_tsp_args
 own = parse_tsp_args(["--config", config, "--tsp-size", "2"])
 report["own_entry_point"] = [own.tsp_size, own.tensor_model_parallel_size, own.sequence_parallel]
@@ -108,4 +121,5 @@ def test_patched_megatron_runs_every_tsp_hook(patched_megatron: Path, tmp_path: 
     zigzag = [0, 1, 6, 7, 2, 3, 4, 5]  # 2D = 4 chunks of 2 tokens, in order 0, 3, 1, 2
     assert report["zigzag"] == [[zigzag]] * 3 + [None]
     assert report["own_entry_point"] == [2, 2, True]
+    assert report["auto"] == [[2, 2], 2, "gather"]  # the tiny model is host-bound: the fewest operators win
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, Optional
 
-from megatron_tsp.args import TSPConfigError, add_tsp_args, configure_tsp
+from megatron_tsp.args import AUTO, TSPConfigError, add_tsp_args, configure_tsp
 from megatron_tsp.megatron_compat import patches
 from megatron_tsp.mesh import megatron_order
 from megatron_tsp.zigzag import zigzag_batch
@@ -73,6 +73,19 @@ def zigzag(batch: dict[str, Any]) -> dict[str, Any]:
     return zigzag_batch(batch, _tsp_size) if _tsp_size > 1 else batch
 
 
+def _resolve_auto_schedules() -> None:
+    """``auto`` TSP schedules, chosen at the first block spec: the first point after validation where the
+    process group exists and the vocabulary is padded (``plan.resolve_auto_schedules``)."""
+    from megatron.training import get_args
+
+    from megatron_tsp.plan import resolve_auto_schedules
+
+    args = get_args()
+    resolve_auto_schedules(args)
+    _tsp_spec_options["attention_buckets_per_call"] = args.tsp_attention_buckets_per_call
+    _tsp_spec_options["mlp_schedule"] = args.tsp_mlp_schedule
+
+
 def build_block_spec(config: Any, spec: Any, vp_stage: Optional[int], pp_rank: Optional[int]) -> Any:
     """Call a block-spec function named by ``--spec`` with the stage's config; pass anything else through.
 
@@ -83,6 +96,8 @@ def build_block_spec(config: Any, spec: Any, vp_stage: Optional[int], pp_rank: O
     """
     from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec  # Megatron's model modules are loaded by now
 
+    if AUTO in _tsp_spec_options.values():
+        _resolve_auto_schedules()
     if callable(spec) and not isinstance(spec, type):
         options = _tsp_spec_options if spec is get_gpt_decoder_block_tsp_spec else {}
         return spec(config, vp_stage=vp_stage, pp_rank=pp_rank, **options)
