@@ -35,7 +35,7 @@ from megatron_tsp.megatron_compat import peak_allocated_bytes
 from megatron_tsp.mlp import tsp_mlp
 from megatron_tsp.zigzag import gathered_positions, local_positions
 
-from device_profile import count_work_ops, print_device_profile  # scripts/
+from device_profile import print_device_profile, tally_work  # scripts/
 
 
 def _seconds(run: Callable[[], Tensor], device: torch.device, repeats: int) -> tuple[float, float]:
@@ -126,8 +126,8 @@ def main() -> None:
     for name, run in schedules.items():
         forward, backward = _seconds(run, device, args.repeats)
         outputs = []
-        forward_ops = count_work_ops(lambda: outputs.append(run()))
-        backward_ops = count_work_ops(lambda: outputs[0].backward(torch.ones_like(outputs[0])))
+        forward_ops = tally_work(lambda: outputs.append(run())).operators
+        backward_ops = tally_work(lambda: outputs[0].backward(torch.ones_like(outputs[0]))).operators
         print(f"{name:>13}: forward {forward * 1e3:8.1f} ms, backward {backward * 1e3:8.1f} ms "
               f"({backward / forward:.2f}x forward); {forward_ops} + {backward_ops} operators, "
               f"{_python_calls(run)} Python calls; peak {_peak_mib(run, device):.1f} MiB")

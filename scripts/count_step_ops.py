@@ -1,19 +1,25 @@
-"""Operators one training step dispatches per transformer layer: TSP at each head-bucket count per attention
-call G, and Megatron's TP+SP, on one rank of degree D (torch's fake process group, as bench_gpu.py).
+"""Operators one training step dispatches per transformer layer, and the bytes its memory-bound operators
+move: TSP at each head-bucket count per attention call G, and Megatron's TP+SP, on one rank of degree D
+(torch's fake process group, as bench_gpu.py).
 
 Each operator that does work is at least one kernel launch on a GPU, where TSP's step is host-bound below
-~64K tokens (docs/benchmarks.md), so this count is the host-side cost, and a CPU can take it. bench_gpu.py's
-model is built with one and with two layers; the difference of their steps' counts is one layer's (norms,
-attention, MLP, recompute and grads included). The cost model's host-time scaling with G
-(``cost.tsp_host_steps``) is fitted to these counts.
+~64K tokens (docs/benchmarks.md), so this count is the host-side cost, and a CPU can take it. Where the GPU
+is busy (long sequences), what TSP adds to TP+SP's time is memory-bound work (copies, casts, sums), whose
+bytes (inputs and outputs of every operator but GEMMs, fused attention and collectives) a CPU can count too;
+they depend on the shapes (``--hidden``, ``--heads``, ``--ffn``, ``--seq``, ``--dtype``), the operator count
+does not. bench_gpu.py's model is built with one and with two layers; the difference of their steps' counts
+is one layer's (norms, attention, MLP, recompute and grads included). The cost model's host-time scaling
+with G (``cost.tsp_host_steps``) is fitted to the operator counts.
 
     .venv/bin/python scripts/count_step_ops.py --tsp 8 --buckets-per-call 1,2,4,8
+    .venv/bin/python scripts/count_step_ops.py --tsp 8 --hidden 512 --heads 32 --ffn 2048 --seq 16384 --dtype bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+from collections import Counter
 
 import bench_gpu  # scripts/; sets Megatron up for this device first
 import torch
@@ -25,14 +31,14 @@ from megatron_tsp.megatron_compat import cuda_to_cpu
 from megatron_tsp.mesh import initialize_model_parallel
 from megatron_tsp.mlp import MLP_SCHEDULES
 
-from device_profile import count_work_ops  # scripts/
+from device_profile import WorkTally, tally_work  # scripts/
 
 
-def step_ops(args: argparse.Namespace, layout: str, device: torch.device) -> int:
-    """Operators of one training step after a warm-up step."""
+def step_work(args: argparse.Namespace, layout: str, device: torch.device) -> WorkTally:
+    """What one training step after a warm-up step dispatches."""
     model = bench_gpu.build_model(args, layout, args.seq, device)
     bench_gpu.train_step(model, args, layout, args.seq, device)
-    return count_work_ops(lambda: bench_gpu.train_step(model, args, layout, args.seq, device))
+    return tally_work(lambda: bench_gpu.train_step(model, args, layout, args.seq, device))
 
 
 def main() -> None:
@@ -40,6 +46,10 @@ def main() -> None:
     parser.add_argument("--tsp", type=int, default=8, help="degree D (the fake group's size)")
     parser.add_argument("--buckets-per-call", default="1", help="comma-separated G values, each dividing D")
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--hidden", type=int, help="default 32 x D")
+    parser.add_argument("--heads", type=int, help="default 4 x D")
+    parser.add_argument("--ffn", type=int, help="default 64 x D")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--recompute", choices=("full", "none"), default="full")
     parser.add_argument("--mlp-schedule", choices=MLP_SCHEDULES, default=MLP_SCHEDULES[0],
                         help="the TSP MLP's (--tsp-mlp-schedule)")
@@ -48,22 +58,29 @@ def main() -> None:
     dist.init_process_group("fake", rank=0, world_size=options.tsp, store=FakeStore())
     initialize_model_parallel(tsp_size=options.tsp, create_gloo_process_groups=False)
     runs = [("tp_sp", 1)] + [("tsp", int(g)) for g in options.buckets_per_call.split(",")]
-    print(f"degree {options.tsp}, S {options.seq}, recompute {options.recompute}, TSP MLP "
-          f"{options.mlp_schedule}, on {device}")
+    d = options.tsp
+    hidden, heads, ffn = options.hidden or 32 * d, options.heads or 4 * d, options.ffn or 64 * d
+    print(f"degree {d}, S {options.seq}, h {hidden}, {heads} heads, ffn {ffn}, {options.dtype}, recompute "
+          f"{options.recompute}, TSP MLP {options.mlp_schedule}, on {device}")
     with cuda_to_cpu() if device.type == "cpu" else contextlib.nullcontext():
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         for layout, g in runs:
-            counts = []
-            for layers in (1, 2):  # small widths: the count does not depend on them
-                args = bench_gpu.parse_args(["--dtype", "fp32", "--tsp", str(options.tsp), "--layers", str(layers),
-                                             "--hidden", str(32 * options.tsp), "--heads", str(4 * options.tsp),
-                                             "--ffn", str(64 * options.tsp), "--vocab", str(64 * options.tsp),
-                                             "--recompute", options.recompute, "--buckets-per-call", str(g),
-                                             "--mlp-schedule", options.mlp_schedule])
+            tallies = []
+            for layers in (1, 2):
+                args = bench_gpu.parse_args(["--dtype", options.dtype, "--tsp", str(d), "--layers", str(layers),
+                                             "--hidden", str(hidden), "--heads", str(heads), "--ffn", str(ffn),
+                                             "--vocab", str(64 * d), "--recompute", options.recompute,
+                                             "--buckets-per-call", str(g), "--mlp-schedule", options.mlp_schedule])
                 args.seq = options.seq
-                counts.append(step_ops(args, layout, device))
+                tallies.append(step_work(args, layout, device))
+            one, two = tallies
+            layer_bytes = Counter(two.bytes_by_op)
+            layer_bytes.subtract(one.bytes_by_op)
+            top = ", ".join(f"{op} {nbytes / 2**20:.1f}" for op, nbytes in layer_bytes.most_common(4))
             label = "TP+SP" if layout == "tp_sp" else f"TSP G={g}"
-            print(f"{label:>9}: {counts[1] - counts[0]} operators per layer ({counts[0]} in a one-layer step)")
+            print(f"{label:>9}: {two.operators - one.operators} operators per layer ({one.operators} in a one-layer "
+                  f"step); memory-bound operators move {(two.memory_bound_bytes - one.memory_bound_bytes) / 2**20:.1f}"
+                  f" MiB per layer (MiB: {top})")
     dist.destroy_process_group()
 
 

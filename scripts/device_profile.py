@@ -1,44 +1,72 @@
 """Where one call's time goes on a GPU: wall time, time the device was busy, and the kernels that filled it;
-and, on any device, how many operators that do work a call dispatches.
+and, on any device, how many operators that do work a call dispatches and how many bytes its memory-bound
+ones move.
 
 Used by the benchmarks' ``--profile`` flags (torch profiler, CPU and CUDA activity). A device busy for much
 less than the wall time is waiting for the host (launch overhead, syncs); otherwise the kernel table says
-which kernels to speed up. The operator count (:func:`count_work_ops`) is the host-side measure that a CPU
-can take too: each such operator is at least one kernel launch on a GPU.
+which kernels to speed up. The operator count and the memory-bound bytes (:func:`tally_work`) are what a CPU
+can measure too: each such operator is at least one kernel launch on a GPU (the host's cost where a step is
+launch-bound), and the bytes the non-GEMM operators read and write set their time where the GPU is busy.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 # aten operators that allocate or alias without touching data (no kernel on a GPU); ``_unsafe_view`` is the
 # reshape of a fresh result (e.g. a matmul's) that autograd does not track as a view
 _NO_WORK = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
             "lift_fresh", "set_", "resize_", "promote_types", "result_type", "_unsafe_view"}
+# compute-bound operators (GEMMs and fused attention kernels, by name prefix), left out of the memory-bound bytes
+_COMPUTE_BOUND = ("mm", "addmm", "bmm", "baddbmm", "addbmm", "_scaled_dot_product", "_flash_attention",
+                  "_efficient_attention", "_cudnn_attention")
 
 
-class _CountWorkOps(TorchDispatchMode):
+@dataclass
+class WorkTally:
+    """What a call dispatched: ``operators`` that read or write tensor data (views and bare allocations left
+    out, each collective one), and ``memory_bound_bytes``, the bytes of the inputs and outputs of those that
+    are neither GEMMs, fused attention kernels nor collectives (a broadcast input counts at its broadcast
+    size), by operator name in ``bytes_by_op``."""
+
+    operators: int = 0
+    memory_bound_bytes: int = 0
+    bytes_by_op: Counter[str] = field(default_factory=Counter)
+
+
+class _TallyWork(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.count = 0
+        self.tally = WorkTally()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
-        if not func.is_view and func.__name__.split(".")[0] not in _NO_WORK:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        if func.is_view or name in _NO_WORK:
+            return out
+        self.tally.operators += 1
+        if func.namespace in ("c10d", "_c10d_functional") or name.startswith(_COMPUTE_BOUND):
+            return out
+        moved = sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                    if isinstance(t, torch.Tensor))
+        self.tally.memory_bound_bytes += moved
+        self.tally.bytes_by_op[name] += moved
+        return out
 
 
-def count_work_ops(fn: Callable[[], object]) -> int:
-    """aten operators ``fn()`` dispatches that read or write tensor data (views and bare allocations left out;
-    collectives included, as one each)."""
-    with _CountWorkOps() as counter:
+def tally_work(fn: Callable[[], object]) -> WorkTally:
+    """Run ``fn()`` and return its :class:`WorkTally`."""
+    with _TallyWork() as tally:
         fn()
-    return counter.count
+    return tally.tally
 
 
 def print_device_profile(label: str, fn: Callable[[], object], rows: int = 12) -> None:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_tsp.cost import Workload, tsp_layer_operators
 from megatron_tsp.mlp import MLP_SCHEDULES
@@ -110,8 +111,25 @@ def test_count_step_ops_on_cpu(mlp_schedule: str) -> None:
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = dict(re.findall(r"(TP\+SP|TSP G=\d): (\d+) operators per layer", done.stdout))
+    moved = re.findall(r"memory-bound operators move ([0-9.]+) MiB per layer \(MiB: \w+ [0-9.]+", done.stdout)
+    assert len(moved) == 3 and all(float(mib) > 0 for mib in moved), done.stdout
     assert list(counts) == ["TP+SP", "TSP G=1", "TSP G=2"], done.stdout
     assert int(counts["TP+SP"]) < int(counts["TSP G=2"]) < int(counts["TSP G=1"]), done.stdout
     for g in (1, 2):
         work = Workload(micro_batch=1, seq_len=64, tsp_buckets_per_call=g, tsp_mlp_gather=mlp_schedule == "gather")
         assert int(counts[f"TSP G={g}"]) == tsp_layer_operators(work, 2), done.stdout
+
+
+def test_tally_work_counts_operators_and_memory_bound_bytes() -> None:
+    """scripts/device_profile.py's tally: an elementwise op moves its inputs and output (in place too), a GEMM
+    and a view move nothing counted (compute-bound; no data), a bare allocation is no operator."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from device_profile import tally_work
+
+    a, b, m = torch.randn(100), torch.randn(100, dtype=torch.float64), torch.randn(8, 8)
+    add = tally_work(lambda: a + b)  # fp32 + fp64 read, fp64 written
+    assert (add.operators, add.memory_bound_bytes, dict(add.bytes_by_op)) == (1, 400 + 800 + 800, {"add": 2000})
+    assert tally_work(lambda: a.mul_(2.0)).memory_bound_bytes == 800
+    gemm = tally_work(lambda: m @ m)
+    assert (gemm.operators, gemm.memory_bound_bytes) == (1, 0)
+    assert tally_work(lambda: (a.view(10, 10), torch.empty(5))).operators == 0
