@@ -329,8 +329,8 @@ def format_report(model: ModelShape, work: Workload, gpus: int, hw: Hardware, gl
     if best.layout.kind == "TSP" and (best.work.tsp_buckets_per_call > 1 or best.work.tsp_mlp_gather):
         lines.append(f"  flags: --tsp-size {best.layout.tensor} --tsp-attention-buckets-per-call "
                      f"{best.work.tsp_buckets_per_call} --tsp-mlp-schedule "
-                     f"{'gather' if best.work.tsp_mlp_gather else 'ring'} (host time scaled from operator "
-                     f"counts, not yet measured on a GPU)")
+                     f"{'gather' if best.work.tsp_mlp_gather else 'ring'}, or {AUTO} for both, which makes "
+                     f"this choice at startup (host time scaled from operator counts, not yet measured on a GPU)")
     if best.layout.context > 1:
         lines.append("  note: context parallelism needs Transformer Engine's attention (Megatron's local attention "
                      "asserts CP = 1)")
