@@ -65,7 +65,8 @@ def group_rank(group: dist.ProcessGroup) -> int:
 def same_on_all_ranks(values: Sequence[int]) -> bool:
     """Whether every rank of the default group passed the same ``values`` (one blocking all-reduce of
     ``[values, -values]`` by max, which all ranks must call; the answer is the same on every rank)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    on_gpu = "nccl" in dist.get_backend()  # "nccl", or a mixed "cpu:gloo,cuda:nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
     extremes = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64, device=device)
     dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
     largest, smallest = extremes[:len(values)], -extremes[len(values):]

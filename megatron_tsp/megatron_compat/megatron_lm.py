@@ -92,7 +92,7 @@ def build_block_spec(config: Any, spec: Any, vp_stage: Optional[int], pp_rank: O
     Megatron's ``--spec`` hands the named object to the model as is; the TSP decoder block depends on the
     pipeline stage (``--moe-layer-freq`` patterns, layer offsets), so ``--spec`` names a function. The TSP
     one also gets the TSP flags it takes (``--tsp-keep-weight-shards``, ``--tsp-attention-buckets-per-call``,
-    ``--tsp-mlp-schedule``).
+    ``--tsp-mlp-schedule``; ``auto`` ones chosen at the first call, on every rank).
     """
     from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec  # Megatron's model modules are loaded by now
 
