@@ -32,7 +32,7 @@ from megatron_tsp.comm import all_gather_seq, group_rank, group_size
 from megatron_tsp.grads import add_linear_, linear_weight_grads, weight_grad_for_autograd
 from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
 
-__all__ = ["TSPVocabLossFunction", "tsp_vocab_parallel_loss"]
+__all__ = ["TSPVocabLossFunction", "tsp_vocab_parallel_loss", "tsp_vocab_parallel_loss_and_predictions"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class _VocabSpec:
     # layer): its grad must go through autograd, where theirs is added to it, not straight into Megatron's
     # main_grad (grads.py), where DDP would then drop theirs.
     shared_weight: bool
+    # Also find each token's predicted id (the argmax over the whole vocabulary; multi-token prediction logs
+    # how often it is the label)
+    predict: bool = False
 
 
 def _loss_dtype(hidden: Tensor) -> torch.dtype:
@@ -66,21 +69,29 @@ class TSPVocabLossFunction(torch.autograd.Function):
     """Cross entropy of the local tokens by the vocabulary ring; see the module docstring.
 
     Inputs: hidden ``[S/D, B, h]``, labels ``[S/D, B]`` (vocabulary ids), spec, weight ``[V/D, h]`` (this
-    rank's shard). Output: per-token losses ``[S/D, B]``, fp32 (fp64 for fp64 models).
+    rank's shard). Outputs: per-token losses ``[S/D, B]``, fp32 (fp64 for fp64 models), and with
+    ``spec.predict`` each token's predicted id ``[S/D, B]`` (int64; the smallest id among equal maxima, as
+    Megatron's vocab-parallel argmax), else an empty tensor; the ids have no grad.
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, labels: Tensor, spec: _VocabSpec, weight: Tensor) -> Tensor:
+    def forward(ctx, hidden: Tensor, labels: Tensor, spec: _VocabSpec, weight: Tensor) -> tuple[Tensor, Tensor]:
         dtype = _loss_dtype(hidden)
         running_max = torch.full(labels.shape, -torch.inf, dtype=dtype, device=hidden.device)
         sum_exp = torch.zeros(labels.shape, dtype=dtype, device=hidden.device)
         target_logit = torch.zeros(labels.shape, dtype=dtype, device=hidden.device)
+        predicted = torch.empty(labels.shape if spec.predict else (0,), dtype=torch.int64, device=hidden.device)
 
         def fold_shard(shard: list[Tensor], owner: int) -> None:
             logits = _shard_logits(hidden, shard[0])
             inside, rows = _targets_in_shard(labels, owner, spec)
             target_logit.add_(torch.where(inside, logits.gather(-1, rows.unsqueeze(-1)).squeeze(-1), 0.0))
-            new_max = torch.maximum(running_max, logits.amax(dim=-1))
+            shard_max, shard_best = logits.max(dim=-1)
+            if spec.predict:  # owners come in ring order: on a tie the smaller id wins
+                shard_best.add_(owner * spec.shard_rows)
+                wins = (shard_max > running_max) | ((shard_max == running_max) & (shard_best < predicted))
+                torch.where(wins, shard_best, predicted, out=predicted)
+            new_max = torch.maximum(running_max, shard_max)
             sum_exp.mul_(torch.exp(running_max - new_max)).add_(torch.exp(logits - new_max.unsqueeze(-1)).sum(-1))
             running_max.copy_(new_max)
 
@@ -88,10 +99,11 @@ class TSPVocabLossFunction(torch.autograd.Function):
         log_sum_exp = running_max + torch.log(sum_exp)
         ctx.spec = spec
         ctx.save_for_backward(hidden, labels, weight, log_sum_exp)
-        return log_sum_exp - target_logit
+        ctx.mark_non_differentiable(predicted)
+        return log_sum_exp - target_logit, predicted
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx, grad_loss: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
         spec: _VocabSpec = ctx.spec
         hidden, labels, weight, log_sum_exp = ctx.saved_tensors
         grad_hidden = torch.zeros(hidden.shape, dtype=_loss_dtype(hidden), device=hidden.device)
@@ -133,12 +145,27 @@ def tsp_vocab_parallel_loss(hidden: Tensor, weight: Tensor, labels: Tensor, tsp_
     ``compute_language_model_loss`` shape), equal on every rank of the group. ``shared_weight``: the weight
     has other users whose grads autograd adds (the tied input embedding, multi-token prediction).
     """
+    return _vocab_ring(hidden, weight, labels, tsp_group, shared_weight, predict=False)[0]
+
+
+def tsp_vocab_parallel_loss_and_predictions(hidden: Tensor, weight: Tensor, labels: Tensor,
+                                            tsp_group: dist.ProcessGroup, *,
+                                            shared_weight: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`tsp_vocab_parallel_loss`, and each token's predicted id (argmax over the whole vocabulary, the
+    smallest id among equal maxima) ``[B, S]`` int64, also gathered (one more all-gather of S x B ids)."""
+    losses, predicted = _vocab_ring(hidden, weight, labels, tsp_group, shared_weight, predict=True)
+    return losses, all_gather_seq(predicted, tsp_group).wait().t()
+
+
+def _vocab_ring(hidden: Tensor, weight: Tensor, labels: Tensor, tsp_group: dist.ProcessGroup, shared_weight: bool,
+                predict: bool) -> tuple[Tensor, Tensor]:
+    """Gathered losses ``[B, S]`` and this rank's predicted ids ``[S/D, B]`` (empty unless ``predict``)."""
     rank, tokens = group_rank(tsp_group), hidden.shape[0]
     if labels.shape != (hidden.shape[1], tokens * group_size(tsp_group)):
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden states {tuple(hidden.shape)} of a "
                          f"TSP group of {group_size(tsp_group)}: expected [B, S] = "
                          f"[{hidden.shape[1]}, {tokens * group_size(tsp_group)}]")
     local_labels = labels.t()[rank * tokens:(rank + 1) * tokens]  # [S/D, B]
-    spec = _VocabSpec(tsp_group=tsp_group, shard_rows=weight.shape[0], shared_weight=shared_weight)
-    losses = TSPVocabLossFunction.apply(hidden, local_labels, spec, weight)
-    return _GatherLosses.apply(losses, tsp_group).t().contiguous()
+    spec = _VocabSpec(tsp_group=tsp_group, shard_rows=weight.shape[0], shared_weight=shared_weight, predict=predict)
+    losses, predicted = TSPVocabLossFunction.apply(hidden, local_labels, spec, weight)
+    return _GatherLosses.apply(losses, tsp_group).t().contiguous(), predicted

@@ -45,6 +45,7 @@ from megatron_tsp.comm import comm_bytes  # noqa: E402
 from megatron_tsp.mesh import initialize_model_parallel  # noqa: E402
 from megatron_tsp.plan import resolve_auto_schedules  # noqa: E402
 from megatron_tsp.specs import (  # noqa: E402
+    VOCAB_RING_OUTPUT,
     get_gpt_decoder_block_tsp_spec,
     get_gpt_mtp_block_tsp_spec,
     tsp_output_loss,
@@ -97,7 +98,14 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
         vp_stage=vp_stage,
         pg_collection=pg_collection,
     )
+    if post_process and _vocab_ring(args):  # multi-token prediction's losses by the ring too (patches.py)
+        setattr(model.output_layer, VOCAB_RING_OUTPUT, True)
     return model
+
+
+def _vocab_ring(args: Any) -> bool:
+    """Whether the output layer's losses are the vocabulary ring's (``--tsp-output-layer vocab-ring``)."""
+    return args.tsp_size > 1 and args.tsp_output_layer == "vocab-ring"
 
 
 def _batch_device() -> torch.device:
@@ -136,9 +144,8 @@ def forward_step(data_iterator: Iterator[dict], model: GPTModel):
     """Megatron forward step: run the model on the next micro-batch and hand back the loss function."""
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
     args = get_args()
-    vocab_ring = args.tsp_size > 1 and args.tsp_output_layer == "vocab-ring"
     output_tensor = model(tokens, position_ids, attention_mask, labels=labels,
-                          output_processor=tsp_output_loss if vocab_ring else None)
+                          output_processor=tsp_output_loss if _vocab_ring(args) else None)
     return output_tensor, partial(loss_func, loss_mask)
 
 

@@ -21,11 +21,13 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec_for_backend
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import multi_token_prediction
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -49,7 +51,7 @@ from megatron_tsp.comm import group_rank, group_size
 from megatron_tsp.kernels import select_core_attention
 from megatron_tsp.mlp import MLP_SCHEDULES, tsp_expert_mlps, tsp_mlp
 from megatron_tsp.norm import SequenceShardedNorm
-from megatron_tsp.output import tsp_vocab_parallel_loss
+from megatron_tsp.output import tsp_vocab_parallel_loss, tsp_vocab_parallel_loss_and_predictions
 from megatron_tsp.zigzag import gathered_positions, local_positions
 
 
@@ -293,6 +295,72 @@ def tsp_output_loss(*, hidden_states: torch.Tensor, output_layer: ColumnParallel
     weight = output_layer.weight if output_weight is None else output_weight
     return tsp_vocab_parallel_loss(hidden_states, weight, labels, output_layer.tp_group,
                                    shared_weight=output_weight is not None or bool(config.mtp_num_layers))
+
+
+# Set on an output layer whose losses the vocabulary ring computes (--tsp-output-layer vocab-ring): Megatron's
+# multi-token prediction losses then take the ring too (patches.py routes process_mtp_loss to tsp_mtp_loss).
+VOCAB_RING_OUTPUT = "tsp_vocab_ring"
+
+
+def tsp_mtp_loss(*, hidden_states: torch.Tensor, labels: Optional[torch.Tensor], loss_mask: Optional[torch.Tensor],
+                 output_layer: ColumnParallelLinear, output_weight: Optional[torch.Tensor], is_training: bool,
+                 config: TransformerConfig, cp_group: Optional[dist.ProcessGroup] = None,
+                 packed_seq_params: Any = None, scale_logits_fn: Any = None,
+                 input_ids: Optional[torch.Tensor] = None, **unused: Any) -> torch.Tensor:
+    """megatron-core 0.19.2's ``process_mtp_loss`` (same arguments and contract) for an output layer marked
+    :data:`VOCAB_RING_OUTPUT`: each prediction depth's per-token loss by the vocabulary ring from the rank's
+    ``[s/D, b, h]`` MTP hidden states (never ``[s, b, V/D]`` logits, nor the gathered hidden states). Takes
+    ``hidden_states`` ``[(1 + depths) * s/D, b, h]`` (the decoder's, then each depth's); labels and loss mask are
+    shifted one more token per depth (by Megatron's ``roll_tensor``, which patches.py makes shift in natural
+    order), each depth's masked loss and prediction acceptance counts go to Megatron's MTP logging, and the
+    losses are attached to the decoder's hidden states, which are returned, for backward
+    (``MTPLossAutoScaler``), scaled as Megatron does.
+    """
+    if scale_logits_fn is not None:
+        raise ValueError("--tsp-output-layer vocab-ring does not support MuP logit scaling; use "
+                         "--tsp-output-layer megatron")
+    depths = config.mtp_num_layers
+    decoder_hidden, *depth_hidden = torch.chunk(hidden_states, 1 + depths, dim=0)
+
+    def shift(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # one token left, and the shifted sum
+        return multi_token_prediction.roll_tensor(t, shifts=-1, dims=-1, cp_group=cp_group,
+                                                  packed_seq_params=packed_seq_params)
+
+    if labels is None:  # as Megatron: the next input id; nothing to score without input ids either
+        if input_ids is None:
+            return decoder_hidden
+        labels, _ = shift(input_ids)
+        loss_mask = shift(loss_mask if loss_mask is not None else torch.ones_like(labels))[0]
+    elif loss_mask is None:
+        loss_mask = torch.ones_like(labels)
+    weight = output_layer.weight if output_weight is None else output_weight
+    if config.mtp_detach_heads:
+        weight = weight.detach()
+    unshifted_tokens = loss_mask.sum()
+    depth_labels = labels
+    for depth, hidden in enumerate(depth_hidden):
+        depth_labels, _ = shift(depth_labels)
+        loss_mask, tokens = shift(loss_mask)
+        if is_training:
+            losses, predicted = tsp_vocab_parallel_loss_and_predictions(hidden, weight, depth_labels,
+                                                                        output_layer.tp_group, shared_weight=True)
+        else:
+            losses = tsp_vocab_parallel_loss(hidden, weight, depth_labels, output_layer.tp_group, shared_weight=True)
+        masked = loss_mask * losses
+        counted = tokens.clamp(min=1)
+        if is_training:
+            scored = loss_mask.bool()
+            multi_token_prediction.MTPLossLoggingHelper.save_metrics_to_tracker(
+                masked.sum() * (tokens > 0).to(masked.dtype) / counted,
+                ((predicted == depth_labels) & scored).sum().float(), scored.sum().float(), depth, depths,
+                avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        scale = config.mtp_loss_scaling_factor / depths
+        if config.calculate_per_token_loss:  # finalize_model_grads divides by the decoder's token count
+            attached = scale * masked * (unshifted_tokens / counted)
+        else:
+            attached = scale * masked / counted
+        decoder_hidden = multi_token_prediction.MTPLossAutoScaler.apply(decoder_hidden, attached)
+    return decoder_hidden
 
 
 def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int] = None,

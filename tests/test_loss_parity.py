@@ -115,8 +115,8 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
     # The output weight is the embedding's, on the other pipeline stage (grads summed between the two).
     "tsp2_pp2_virtual_tied_embeddings": (4, ("--tsp-size", "2"), VPP, 2),
     # Multi-token prediction: a TSP layer behind the decoder, its inputs and labels shifted in natural order
-    # although TSP holds them in zigzag order, its loss through Megatron's output layer, whose weight the
-    # vocabulary ring then shares. Attention as one call over both head buckets (the flag reaches the MTP
+    # although TSP holds them in zigzag order, its loss by the vocabulary ring too (the decoder's and its
+    # grads of the shared output weight summed). Attention as one call over both head buckets (the flag reaches the MTP
     # layer too: it reuses the decoder's layer spec).
     "tsp2_mtp_one_attention_call": (2, ("--tsp-size", "2", "--tsp-attention-buckets-per-call", "2"),
                                     ("--mtp-num-layers", "1"), 1),

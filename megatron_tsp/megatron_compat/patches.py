@@ -11,7 +11,8 @@ package (and ``cpu.py`` beside it) to be re-checked.
 - Not patches, but leaning on megatron-core 0.19.2 behaviour, all in ``specs.py``: the expert-bias tag
   correction (``TSPMoELayer``, at build time); the expert ring's token dispatcher, rebuilt on a view of
   the process groups without an expert-tensor-parallel group (read as size 1 by ``utils.get_pg_size``);
-  the vocabulary-ring loss, plugged in as GPTModel's ``output_processor``; RoPE's local cos/sin made once
+  the vocabulary-ring loss, plugged in as GPTModel's ``output_processor`` (and, through the
+  ``process_mtp_loss`` patch, for multi-token prediction's losses); RoPE's local cos/sin made once
   per angle table (``_local_rotary``), which pays off because ``RotaryEmbedding.forward`` is lru-cached per
   length, and under activation recompute hits through the detached alias Megatron's checkpoint passes (a
   cache miss only costs the recomputation, never a wrong value).
@@ -182,6 +183,18 @@ def _shift_in_natural_order(original: Callable) -> Callable:
     return roll_tensor
 
 
+def _mtp_loss_by_vocab_ring(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def process_mtp_loss(**kwargs):
+        from megatron_tsp.specs import VOCAB_RING_OUTPUT, tsp_mtp_loss
+
+        if getattr(kwargs.get("output_layer"), VOCAB_RING_OUTPUT, False):
+            return tsp_mtp_loss(**kwargs)
+        return original(**kwargs)
+
+    return process_mtp_loss
+
+
 PATCHES: tuple[Patch, ...] = (
     Patch("megatron.core.process_groups_config", "ProcessGroupCollection.use_mpu_process_groups", False,
           "expose the tsp axis as `pg_collection.tsp` on every collection Megatron builds from its "
@@ -224,6 +237,12 @@ PATCHES: tuple[Patch, ...] = (
           "sequence with torch.roll; under TSP every rank holds them whole in zigzag chunk order (packed "
           "sequences and CP are refused), so the shift must run in natural order",
           _shift_in_natural_order),
+    Patch("megatron.core.models.gpt.gpt_model", "process_mtp_loss", False,
+          "GPTModel computes the multi-token prediction losses with its output layer over all-gathered hidden "
+          "states, [s, b, V/D] logits per depth, before (and apart from) the output processor that replaces "
+          "the decoder's loss; with --tsp-output-layer vocab-ring (the output layer marked by "
+          "pretrain_gpt.model_provider) the vocabulary ring computes them (specs.tsp_mtp_loss)",
+          _mtp_loss_by_vocab_ring),
 )
 
 
