@@ -49,6 +49,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron_tsp.attention import QKNorm, apply_rotary_cos_sin, rotary_cos_sin, tsp_attention
 from megatron_tsp.comm import group_rank, group_size
 from megatron_tsp.kernels import select_core_attention
+from megatron_tsp.linear import tsp_gathered_linear
 from megatron_tsp.mlp import MLP_SCHEDULES, tsp_expert_mlps, tsp_mlp
 from megatron_tsp.norm import SequenceShardedNorm
 from megatron_tsp.output import tsp_vocab_parallel_loss, tsp_vocab_parallel_loss_and_predictions
@@ -465,10 +466,29 @@ class _SequenceShardedNormBackend(LocalSpecProvider):
         return SequenceShardedNorm
 
 
+class TSPMultiTokenPredictionLayer(multi_token_prediction.MultiTokenPredictionLayer):
+    """Megatron's multi-token prediction layer whose input projection ``eh_proj`` runs on the rank's own
+    ``[S/D, B, 2h]`` tokens by gathered weights (``linear.py``), where Megatron's sequence-parallel linear
+    gathers that input over the TSP ranks and its ``[S, B, h]`` output before scattering it again. ``eh_proj``
+    stays Megatron's ``ColumnParallelLinear`` as the holder of its shard (same checkpoint)."""
+
+    def _concat_embeddings(self, hidden_states: torch.Tensor, decoder_input: torch.Tensor) -> torch.Tensor:
+        if self.eh_proj.bias is not None:
+            raise ValueError("TSP multi-token prediction: eh_proj has a bias, which megatron-core 0.19.2 never "
+                             "builds and tsp_gathered_linear does not apply")
+        embedded_and_hidden = torch.cat((self.enorm(decoder_input), self.hnorm(hidden_states)), dim=-1)
+        return tsp_gathered_linear(embedded_and_hidden, self.eh_proj.weight, self.tp_group)
+
+
 def get_gpt_mtp_block_tsp_spec(config: TransformerConfig, decoder: TransformerBlockSubmodules,
                                vp_stage: Optional[int] = None) -> Any:
     """Megatron's multi-token prediction block (``--mtp-num-layers``) over the decoder's last TSP layer spec,
-    with sequence-sharded norms; None on stages without MTP layers. Its inputs and labels are shifted in
-    natural order although TSP holds them in zigzag order (``megatron_compat.patches``); its loss runs through
-    Megatron's output layer (``[S, B, V/D]`` logits, which the vocabulary ring avoids for the main loss)."""
-    return get_gpt_mtp_block_spec_for_backend(config, decoder, _SequenceShardedNormBackend(), vp_stage=vp_stage)
+    with sequence-sharded norms and :class:`TSPMultiTokenPredictionLayer`; None on stages without MTP layers.
+    Its inputs and labels are shifted in natural order although TSP holds them in zigzag order
+    (``megatron_compat.patches``); its losses take the vocabulary ring with the decoder's (:func:`tsp_mtp_loss`)
+    or Megatron's output layer (``--tsp-output-layer megatron``)."""
+    block = get_gpt_mtp_block_spec_for_backend(config, decoder, _SequenceShardedNormBackend(), vp_stage=vp_stage)
+    if block is None:
+        return None
+    return replace(block, layer_specs=[replace(spec, module=TSPMultiTokenPredictionLayer)
+                                       for spec in block.layer_specs])

@@ -15,7 +15,9 @@ package (and ``cpu.py`` beside it) to be re-checked.
   ``process_mtp_loss`` patch, for multi-token prediction's losses); RoPE's local cos/sin made once
   per angle table (``_local_rotary``), which pays off because ``RotaryEmbedding.forward`` is lru-cached per
   length, and under activation recompute hits through the detached alias Megatron's checkpoint passes (a
-  cache miss only costs the recomputation, never a wrong value).
+  cache miss only costs the recomputation, never a wrong value); ``TSPMultiTokenPredictionLayer``, which
+  overrides the private ``MultiTokenPredictionLayer._concat_embeddings`` (norms, concatenation and
+  ``eh_proj``) to run ``eh_proj`` on the rank's own tokens.
 - ``cpu.py`` (torch-level, not Megatron): ``torch.cuda`` stand-ins and ``torch.compile`` disabled on CPU.
 """
 
