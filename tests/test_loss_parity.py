@@ -120,6 +120,12 @@ CASES = {  # name: (ranks, flags of the TSP run, flags shared with the TSP=1 ref
     # layer too: it reuses the decoder's layer spec).
     "tsp2_mtp_one_attention_call": (2, ("--tsp-size", "2", "--tsp-attention-buckets-per-call", "2"),
                                     ("--mtp-num-layers", "1"), 1),
+    # Two prediction depths, each recomputed (Megatron checkpoints an MTP layer with eh_proj under full
+    # recompute), the output weight tied to the embedding: three users of it, their grads summed.
+    "tsp2_mtp2_recompute_full_tied_embeddings": (2, ("--tsp-size", "2"),
+                                                 ("--mtp-num-layers", "2", "--recompute-granularity", "full",
+                                                  "--recompute-method", "uniform", "--recompute-num-layers", "1"),
+                                                 1),
     # Megatron's output layer over gathered hidden states instead of the vocabulary ring.
     "tsp2_dp2_distopt_overlap_megatron_output": (4, ("--tsp-size", "2", "--use-distributed-optimizer",
                                                      "--overlap-grad-reduce", "--overlap-param-gather",
