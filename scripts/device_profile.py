@@ -55,8 +55,10 @@ class _TallyWork(TorchDispatchMode):
         self.tally.operators += 1
         if func.namespace in ("c10d", "_c10d_functional") or name.startswith(_COMPUTE_BOUND):
             return out
-        moved = sum(t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
-                    if isinstance(t, torch.Tensor))
+        # an out= argument is written, not read: counted once, as the result it is
+        written = {a.name for a in func._schema.arguments if a.kwarg_only and a.alias_info and a.alias_info.is_write}
+        read = (args, {key: value for key, value in (kwargs or {}).items() if key not in written})
+        moved = sum(t.numel() * t.element_size() for t in tree_leaves((read, out)) if isinstance(t, torch.Tensor))
         self.tally.memory_bound_bytes += moved
         self.tally.bytes_by_op[name] += moved
         return out

@@ -130,6 +130,8 @@ def test_tally_work_counts_operators_and_memory_bound_bytes() -> None:
     add = tally_work(lambda: a + b)  # fp32 + fp64 read, fp64 written
     assert (add.operators, add.memory_bound_bytes, dict(add.bytes_by_op)) == (1, 400 + 800 + 800, {"add": 2000})
     assert tally_work(lambda: a.mul_(2.0)).memory_bound_bytes == 800
+    c = torch.empty(100)
+    assert tally_work(lambda: torch.add(a, a, out=c)).memory_bound_bytes == 1200  # out= is written, not read
     gemm = tally_work(lambda: m @ m)
     assert (gemm.operators, gemm.memory_bound_bytes) == (1, 0)
     assert tally_work(lambda: (a.view(10, 10), torch.empty(5))).operators == 0
