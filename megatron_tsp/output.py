@@ -86,11 +86,13 @@ class TSPVocabLossFunction(torch.autograd.Function):
             logits = _shard_logits(hidden, shard[0])
             inside, rows = _targets_in_shard(labels, owner, spec)
             target_logit.add_(torch.where(inside, logits.gather(-1, rows.unsqueeze(-1)).squeeze(-1), 0.0))
-            shard_max, shard_best = logits.max(dim=-1)
             if spec.predict:  # owners come in ring order: on a tie the smaller id wins
+                shard_max, shard_best = logits.max(dim=-1)
                 shard_best.add_(owner * spec.shard_rows)
                 wins = (shard_max > running_max) | ((shard_max == running_max) & (shard_best < predicted))
                 torch.where(wins, shard_best, predicted, out=predicted)
+            else:  # the main loss: no index tensor per shard
+                shard_max = logits.amax(dim=-1)
             new_max = torch.maximum(running_max, shard_max)
             sum_exp.mul_(torch.exp(running_max - new_max)).add_(torch.exp(logits - new_max.unsqueeze(-1)).sum(-1))
             running_max.copy_(new_max)
