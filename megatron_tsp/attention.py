@@ -33,23 +33,28 @@ G = D there is one call, and each weight tensor is all-gathered straight into it
 sent transposed; no slot, no copy) and its grad reduce-scattered from it. Bytes are unchanged (with G = D
 counted as all_gather and reduce_scatter). G = 1 is TSP.md's schedule; larger G issues about G times fewer
 operators per attention layer (a short sequence's step is bound by their launch cost), for G times larger
-transients (below), and with G = D nothing overlaps the one K/V gather. The calls' output projections (and
+transients (below), and with G = D nothing overlaps the one K/V gather (below). The calls' output projections (and
 in backward their input grads) are summed in fp32 for 16-bit activations, starting from the first call's,
 each later call's GEMM adding into the sum (``grads.add_linear_``); one call's is the output as it is.
 
-Overlap: call r+1's K/V all-gather (the largest transfer at long context) is in flight while call r's
-attention computes, forward and backward; call r+2's weights are fetched into call r's slot once call r is
-done with them; call r's weight-grad reduces run while call r+1 computes.
+Overlap: call r+1's K/V all-gather (the largest transfer at long context) and call r+2's weights (into a
+third slot) are in flight while call r's attention computes, forward and backward (backward rebuilds call
+r+1's K/V from the kept projection, without its weights, which it waits for only when it differentiates
+call r+1); call r's weight-grad reduces run while call r+1 computes. So only the first call's weights, every
+dK/dV reduce-scatter and the last call's weight grads are waited for with no compute in between. With one
+call its qkv weights and K/V are waited for at once, while proj's gather runs during the attention kernel
+(in backward the other way round: proj's is needed first). ``cost.tsp_attention_comm`` models exactly this,
+and tests/test_comm_overlap.py holds it to ``comm.track_overlap``'s measure.
 
 Memory: forward saves the local input ``x`` (plus the replicated q/k-norm params, the local rotary angles
 and the positions) and, when it will be differentiated, each call's qkv projection of the local tokens,
 core-attention output and log-sum-exp (``[S/D, B, (nq + 2*nkv)*hd]``, ``[S/D, B, h]`` and
 ``[B, nq, S/D]`` per layer in all, what Megatron's attention keeps for the same tokens), so that backward
 runs no GEMM and no attention forward again: it re-applies the q/k norms and RoPE (elementwise), re-gathers
-each call's K/V and differentiates the projections by hand. Two calls' weight shards (two slots of G
-shards, plus the calls' concatenated copies when G > 1; with one call the gathered weights; D shards' worth
-with ``keep_weights``, kept in the calls' layout) are alive at a time, and two calls' full-sequence K/V (the
-one attended and the next in flight), plus in backward the grad of one.
+each call's K/V and differentiates the projections by hand. Three calls' weight shards (three slots of G
+shards, plus with G > 1 the concatenated copies of the calls under way; with one call the gathered weights;
+D shards' worth with ``keep_weights``, kept in the calls' layout) are alive at a time, and two calls'
+full-sequence K/V (the one attended and the next in flight), plus in backward the grad of one.
 """
 
 from __future__ import annotations
@@ -98,8 +103,6 @@ __all__ = [
 
 RotaryFn = Callable[[Tensor, Tensor], Tensor]
 HeadNormFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
-# a call's (qkv weight [(nq + 2*nkv)*hd, h], qkv bias or None, proj weight [h, nq*hd]), for the call's heads
-CallWeights = tuple[Tensor, "Tensor | None", Tensor]
 
 
 def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
@@ -200,46 +203,73 @@ def _split_heads(projection: Tensor, norm_params: list[Tensor | None], rotary_fr
     return q, k, v
 
 
+class _CallWeights:
+    """A call's weights on their way (:func:`_fetch_call`): :meth:`qkv` and :meth:`proj` each wait for what
+    they need and give it in the call's layout, once (what they give is kept, so a call kept for backward
+    needs nothing more; the in-flight buffers are let go once both have been asked for)."""
+
+    def __init__(self, qkv: Callable[[], tuple[Tensor, Tensor | None]], proj: Callable[[], Tensor]) -> None:
+        self._arriving: list[Callable[[], object] | None] = [qkv, proj]
+        self._arrived: list[object] = [None, None]
+
+    def _get(self, index: int) -> object:
+        if self._arrived[index] is None:
+            self._arrived[index] = self._arriving[index]()
+            self._arriving[index] = None
+        return self._arrived[index]
+
+    def qkv(self) -> tuple[Tensor, Tensor | None]:
+        """The qkv weight ``[(nq + 2*nkv)*hd, h]`` and its bias (or None), for the call's heads."""
+        return self._get(0)
+
+    def proj(self) -> Tensor:
+        """The output-projection weight ``[h, nq*hd]``, for the call's heads."""
+        return self._get(1)
+
+
 def _fetch_call(call: int, own_shard: list[Tensor], layout: ShardLayout, slots: list[Tensor],
-                spec: _CallSpec) -> Callable[[], CallWeights]:
-    """Start fetching call ``call``'s weights; the returned function waits for them and gives them in the
-    call's layout (:data:`CallWeights`).
+                spec: _CallSpec) -> _CallWeights:
+    """Start fetching call ``call``'s weights.
 
     One call over all D buckets: each tensor is all-gathered straight into its full layout (Megatron's qkv
-    shards stacked in rank order are the full grouped layout; proj travels transposed), no slot and no copy.
-    Otherwise the packed [Wqkv, bqkv, Wo] of each of the call's G buckets is broadcast from its owner into the
-    call's slot, ``slots[call mod len(slots)]`` (two slots take turns, or with one slot per call each keeps
-    its own), and :func:`_call_weights` lays the G shards out as one call's.
+    shards stacked in rank order are the full grouped layout; proj travels transposed), no slot and no copy,
+    and each is waited for on its own (proj's gather is still in flight while the qkv GEMM and the attention
+    kernel run). Otherwise the packed [Wqkv, bqkv, Wo] of each of the call's G buckets is broadcast from its
+    owner into the call's slot, ``slots[call mod len(slots)]`` (three slots take turns, or with one slot per
+    call each keeps its own), and :func:`_call_qkv` and :func:`_call_proj` lay the G shards out as one call's.
     """
     if spec.calls == 1:
-        gathers = all_gather_linear_pair(*_qkv_bias_proj(own_shard, spec), spec.tsp_group)
-
-        def gathered() -> CallWeights:
-            qkv_weight, qkv_bias, proj_transposed = (None if p is None else p.wait() for p in gathers)
-            return qkv_weight, qkv_bias, proj_transposed.t()
-        return gathered
+        qkv_gather, bias_gather, proj_gather = all_gather_linear_pair(*_qkv_bias_proj(own_shard, spec),
+                                                                      spec.tsp_group)
+        return _CallWeights(lambda: (qkv_gather.wait(), None if bias_gather is None else bias_gather.wait()),
+                            lambda: proj_gather.wait().t())
     slot, buckets = slots[call % len(slots)], spec.buckets(call)
     tsp_rank = group_rank(spec.tsp_group)
     if tsp_rank in buckets:
         layout.pack(own_shard, slot.chunk(spec.buckets_per_call)[buckets.index(tsp_rank)])
     broadcasts = broadcast_parts(slot, buckets, spec.tsp_group)
-    return lambda: _call_weights(broadcasts.wait(), layout, spec)
+
+    def shards() -> tuple[Tensor, Tensor | None, Tensor]:  # [G, *shape] views of the slot, per tensor
+        return _qkv_bias_proj(layout.unpack_stacked(broadcasts.wait(), spec.buckets_per_call), spec)
+    return _CallWeights(lambda: _call_qkv(*shards()[:2]), lambda: _call_proj(shards()[2]))
 
 
-def _call_weights(slot: Tensor, layout: ShardLayout, spec: _CallSpec) -> CallWeights:
-    """A call's weights (:data:`CallWeights`) from its slot of G packed shards. Megatron's qkv layout is
-    grouped per kv group, so the G shards' rows stacked are the layout of the call's G*nkv/D groups, and their
-    proj columns side by side match the call's heads. Views of the slot for one bucket per call; copies (the
-    G shards' size, one per tensor) otherwise."""
-    qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(layout.unpack_stacked(slot, spec.buckets_per_call), spec)
+def _call_qkv(qkv_weight: Tensor, qkv_bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A call's qkv weight and bias from its G packed shards' ``[G, rows, h]`` and ``[G, rows]`` views:
+    Megatron's qkv layout is grouped per kv group, so the G shards' rows stacked are the layout of the call's
+    G*nkv/D groups (a view for one bucket per call, else a copy the G shards' size)."""
+    return qkv_weight.contiguous().flatten(0, 1), None if qkv_bias is None else qkv_bias.contiguous().flatten()
+
+
+def _call_proj(proj_weight: Tensor) -> Tensor:
+    """A call's proj weight from its G packed shards' ``[G, h, c]`` view: their columns side by side match the
+    call's heads, ``[h, G*c]`` (a view for one bucket per call, else a copy)."""
     # .contiguous() copies only for G > 1 (a size-1 dim's stride does not count)
-    proj_columns = proj_weight.transpose(0, 1).contiguous().flatten(1)  # [G, h, c] -> [h, G, c] -> [h, G*c]
-    return (qkv_weight.contiguous().flatten(0, 1), None if qkv_bias is None else qkv_bias.contiguous().flatten(),
-            proj_columns)
+    return proj_weight.transpose(0, 1).contiguous().flatten(1)
 
 
 def _stacked_grads(call_grads: list[Tensor], spec: _CallSpec) -> list[Tensor]:
-    """The transpose of :func:`_call_weights` for grads: a call's [qkv weight, (qkv bias,) proj weight] grads
+    """The transpose of :func:`_call_qkv` and :func:`_call_proj` for grads: a call's [qkv weight, (qkv bias,) proj weight] grads
     as ``[G, *shape]`` views in pack order, bucket j's at j (for :meth:`ShardLayout.unpack_stacked`)."""
     qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(call_grads, spec)
     g = spec.buckets_per_call
@@ -248,48 +278,41 @@ def _stacked_grads(call_grads: list[Tensor], spec: _CallSpec) -> list[Tensor]:
     return [t for t in stacked if t is not None]
 
 
-def _start_call(fetch: Callable[[], CallWeights], x: Tensor, norm_params: list[Tensor | None],
-                rotary_freqs: Tensor | None, spec: _CallSpec,
-                kept_weights: list[CallWeights] | None) -> tuple[Tensor, Tensor, Pending, Tensor]:
-    """Wait for a call's weights (appended to ``kept_weights`` unless None), project the local tokens and
-    start gathering the call's K/V.
+def _start_call(weights: _CallWeights, x: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
+                spec: _CallSpec) -> tuple[Tensor, Tensor, Pending]:
+    """Wait for a call's qkv weights, project the local tokens and start gathering the call's K/V.
 
-    Returns the qkv projection ``[S/D, B, (nq + 2*nkv)*hd]``, q ``[S/D, B, nq, hd]``, the pending
-    chunk-major all-gather of cat(k, v) ``[S, B, 2*nkv, hd]`` (the call's heads) and the call's
-    output-projection weight.
+    Returns the qkv projection ``[S/D, B, (nq + 2*nkv)*hd]``, q ``[S/D, B, nq, hd]`` and the pending
+    chunk-major all-gather of cat(k, v) ``[S, B, 2*nkv, hd]`` (the call's heads).
     """
-    weights = fetch()
-    if kept_weights is not None:
-        kept_weights.append(weights)
-    qkv_weight, qkv_bias, proj_weight = weights
-    projection = F.linear(x, qkv_weight, qkv_bias)
+    projection = F.linear(x, *weights.qkv())
     q, k, v = _split_heads(projection, norm_params, rotary_freqs, spec)
-    return projection, q, all_gather_zigzag(torch.cat((k, v), dim=2), spec.tsp_group), proj_weight
+    return projection, q, all_gather_zigzag(torch.cat((k, v), dim=2), spec.tsp_group)
 
 
-def _restart_call(fetch: Callable[[], CallWeights], projection: Tensor, norm_params: list[Tensor | None],
-                  rotary_freqs: Tensor | None, spec: _CallSpec) -> tuple:
-    """Backward's :func:`_start_call`, from forward's kept projection: q/k/v rebuilt on detached leaves
-    (the projection and the q/k-norm params, so that grads land on them, not on the Function's inputs, which
-    must get exactly one grad each), and the pending all-gather of K/V (a detached copy, whose grad comes
-    back by reduce-scatter).
+def _restart_call(projection: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
+                  spec: _CallSpec) -> tuple:
+    """Backward's :func:`_start_call`, from forward's kept projection (so without the call's weights, which
+    :func:`_call_backward` waits for): q/k/v rebuilt on detached leaves (the projection and the q/k-norm
+    params, so that grads land on them, not on the Function's inputs, which must get exactly one grad
+    each), and the pending all-gather of K/V (a detached copy, whose grad comes back by reduce-scatter).
 
-    Returns (leaf projection, [qkv weight, proj weight], leaf q/k-norm params, (q, k, v), pending K/V
-    gather). The GEMMs' grads are computed by hand (no graph).
+    Returns (leaf projection, leaf q/k-norm params, (q, k, v), pending K/V gather). The GEMMs' grads are
+    computed by hand (no graph).
     """
-    qkv_weight, _, proj_weight = fetch()
     with torch.enable_grad():
         leaf_projection = projection.detach().requires_grad_()
         leaf_norm = [None if p is None else p.detach().requires_grad_() for p in norm_params]
         q, k, v = _split_heads(leaf_projection, leaf_norm, rotary_freqs, spec)
     kv_gather = all_gather_zigzag(torch.cat((k, v), dim=2).detach(), spec.tsp_group)
-    return leaf_projection, [qkv_weight, proj_weight], leaf_norm, (q, k, v), kv_gather
+    return leaf_projection, leaf_norm, (q, k, v), kv_gather
 
 
-def _call_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, ...], grad_out: Tensor,
-                   grad_x: Tensor | None, q_positions: Tensor, k_positions: Tensor,
+def _call_backward(x: Tensor, restarted: tuple, weights: _CallWeights, kept_attention: tuple[Tensor, ...],
+                   grad_out: Tensor, grad_x: Tensor | None, q_positions: Tensor, k_positions: Tensor,
                    spec: _CallSpec) -> tuple[Tensor, list[Tensor | None], list[Tensor]]:
-    """One call's grads from this rank's tokens: the output projection's and the core attention's from
+    """One call's grads from this rank's tokens, each weight waited for when first needed: the output
+    projection's and the core attention's from
     forward's kept output and LSE (the attention is not recomputed), dK/dV reduce-scattered to the tokens'
     owners (the gather's transpose), then through the q/k norms and RoPE to the qkv projection and its
     GEMM's grads. Returns the input grad summed over the calls so far (``grad_x``, None before the first
@@ -297,9 +320,9 @@ def _call_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, ..
     no such param) and weight grads in pack order. A function of its own so that its temporaries (dK/dV
     ``[S, B, 2*nkv, hd]``, the projection's grad) are freed when it returns, not held through the next call's
     kernel."""
-    leaf_projection, (qkv_weight, proj_weight), leaf_norm, (q, k, v), kv_gather = restarted
+    leaf_projection, leaf_norm, (q, k, v), kv_gather = restarted
     attn = kept_attention[0]  # [S/D, B, nq*hd]
-    grad_attn, grad_proj = linear_backward(grad_out, attn, proj_weight)  # out = attn @ proj_weight^T
+    grad_attn, grad_proj = linear_backward(grad_out, attn, weights.proj())  # out = attn @ proj_weight^T
     full_k, full_v = kv_gather.wait().chunk(2, dim=2)
     grad_q, grad_full_k, grad_full_v = spec.core_attention.backward(
         grad_attn, q, full_k, full_v, *kept_attention, q_positions, k_positions, spec.softmax_scale)
@@ -311,7 +334,7 @@ def _call_backward(x: Tensor, restarted: tuple, kept_attention: tuple[Tensor, ..
     local_grads = iter(torch.autograd.grad([q, k, v], [t for t in local_leaves if t is not None],
                                            [grad_q, grad_k, grad_v]))
     grad_projection, *grad_norm = [None if t is None else next(local_grads) for t in local_leaves]
-    grad_x = _accumulate_linear(grad_x, grad_projection, qkv_weight.t(), spec.calls)  # + grad_projection @ W
+    grad_x = _accumulate_linear(grad_x, grad_projection, weights.qkv()[0].t(), spec.calls)  # + grad_proj.. @ W
     return grad_x, grad_norm, [*linear_weight_grads(grad_projection, x, spec.has_qkv_bias), *grad_proj]
 
 
@@ -393,34 +416,35 @@ class TSPAttentionFunction(torch.autograd.Function):
         num_calls = spec.calls
         # kept weights of one bucket per call are views of their slot: one slot per call then
         views_kept = spec.keep_weights and spec.buckets_per_call == 1
-        num_slots = 0 if num_calls == 1 else num_calls if views_kept else 2
+        num_slots = 0 if num_calls == 1 else num_calls if views_kept else min(num_calls, 3)
         slot_numel = spec.buckets_per_call * layout.numel
         slots = [shard_buffer(slot_numel, qkv_weight.dtype, x.device, "weight") for _ in range(num_slots)]
-        kept_weights: list[CallWeights] | None = [] if spec.keep_weights else None
+        kept_weights: list[_CallWeights] = []  # every call's, with spec.keep_weights
 
         out = None  # the calls' output projections summed (in >= fp32 over several calls)
         # per call: its projection, then the core attention's [S/D, B, G*nq/D*hd] output and its LSE
         kept_activations: list[tuple[Tensor, tuple[Tensor, ...]] | None] = []
-        started = _start_call(_fetch_call(0, own_shard, layout, slots, spec), x, norm_params, rotary_freqs,
-                              spec, kept_weights)
-        if num_calls > 1:
-            fetch = _fetch_call(1, own_shard, layout, slots, spec)
+        fetches = {call: _fetch_call(call, own_shard, layout, slots, spec) for call in range(min(num_calls, 2))}
+        started = _start_call(fetches[0], x, norm_params, rotary_freqs, spec)
         for call in range(num_calls):
-            projection, q, kv_gather, call_proj_weight = started
+            projection, q, kv_gather = started
             if call + 1 < num_calls:  # the next call's K/V travel while this call's attention computes
-                started = _start_call(fetch, x, norm_params, rotary_freqs, spec, kept_weights)
+                started = _start_call(fetches[call + 1], x, norm_params, rotary_freqs, spec)
+            if call + 2 < num_calls:  # and the weights of the call after it, into the third slot
+                fetches[call + 2] = _fetch_call(call + 2, own_shard, layout, slots, spec)
             full_k, full_v = kv_gather.wait().chunk(2, dim=2)  # [S, B, G*nkv/D, hd] each
             attn, *saved = spec.core_attention.forward(q, full_k, full_v, q_positions, k_positions,
                                                        spec.softmax_scale)
-            out = _accumulate_linear(out, attn, call_proj_weight, num_calls)
+            weights = fetches.pop(call)
+            out = _accumulate_linear(out, attn, weights.proj(), num_calls)
             if spec.keep_activations:
                 kept_activations.append((projection, (attn, *saved)))
-            del projection, call_proj_weight
-            if call + 2 < num_calls:  # with two slots, this call's slot is free again
-                fetch = _fetch_call(call + 2, own_shard, layout, slots, spec)
+            if spec.keep_weights:
+                kept_weights.append(weights)
+            del projection, weights
 
         ctx.spec = spec
-        ctx.kept_weights = kept_weights
+        ctx.kept_weights = kept_weights if spec.keep_weights else None
         ctx.kept_activations = kept_activations if spec.keep_activations else None
         ctx.save_for_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs, q_positions,
                               k_positions)
@@ -444,31 +468,31 @@ class TSPAttentionFunction(torch.autograd.Function):
         slots = []
         if kept is None and num_calls > 1:
             slots = [shard_buffer(spec.buckets_per_call * layout.numel, qkv_weight.dtype, x.device, "weight")
-                     for _ in range(2)]
+                     for _ in range(min(num_calls, 3))]
 
-        def fetch_call(call: int) -> Callable[[], CallWeights]:
-            if kept is not None:
-                return lambda: kept[call]
-            return _fetch_call(call, own_shard, layout, slots, spec)
+        def fetch_call(call: int) -> _CallWeights:
+            return kept[call] if kept is not None else _fetch_call(call, own_shard, layout, slots, spec)
 
-        def restart_call(call: int, fetch: Callable[[], CallWeights]) -> tuple:
-            return _restart_call(fetch, kept_activations[call][0], norm_params, rotary_freqs, spec)
+        def restart_call(call: int) -> tuple:
+            return _restart_call(kept_activations[call][0], norm_params, rotary_freqs, spec)
 
         grad_x = None  # the calls' input grads summed (in >= fp32 over several calls), and the q/k norms'
         grad_norm: list[Tensor | None] = [None] * len(norm_params)
         own_grads: list[Tensor] = []
         reducing: Callable[[], list[Tensor]] | None = None  # the previous call's in-flight weight-grad reduces
-        started = restart_call(0, fetch_call(0))
-        if num_calls > 1:
-            fetch = fetch_call(1)
+        fetches = {call: fetch_call(call) for call in range(min(num_calls, 2))}
+        started = restart_call(0)
         for call in range(num_calls):
             restarted = started
             if call + 1 < num_calls:  # the next call's K/V travel while this call's grads compute
-                started = restart_call(call + 1, fetch)
+                started = restart_call(call + 1)
+            if call + 2 < num_calls:  # and the weights of the call after it, into the third slot
+                fetches[call + 2] = fetch_call(call + 2)
             grad_x, grad_norm_call, call_grads = _call_backward(
-                x, restarted, kept_activations[call][1], grad_out, grad_x, q_positions, k_positions, spec)
+                x, restarted, fetches.pop(call), kept_activations[call][1], grad_out, grad_x, q_positions,
+                k_positions, spec)
             kept_activations[call] = None
-            del restarted  # this call's q/k/v graph and weights
+            del restarted  # this call's q/k/v graph
             grad_norm = [total if part is None else _accumulate(total, part, num_calls)
                          for total, part in zip(grad_norm, grad_norm_call)]
             # this call's partial weight grads (local tokens) are summed into each bucket's owner
@@ -477,8 +501,6 @@ class TSPAttentionFunction(torch.autograd.Function):
                 reducing = None
             reducing = _reduce_call_grads(call, call_grads, layout, spec, acc_dtype)
             del call_grads  # only the in-flight reduces hold the grads now
-            if call + 2 < num_calls:  # this call's weight slot is free again (its graph is consumed)
-                fetch = fetch_call(call + 2)
         own_grads += reducing()
 
         grad_weights = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]

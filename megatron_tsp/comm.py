@@ -9,6 +9,11 @@ convention: ``broadcast``, ``reduce``, ``all_gather`` and ``reduce_scatter`` mov
 tensor's bytes (the full tensor being the broadcast/reduced tensor or the gathered/scattered
 ``[D*n, ...]`` one); ``ring_send`` moves the bytes sent. Counts are exact fractions.
 
+Overlap tracking (:func:`track_overlap`) splits those bytes by whether compute ran while they travelled: a
+transfer is *hidden* when at least one matrix product or attention kernel was dispatched between its issue
+and its ``wait()`` (on a GPU those kernels queue on the compute stream while the collective runs on its own),
+else *exposed*; the cost model's overlap flags are tested against it.
+
 Residency tracking (:func:`track_shard_residency`) counts how many transient shard buffers made by
 :func:`shard_buffer` are alive at once, so that tests can check the two-slot promise of the schedules.
 """
@@ -25,9 +30,11 @@ from fractions import Fraction
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "CommCounter",
+    "Overlap",
     "Pending",
     "ShardLayout",
     "ShardResidency",
@@ -46,6 +53,7 @@ __all__ = [
     "ring_exchange",
     "same_on_all_ranks",
     "shard_buffer",
+    "track_overlap",
     "track_shard_residency",
 ]
 
@@ -76,14 +84,24 @@ def same_on_all_ranks(values: Sequence[int]) -> bool:
 class Pending:
     """An issued collective; ``wait()`` blocks until it has finished and returns its result tensor."""
 
-    def __init__(self, result: Tensor, works: list) -> None:
+    def __init__(self, result: Tensor, works: list, issued: Sequence[_Issued] = ()) -> None:
         self._result = result
         self._works = works
+        self._issued = list(issued)  # for the overlap trackers active at issue
+
+    @classmethod
+    def merged(cls, result: Tensor, parts: Sequence[Pending]) -> Pending:
+        """One handle for several issued ``parts``, whose result is ``result``."""
+        return cls(result, [work for part in parts for work in part._works],
+                   [issued for part in parts for issued in part._issued])
 
     def wait(self) -> Tensor:
         for work in self._works:
             work.wait()
         self._works = []
+        for overlap, op, nbytes, clock_at_issue in self._issued:
+            overlap._settle(op, nbytes, hidden=overlap._clock.ticks > clock_at_issue)
+        self._issued = []
         return self._result
 
 
@@ -114,28 +132,77 @@ def comm_bytes() -> Iterator[CommCounter]:
         _active_counters.remove(counter)
 
 
+_MATRIX_PRODUCTS = frozenset({"mm", "addmm", "bmm", "baddbmm"})
+
+
+class _ComputeClock(TorchDispatchMode):
+    """Ticks on every matrix product and attention kernel dispatched (what a collective can hide behind)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ticks = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _MATRIX_PRODUCTS or "attention" in name:
+            self.ticks += 1
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class Overlap:
+    """Bytes of the TSP ops waited for inside :func:`track_overlap`'s block, per op name, split into those
+    that compute overlapped (``hidden``) and the rest (``exposed``); same convention as :class:`CommCounter`."""
+
+    hidden: dict[str, Fraction] = field(default_factory=lambda: defaultdict(Fraction))
+    exposed: dict[str, Fraction] = field(default_factory=lambda: defaultdict(Fraction))
+    _clock: _ComputeClock = field(default_factory=_ComputeClock, repr=False)
+
+    def _settle(self, op: str, nbytes: Fraction, hidden: bool) -> None:
+        (self.hidden if hidden else self.exposed)[op] += nbytes
+
+
+_Issued = tuple[Overlap, str, Fraction, int]  # tracker, op name, bytes, compute ticks at issue
+_active_overlaps: list[Overlap] = []
+
+
+@contextmanager
+def track_overlap() -> Iterator[Overlap]:
+    """Split the bytes of the TSP ops issued and waited for inside the block into hidden and exposed (module
+    docstring). A test instrument: it watches every op torch dispatches in this thread."""
+    overlap = Overlap()
+    _active_overlaps.append(overlap)
+    try:
+        with overlap._clock:
+            yield overlap
+    finally:
+        _active_overlaps.remove(overlap)
+
+
 def _record(op: str, group: dist.ProcessGroup, tensor: Tensor, *, scale: int = 1, messages: int = 1,
-            collective: bool = True) -> None:
+            collective: bool = True) -> list[_Issued]:
     """Count ``scale`` x ``tensor``'s bytes (times (D-1)/D for a ``collective``, module docstring) and
-    ``messages`` under ``op`` in the active counters; nothing to compute, not even the group size, when none
-    is active (every collective of a training step passes here)."""
-    if not _active_counters:
-        return
+    ``messages`` under ``op`` in the active counters, and return what the active overlap trackers settle at
+    ``wait()``; nothing to compute, not even the group size, when none is active (every collective of a
+    training step passes here)."""
+    if not _active_counters and not _active_overlaps:
+        return []
     size = group_size(group)
     nbytes = scale * tensor.numel() * tensor.element_size() * (Fraction(size - 1, size) if collective else 1)
     sent = messages if size > 1 else 0
     for counter in _active_counters:
         counter.bytes_by_op[op] += nbytes
         counter.messages_by_op[op] += sent
+    return [(overlap, op, nbytes, overlap._clock.ticks) for overlap in _active_overlaps]
 
 
 def broadcast(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
     """In-place broadcast of ``tensor`` (any shape, contiguous) from group-local rank ``owner``."""
-    _record("broadcast", group, tensor)
+    issued = _record("broadcast", group, tensor)
     if group_size(group) == 1:
         return Pending(tensor, [])
     work = dist.broadcast(tensor, src=dist.get_global_rank(group, owner), group=group, async_op=True)
-    return Pending(tensor, [work])
+    return Pending(tensor, [work], issued)
 
 
 def broadcast_parts(flat: Tensor, owners: Sequence[int], group: dist.ProcessGroup) -> Pending:
@@ -143,7 +210,7 @@ def broadcast_parts(flat: Tensor, owners: Sequence[int], group: dist.ProcessGrou
     message per part (each owner's shard travels as it was packed), waited for together; the result is
     ``flat``. (Where every rank owns a part, :func:`all_gather_seq` is the collective to use.)"""
     parts = [broadcast(part, owner, group) for part, owner in zip(flat.chunk(len(owners)), owners, strict=True)]
-    return Pending(flat, [work for part in parts for work in part._works])
+    return Pending.merged(flat, parts)
 
 
 def all_gather_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
@@ -153,12 +220,12 @@ def all_gather_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     """
     size = group_size(group)
     tensor = tensor.contiguous()
-    _record("all_gather", group, tensor, scale=size)
+    issued = _record("all_gather", group, tensor, scale=size)
     if size == 1:
         return Pending(tensor, [])
     gathered = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
     work = dist.all_gather_into_tensor(gathered, tensor, group=group, async_op=True)
-    return Pending(gathered, [work])
+    return Pending(gathered, [work], issued)
 
 
 def all_gather_linear_pair(column_weight: Tensor, column_bias: Tensor | None, row_weight: Tensor,
@@ -180,13 +247,13 @@ def all_gather_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     needs no reordering copy."""
     size, half = group_size(group), tensor.shape[0] // 2
     tensor = tensor.contiguous()
-    _record("all_gather", group, tensor, scale=size, messages=2)
+    issued = _record("all_gather", group, tensor, scale=size, messages=2)
     if size == 1:
         return Pending(torch.cat((tensor[half:], tensor[:half])), [])
     gathered = tensor.new_empty((size * tensor.shape[0], *tensor.shape[1:]))
     works = [dist.all_gather_into_tensor(gathered[:size * half], tensor[half:], group=group, async_op=True),
              dist.all_gather_into_tensor(gathered[size * half:], tensor[:half], group=group, async_op=True)]
-    return Pending(gathered, works)
+    return Pending(gathered, works, issued)
 
 
 def reduce_scatter_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
@@ -194,12 +261,12 @@ def reduce_scatter_seq(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     ``[p*n, (p+1)*n)``, ``[n, ...]``."""
     size = group_size(group)
     tensor = tensor.contiguous()
-    _record("reduce_scatter", group, tensor)
+    issued = _record("reduce_scatter", group, tensor)
     if size == 1:
         return Pending(tensor, [])
     scattered = tensor.new_empty((tensor.shape[0] // size, *tensor.shape[1:]))
     work = dist.reduce_scatter_tensor(scattered, tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    return Pending(scattered, [work])
+    return Pending(scattered, [work], issued)
 
 
 def reduce_scatter_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
@@ -208,7 +275,7 @@ def reduce_scatter_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
     size = group_size(group)
     tensor = tensor.contiguous()
     half = tensor.shape[0] // (2 * size)
-    _record("reduce_scatter", group, tensor, messages=2)
+    issued = _record("reduce_scatter", group, tensor, messages=2)
     if size == 1:
         return Pending(torch.cat((tensor[half:], tensor[:half])), [])
     scattered = tensor.new_empty((2 * half, *tensor.shape[1:]))
@@ -216,7 +283,7 @@ def reduce_scatter_zigzag(tensor: Tensor, group: dist.ProcessGroup) -> Pending:
                                         async_op=True),
              dist.reduce_scatter_tensor(scattered[:half], tensor[size * half:], op=dist.ReduceOp.SUM, group=group,
                                         async_op=True)]
-    return Pending(scattered, works)
+    return Pending(scattered, works, issued)
 
 
 def reduce(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
@@ -224,12 +291,12 @@ def reduce(tensor: Tensor, owner: int, group: dist.ProcessGroup) -> Pending:
 
     On the other ranks the tensor's content afterwards is unspecified.
     """
-    _record("reduce", group, tensor)
+    issued = _record("reduce", group, tensor)
     if group_size(group) == 1:
         return Pending(tensor, [])
     work = dist.reduce(tensor, dst=dist.get_global_rank(group, owner), op=dist.ReduceOp.SUM, group=group,
                        async_op=True)
-    return Pending(tensor, [work])
+    return Pending(tensor, [work], issued)
 
 
 def reduce_parts(flat: Tensor, owners: Sequence[int], group: dist.ProcessGroup) -> Pending:
@@ -239,7 +306,7 @@ def reduce_parts(flat: Tensor, owners: Sequence[int], group: dist.ProcessGroup) 
     rank = group_rank(group)
     parts = [reduce(part, owner, group) for part, owner in zip(flat.chunk(len(owners)), owners, strict=True)]
     own = flat.chunk(len(owners))[owners.index(rank)] if rank in owners else flat
-    return Pending(own, [work for part in parts for work in part._works])
+    return Pending.merged(own, parts)
 
 
 def ring_exchange(send: Tensor, recv: Tensor, group: dist.ProcessGroup) -> Pending:
@@ -251,11 +318,11 @@ def ring_exchange(send: Tensor, recv: Tensor, group: dist.ProcessGroup) -> Pendi
     size = group_size(group)
     if size == 1:
         raise ValueError("ring_exchange needs a group of at least 2 ranks")
-    _record("ring_send", group, send, collective=False)
+    issued = _record("ring_send", group, send, collective=False)
     rank = group_rank(group)
     ops = [dist.P2POp(dist.isend, send, dist.get_global_rank(group, (rank + 1) % size), group),
            dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, (rank - 1) % size), group)]
-    return Pending(recv, dist.batch_isend_irecv(ops))
+    return Pending(recv, dist.batch_isend_irecv(ops), issued)
 
 
 class ShardLayout:

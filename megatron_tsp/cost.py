@@ -502,35 +502,52 @@ def tsp_host_steps(work: Workload, d: int) -> float:
 def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
     """TSP attention per layer (attention.py): W = attention weights, KV = 2*B*S*nkv*hd elements.
 
-    forward: broadcast W*e (next bucket's weights travel during this bucket's compute: hidden) and
-    all_gather KV*a (waited on at once: exposed), each times (D-1)/D. backward: the same two again (weights
-    re-fetched unless kept, K/V re-gathered from the kept projection), reduce_scatter KV*a (dK/dV, exposed)
-    and reduce W*e_acc (weight grads into their owner, overlapping the next bucket: hidden). TSP.md's
-    forward row. The K/V gather and dK/dV reduce-scatter are two half-size calls per attention call of G
-    head buckets (chunk-major, comm.py); weights and their grads one message per bucket, or with one call
-    over all D buckets an all_gather and a reduce_scatter per weight tensor (qkv, its bias, proj). With D/G
-    calls, the first call's weights (waited on before any compute) and the last call's grads (waited on at
-    the end) are exposed, 1/(D/G) of those bytes each; with one call all of them.
-    """
-    share = _share(d)
-    weights = model.attention_weights() * share
-    kv = work.tokens * model.kv_width * work.act_bytes * share
-    calls = tsp_attention_calls(work, d)
-    one_call = calls == 1  # each weight tensor gathered whole, its grad reduce-scattered (attention.py)
-    fetch_op, reduce_op = ("all_gather", "reduce_scatter") if one_call else ("broadcast", "reduce")
-    per_call = (3 if model.qkv_bias else 2) if one_call else work.tsp_buckets_per_call  # messages of one call
-    exposed, overlapped = Fraction(1, calls), 1 - Fraction(1, calls)
+    forward: broadcast W*e and all_gather KV*a, each times (D-1)/D. backward: the same two again (weights
+    re-fetched unless kept, K/V re-gathered from the kept projection), reduce_scatter KV*a (dK/dV) and
+    reduce W*e_acc (weight grads into their owners). TSP.md's forward row. The K/V gather and dK/dV
+    reduce-scatter are two half-size calls per attention call of G head buckets (chunk-major, comm.py);
+    weights and their grads one message per bucket, or with one call over all D buckets an all_gather and a
+    reduce_scatter per weight tensor (qkv, its bias, proj).
 
-    def split(what: str, op: str, nbytes: Fraction, at: str) -> tuple[tuple, ...]:
-        return ((f"{what} ({at} call)", op, nbytes * exposed, d, d, False, per_call),
-                (what, op, nbytes * overlapped, d, d, True, per_call * (calls - 1)))
-    fetch = split("attention weights", fetch_op, weights * work.param_bytes, "first")
-    gather = ("K/V", "all_gather", kv, d, d, False, 2 * calls)
-    reduce = split("attention weight grads", reduce_op, weights * work.grad_bytes, "last")
+    Overlap (hidden: compute runs between a transfer's issue and its wait, ``comm.track_overlap``, which the
+    tests hold this to). With D/G > 1 calls: call r+1's K/V and call r+2's weights travel during call r's
+    attention, so only the first call's weights are exposed (1/(D/G) of them; two calls ahead in a third
+    slot), and the K/V none; call r's weight-grad reduces run during call r+1, so only the last call's are
+    exposed; dK/dV are waited for at once (exposed). With one call: the qkv weights and the K/V are waited
+    for at once (exposed) and proj's gather runs during the attention kernel (hidden); in backward proj's is
+    exposed (needed first) and qkv's hidden, and the weight grads and dK/dV exposed. Backward's K/V
+    re-gather always runs during the output projection's grad GEMMs.
+    """
+    share, calls = _share(d), tsp_attention_calls(work, d)
+    kv = work.tokens * model.kv_width * work.act_bytes * share
+    gather = ("K/V", "all_gather", kv, d, d, calls > 1, 2 * calls)
+    regather = ("K/V", "all_gather", kv, d, d, True, 2 * calls)  # behind the output projection's grad GEMMs
+    dkv = ("dK/dV", "reduce_scatter", kv, d, d, False, 2 * calls)
+    if calls == 1:  # each weight tensor gathered whole, its grad reduce-scattered
+        proj = model.hidden * model.heads * model.head_dim * share
+        qkv, qkv_tensors = model.attention_weights() * share - proj, 2 if model.qkv_bias else 1
+
+        def weights(what: str, op: str, element_bytes: int, qkv_hidden: bool, proj_hidden: bool) -> tuple:
+            return ((f"attention {what} (qkv)", op, qkv * element_bytes, d, d, qkv_hidden, qkv_tensors),
+                    (f"attention {what} (proj)", op, proj * element_bytes, d, d, proj_hidden, 1))
+        refetch = () if work.tsp_keep_weights else weights("weights", "all_gather", work.param_bytes, True, False)
+        return LayerComm(
+            forward=_transfers(*weights("weights", "all_gather", work.param_bytes, False, True), gather),
+            backward=_transfers(*refetch, regather, dkv,
+                                *weights("weight grads", "reduce_scatter", work.grad_bytes, False, False)))
+    attention = model.attention_weights() * share
+    first, rest = Fraction(1, calls), 1 - Fraction(1, calls)
+
+    def split(what: str, op: str, nbytes: Fraction, exposed_call: str) -> tuple[tuple, ...]:
+        per_call = work.tsp_buckets_per_call  # one message per bucket
+        return ((f"{what} ({exposed_call} call)", op, nbytes * first, d, d, False, per_call),
+                (what, op, nbytes * rest, d, d, True, per_call * (calls - 1)))
+    fetch = split("attention weights", "broadcast", attention * work.param_bytes, "first")
     refetch = () if work.tsp_keep_weights else fetch
     return LayerComm(
         forward=_transfers(*fetch, gather),
-        backward=_transfers(*refetch, gather, ("dK/dV", "reduce_scatter", kv, d, d, False, 2 * calls), *reduce))
+        backward=_transfers(*refetch, regather, dkv,
+                            *split("attention weight grads", "reduce", attention * work.grad_bytes, "last")))
 
 
 def _weight_ring_comm(what: str, weights: int, work: Workload, d: int, kept: bool) -> LayerComm:
@@ -556,17 +573,25 @@ def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int) -> LayerCo
     """TSP MLP per layer (mlp.py): the ring, :func:`_weight_ring_comm` with W = MLP weights incl. the fc1
     bias; or with gathered weights (``tsp_mlp_gather``) forward all_gather W*e, backward all_gather W*e
     without the fc1 bias (unless kept) and reduce_scatter W*e_acc, each times (D-1)/D, one message per
-    tensor, waited on before the GEMMs that need them (exposed)."""
+    tensor. Overlap (as :func:`tsp_attention_comm`'s): in forward fc1's gather is waited for at once
+    (exposed) and fc2's runs during fc1's GEMM; in backward both gathers and fc2's grad reduce-scatter run
+    during GEMMs and fc1's grad reduce-scatter is waited for at once."""
     if not work.tsp_mlp_gather:
         return _weight_ring_comm("MLP", model.mlp_weights(ffn), work, d, work.tsp_keep_weights)
-    share, tensors = _share(d), 3 if model.linear_bias else 2
-    weights, unbiased = model.mlp_weights(ffn) * share, model.mlp_weights(ffn, with_bias=False) * share
-    refetch = () if work.tsp_keep_weights else (("MLP weights", "all_gather", unbiased * work.param_bytes, d, d,
-                                                 False, 2),)
+    share, fc1_tensors = _share(d), 2 if model.linear_bias else 1
+    fc2 = model.hidden * ffn * share
+    fc1, fc1_unbiased = model.mlp_weights(ffn) * share - fc2, model.mlp_weights(ffn, with_bias=False) * share - fc2
+    refetch = () if work.tsp_keep_weights else (("MLP weights (fc1)", "all_gather", fc1_unbiased * work.param_bytes,
+                                                 d, d, True, 1),
+                                                ("MLP weights (fc2)", "all_gather", fc2 * work.param_bytes, d, d,
+                                                 True, 1))
     return LayerComm(
-        forward=_transfers(("MLP weights", "all_gather", weights * work.param_bytes, d, d, False, tensors)),
-        backward=_transfers(*refetch, ("MLP weight grads", "reduce_scatter", weights * work.grad_bytes, d, d,
-                                       False, tensors)))
+        forward=_transfers(("MLP weights (fc1)", "all_gather", fc1 * work.param_bytes, d, d, False, fc1_tensors),
+                           ("MLP weights (fc2)", "all_gather", fc2 * work.param_bytes, d, d, True, 1)),
+        backward=_transfers(*refetch,
+                            ("MLP weight grads (fc1)", "reduce_scatter", fc1 * work.grad_bytes, d, d, False,
+                             fc1_tensors),
+                            ("MLP weight grads (fc2)", "reduce_scatter", fc2 * work.grad_bytes, d, d, True, 1)))
 
 
 def _local_expert_weights(model: ModelShape, layout: Layout) -> int:
@@ -888,14 +913,14 @@ def _ring_buffer_bytes(work: Workload, shard_elements: Fraction) -> Fraction:
 
 def _attention_weight_buffers(work: Workload, shard_elements: Fraction, calls: int) -> Fraction:
     """What TSP attention (attention.py) holds per W/D-element shard while its backward runs, with G head
-    buckets per call and ``live`` = min(D/G, 2) calls under way (the one differentiated and the next):
-    ``live`` weight slots of G shards (e), with G > 1 as many concatenated copies of a call's weights (e),
-    the call's grads just computed, G shards (e); their grad buffer being reduced (e_acc; the previous call's
+    buckets per call: min(D/G, 3) weight slots of G shards (e: the call differentiated, the next and the one
+    after it in flight), with G > 1 the differentiated call's weights laid out as one call's (a copy, e), the
+    call's grads just computed, G shards (e); their grad buffer being reduced (e_acc; the previous call's
     reduces end before it is made) and the rank's own summed grads, one shard. With one call over all D
     buckets no slot: the gathered weights, the grads just computed (e) and their reduce-scatter inputs
     (e_acc), D shards each, and the rank's own summed grads."""
-    g, live = work.tsp_buckets_per_call, min(calls, 2)
-    weight_buffers = 1 if calls == 1 else live * (2 if g > 1 else 1)  # slots, and their concatenated copies
+    g = work.tsp_buckets_per_call
+    weight_buffers = 1 if calls == 1 else min(calls, 3) + (g > 1)  # slots, and a call's copy
     return (g * (weight_buffers + 1) * work.param_bytes + (g + 1) * work.grad_bytes) * shard_elements
 
 
