@@ -40,11 +40,14 @@ each later call's GEMM adding into the sum (``grads.add_linear_``); one call's i
 Overlap: call r+1's K/V all-gather (the largest transfer at long context) and call r+2's weights (into a
 third slot) are in flight while call r's attention computes, forward and backward (backward rebuilds call
 r+1's K/V from the kept projection, without its weights, which it waits for only when it differentiates
-call r+1); call r's weight-grad reduces run while call r+1 computes. So only the first call's weights, every
-dK/dV reduce-scatter and the last call's weight grads are waited for with no compute in between. With one
-call its qkv weights and K/V are waited for at once, while proj's gather runs during the attention kernel
-(in backward the other way round: proj's is needed first). ``cost.tsp_attention_comm`` models exactly this,
-and tests/test_comm_overlap.py holds it to ``comm.track_overlap``'s measure.
+call r+1). Backward runs each call in two halves: the output projection's and core attention's grads, which
+start dK/dV's reduce-scatter, then, once call r+1's first half has been issued, call r's second half (the
+q/k norms, RoPE and the qkv GEMMs' grads), which needs dK/dV; call r's weight-grad reduces run while call
+r+1 computes. So only the first call's weights and the last call's weight grads are waited for with no
+compute in between. With one call its qkv weights, K/V and dK/dV are waited for at once, while proj's
+gather runs during the attention kernel (in backward the other way round: proj's is needed first).
+``cost.tsp_attention_comm`` models exactly this, and tests/test_comm_overlap.py holds it to
+``comm.track_overlap``'s measure.
 
 Memory: forward saves the local input ``x`` (plus the replicated q/k-norm params, the local rotary angles
 and the positions) and, when it will be differentiated, each call's qkv projection of the local tokens,
@@ -54,7 +57,8 @@ runs no GEMM and no attention forward again: it re-applies the q/k norms and RoP
 each call's K/V and differentiates the projections by hand. Three calls' weight shards (three slots of G
 shards, plus with G > 1 the concatenated copies of the calls under way; with one call the gathered weights;
 D shards' worth with ``keep_weights``, kept in the calls' layout) are alive at a time, and two calls'
-full-sequence K/V (the one attended and the next in flight), plus in backward the grad of one.
+full-sequence K/V (the one attended and the next in flight), plus in backward the grad of one and, with
+several calls, the previous call's on its way to the tokens' owners.
 """
 
 from __future__ import annotations
@@ -308,28 +312,32 @@ def _restart_call(projection: Tensor, norm_params: list[Tensor | None], rotary_f
     return leaf_projection, leaf_norm, (q, k, v), kv_gather
 
 
-def _call_backward(x: Tensor, restarted: tuple, weights: _CallWeights, kept_attention: tuple[Tensor, ...],
-                   grad_out: Tensor, grad_x: Tensor | None, q_positions: Tensor, k_positions: Tensor,
-                   spec: _CallSpec) -> tuple[Tensor, list[Tensor | None], list[Tensor]]:
-    """One call's grads from this rank's tokens, each weight waited for when first needed: the output
-    projection's and the core attention's from
-    forward's kept output and LSE (the attention is not recomputed), dK/dV reduce-scattered to the tokens'
-    owners (the gather's transpose), then through the q/k norms and RoPE to the qkv projection and its
-    GEMM's grads. Returns the input grad summed over the calls so far (``grad_x``, None before the first
-    call, plus this call's, :func:`_accumulate_linear`), the call's q/k-norm param grads (None where there is
-    no such param) and weight grads in pack order. A function of its own so that its temporaries (dK/dV
-    ``[S, B, 2*nkv, hd]``, the projection's grad) are freed when it returns, not held through the next call's
-    kernel."""
-    leaf_projection, leaf_norm, (q, k, v), kv_gather = restarted
+def _attention_backward(restarted: tuple, weights: _CallWeights, kept_attention: tuple[Tensor, ...],
+                        grad_out: Tensor, q_positions: Tensor, k_positions: Tensor, spec: _CallSpec) -> tuple:
+    """The first half of a call's grads from this rank's tokens: the output projection's and the core
+    attention's from forward's kept output and LSE (the attention is not recomputed), and the start of
+    dK/dV's reduce-scatter to the tokens' owners (the gather's transpose), which the next call's attention
+    backward hides. Returns what :func:`_finish_call_backward` takes: (leaf projection, leaf q/k-norm params,
+    (q, k, v), grad q, pending dK/dV, grad proj weight). A function of its own so that its temporaries (the
+    gathered K/V, the attention-output grad) are freed when it returns."""
+    leaf_projection, leaf_norm, qkv, kv_gather = restarted
     attn = kept_attention[0]  # [S/D, B, nq*hd]
     grad_attn, grad_proj = linear_backward(grad_out, attn, weights.proj())  # out = attn @ proj_weight^T
     full_k, full_v = kv_gather.wait().chunk(2, dim=2)
     grad_q, grad_full_k, grad_full_v = spec.core_attention.backward(
-        grad_attn, q, full_k, full_v, *kept_attention, q_positions, k_positions, spec.softmax_scale)
-    del grad_attn
+        grad_attn, qkv[0], full_k, full_v, *kept_attention, q_positions, k_positions, spec.softmax_scale)
     grad_full_kv = packed_kv(grad_full_k, grad_full_v)  # the zigzag backend's are packed already
-    del grad_full_k, grad_full_v
-    grad_k, grad_v = reduce_scatter_zigzag(grad_full_kv, spec.tsp_group).wait().chunk(2, dim=2)
+    return leaf_projection, leaf_norm, qkv, grad_q, reduce_scatter_zigzag(grad_full_kv, spec.tsp_group), grad_proj
+
+
+def _finish_call_backward(x: Tensor, attention_grads: tuple, weights: _CallWeights, grad_x: Tensor | None,
+                          spec: _CallSpec) -> tuple[Tensor, list[Tensor | None], list[Tensor]]:
+    """The second half of a call's grads, once its dK/dV have arrived: through the q/k norms and RoPE to the
+    qkv projection, then its GEMM's grads. Returns the input grad summed over the calls so far (``grad_x``,
+    None before the first call, plus this call's, :func:`_accumulate_linear`), the call's q/k-norm param grads
+    (None where there is no such param) and weight grads in pack order."""
+    leaf_projection, leaf_norm, (q, k, v), grad_q, dkv_scatter, grad_proj = attention_grads
+    grad_k, grad_v = dkv_scatter.wait().chunk(2, dim=2)
     local_leaves = [leaf_projection] + leaf_norm
     local_grads = iter(torch.autograd.grad([q, k, v], [t for t in local_leaves if t is not None],
                                            [grad_q, grad_k, grad_v]))
@@ -480,27 +488,39 @@ class TSPAttentionFunction(torch.autograd.Function):
         grad_norm: list[Tensor | None] = [None] * len(norm_params)
         own_grads: list[Tensor] = []
         reducing: Callable[[], list[Tensor]] | None = None  # the previous call's in-flight weight-grad reduces
-        fetches = {call: fetch_call(call) for call in range(min(num_calls, 2))}
-        started = restart_call(0)
-        for call in range(num_calls):
-            restarted = started
-            if call + 1 < num_calls:  # the next call's K/V travel while this call's grads compute
-                started = restart_call(call + 1)
-            if call + 2 < num_calls:  # and the weights of the call after it, into the third slot
-                fetches[call + 2] = fetch_call(call + 2)
-            grad_x, grad_norm_call, call_grads = _call_backward(
-                x, restarted, fetches.pop(call), kept_activations[call][1], grad_out, grad_x, q_positions,
-                k_positions, spec)
-            kept_activations[call] = None
-            del restarted  # this call's q/k/v graph
+
+        def finish_call(call: int, weights: _CallWeights, attention_grads: tuple) -> None:
+            """A call's second half, and its weight grads on their way to their owners (the previous call's,
+            which this call's computing overlapped, end here)."""
+            nonlocal grad_x, grad_norm, reducing, own_grads
+            grad_x, grad_norm_call, call_grads = _finish_call_backward(x, attention_grads, weights, grad_x, spec)
             grad_norm = [total if part is None else _accumulate(total, part, num_calls)
                          for total, part in zip(grad_norm, grad_norm_call)]
-            # this call's partial weight grads (local tokens) are summed into each bucket's owner
-            if reducing is not None:  # the previous call's reduces overlapped this call; their buffer goes
+            if reducing is not None:  # their buffer goes before this call's is made
                 own_grads += reducing()
                 reducing = None
             reducing = _reduce_call_grads(call, call_grads, layout, spec, acc_dtype)
-            del call_grads  # only the in-flight reduces hold the grads now
+
+        fetches = {call: fetch_call(call) for call in range(min(num_calls, 2))}
+        started = restart_call(0)
+        unfinished = None  # the previous call's (call, weights, attention grads), its dK/dV in flight
+        for call in range(num_calls):
+            restarted = started
+            if call + 1 < num_calls:  # the next call's K/V travel while this call's attention differentiates
+                started = restart_call(call + 1)
+            weights = fetches.pop(call)
+            attention_grads = _attention_backward(restarted, weights, kept_activations[call][1], grad_out,
+                                                  q_positions, k_positions, spec)
+            kept_activations[call] = None
+            del restarted
+            if unfinished is not None:  # its dK/dV travelled while this call's attention differentiated
+                finish_call(*unfinished)
+            unfinished = (call, weights, attention_grads)
+            del weights, attention_grads
+            if call + 2 < num_calls:  # the finished call's slot takes the weights of the call after next
+                fetches[call + 2] = fetch_call(call + 2)
+        finish_call(*unfinished)
+        del unfinished
         own_grads += reducing()
 
         grad_weights = [weight_grad_for_autograd(param, grad) for param, grad in zip(own_shard, own_grads)]

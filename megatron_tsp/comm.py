@@ -20,6 +20,7 @@ Residency tracking (:func:`track_shard_residency`) counts how many transient sha
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -390,6 +391,11 @@ def shard_buffer(numel: int, dtype: torch.dtype, device: torch.device, kind: str
     finaliser (fired when the buffer and every view of it are gone) marks it freed.
     """
     buffer = torch.empty(numel, dtype=dtype, device=device)
+    if _active_residency:
+        # gloo's worker thread lets go of a finished collective's tensors only once it holds the GIL, which
+        # may be after wait() returned: yield it (1 ms), so that a buffer the schedule is done with is not
+        # still counted alive beside this one.
+        time.sleep(1e-3)
     for residency in _active_residency:
         residency._alloc(kind)
         weakref.finalize(buffer, residency._free, kind)

@@ -513,16 +513,17 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
     tests hold this to). With D/G > 1 calls: call r+1's K/V and call r+2's weights travel during call r's
     attention, so only the first call's weights are exposed (1/(D/G) of them; two calls ahead in a third
     slot), and the K/V none; call r's weight-grad reduces run during call r+1, so only the last call's are
-    exposed; dK/dV are waited for at once (exposed). With one call: the qkv weights and the K/V are waited
-    for at once (exposed) and proj's gather runs during the attention kernel (hidden); in backward proj's is
-    exposed (needed first) and qkv's hidden, and the weight grads and dK/dV exposed. Backward's K/V
-    re-gather always runs during the output projection's grad GEMMs.
+    exposed; call r's dK/dV travel during call r+1's attention backward (the last call's during the one
+    before it finishes), so none is exposed. With one call: the qkv weights and the K/V are waited for at
+    once (exposed) and proj's gather runs during the attention kernel (hidden); in backward proj's is exposed
+    (needed first) and qkv's hidden, and the weight grads and dK/dV exposed. Backward's K/V re-gather always
+    runs during the output projection's grad GEMMs.
     """
     share, calls = _share(d), tsp_attention_calls(work, d)
     kv = work.tokens * model.kv_width * work.act_bytes * share
     gather = ("K/V", "all_gather", kv, d, d, calls > 1, 2 * calls)
     regather = ("K/V", "all_gather", kv, d, d, True, 2 * calls)  # behind the output projection's grad GEMMs
-    dkv = ("dK/dV", "reduce_scatter", kv, d, d, False, 2 * calls)
+    dkv = ("dK/dV", "reduce_scatter", kv, d, d, calls > 1, 2 * calls)  # behind the next call's (or last's)
     if calls == 1:  # each weight tensor gathered whole, its grad reduce-scattered
         proj = model.hidden * model.heads * model.head_dim * share
         qkv, qkv_tensors = model.attention_weights() * share - proj, 2 if model.qkv_bias else 1
@@ -930,14 +931,15 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
     TP+SP/TPxCP: the gathered input and the gathered output grad, 2 x [S/c, B, h]. CP: the K/V chunk in
     flight and the next one, with their dK/dV (4 x the rank's local K/V). TSP (derived from attention.py and
     mlp.py, checked against the allocator in docs/benchmarks.md) the larger of
-    - attention, with G head buckets per call (D/G calls, ``live`` = min(D/G, 2) of them under way): with
-      several calls an fp32 [S/D, B, h] accumulator (output in forward, input grad in backward); per
-      element of one call's full-sequence K/V (2BS*nkv*hd*G/D), (live + 2) x a bytes: the K/V of the call
-      differentiated and of the next in flight, and inside the zigzag kernel's backward (kernels/zigzag.py,
+    - attention, with G head buckets per call (D/G calls, ``underway`` = min(D/G, 3) of them: the call
+      differentiated, the next, whose K/V are in flight, and the previous, whose dK/dV are; two calls have
+      only one of those at a time): with several calls an fp32 [S/D, B, h] accumulator (output in forward,
+      input grad in backward); per element of one call's full-sequence K/V (2BS*nkv*hd*G/D), (underway + 2)
+      x a bytes: those calls' K/V or dK/dV, and inside the zigzag kernel's backward (kernels/zigzag.py,
       which reads the gathered K/V in place) its packed dK/dV and one part's dK/dV, in a; per local token,
-      the same calls' rotated q and k, (nq + nkv)*hd*G/D each, in a; the differentiated call's
-      attention-output grad and the kernel's dQ, nq*hd*G/D each, in a; the weight and grad buffers
-      (:func:`_attention_weight_buffers`) of W_attn/D;
+      those calls' rotated q and k, (nq + nkv)*hd*G/D each, in a; the differentiated call's
+      attention-output grad and the kernel's dQ, and with several calls the previous call's dQ, nq*hd*G/D
+      each, in a; the weight and grad buffers (:func:`_attention_weight_buffers`) of W_attn/D;
       with the local kernel's dense mask S*S/D bytes as bool plus S*S/D*a additive;
     - MLP (dense layers): the ring's fp32 [S/D, B, h] accumulator, one shard's fc1 output grad, its activation
       output's grad and, gated, act(gate) (2 x its fc1 outputs; mlp.py writes a gated grad's halves into one
@@ -962,13 +964,13 @@ def layer_transient_bytes(model: ModelShape, work: Workload, layout: Layout, moe
         return gathers + 4 * Fraction(work.tokens, c) * Fraction(model.kv_width, t) * a * (c > 1)
     local_tokens = Fraction(work.tokens, t)
     calls = tsp_attention_calls(work, t)
-    live = min(calls, 2)
+    underway = min(calls, 3)  # the call differentiated, the next in flight, the previous finishing
     call_kv = work.tokens * Fraction(model.kv_width, calls)
     head = local_tokens * Fraction(model.head_dim, calls)  # x nq: a call's local q (its G*nq/D heads)
-    rotated = live * head * (model.heads + model.kv_groups) * a
-    differentiated = head * model.heads * 2 * a
+    rotated = underway * head * (model.heads + model.kv_groups) * a
+    differentiated = head * model.heads * (2 + (calls > 1)) * a
     accumulator = 4 * local_tokens * model.hidden
-    attention = (call_kv * (live + 2) * a + rotated + differentiated + accumulator * (calls > 1)
+    attention = (call_kv * (underway + 2) * a + rotated + differentiated + accumulator * (calls > 1)
                  + _attention_weight_buffers(work, Fraction(model.attention_weights(), t), calls))
     if work.tsp_dense_mask:
         attention += Fraction(work.seq_len * work.seq_len, t) * (1 + a)

@@ -289,8 +289,8 @@ def test_kept_weight_shards_leave_backward_without_weight_traffic() -> None:
 def test_attention_calls_keep_bytes_and_trade_operators_for_memory() -> None:
     """--tsp-attention-buckets-per-call G at D = 8: the same bytes, K/V and dK/dV in 2D/G messages (weights
     and their grads one per bucket; with G = D one all_gather and one reduce_scatter per weight tensor), the
-    first call's weights and the last call's grads exposed (1/(D/G) of their bytes), the K/V hidden behind
-    the previous call's attention (exposed with one call, forward), host time scaled down from G = 1's D steps by the
+    first call's weights and the last call's grads exposed (1/(D/G) of their bytes), the K/V and dK/dV
+    hidden behind another call's attention (exposed with one call, but backward's K/V), host time scaled down from G = 1's D steps by the
     operator fit, and larger transients (G calls' K/V, q/k and weights). (The overlap flags themselves are
     measured in tests/test_comm_overlap.py.)"""
     d, layout = 8, Layout("TSP", tensor=8)
@@ -320,7 +320,7 @@ def test_attention_calls_keep_bytes_and_trade_operators_for_memory() -> None:
             fetch = {"attention weights (first call)": ("broadcast", g, False),
                      "attention weights": ("broadcast", d - g, True)}
             assert forward == {**kv, **fetch}, g
-            assert backward == {**kv, **fetch, "dK/dV": ("reduce_scatter", 2 * d // g, False),
+            assert backward == {**kv, **fetch, "dK/dV": ("reduce_scatter", 2 * d // g, True),
                                 "attention weight grads (last call)": ("reduce", g, False),
                                 "attention weight grads": ("reduce", d - g, True)}, g
     host = [tsp_host_steps(work, d) for work in works.values()]
