@@ -224,9 +224,6 @@ def _validate_auto_schedules(args: argparse.Namespace) -> None:
     flags = (f"--tsp-attention-buckets-per-call {args.tsp_attention_buckets_per_call} --tsp-mlp-schedule "
              f"{args.tsp_mlp_schedule}")
     fix = "pass both flags explicitly (python -m megatron_tsp.plan compares them)"
-    _check(not getattr(args, "mtp_num_layers", None),
-           f"{flags} with --mtp-num-layers {getattr(args, 'mtp_num_layers', None)}: the cost model that picks "
-           f"auto schedules does not model multi-token prediction; {fix}")
     _check(isinstance(args.moe_layer_freq, int),
            f"{flags} with a --moe-layer-freq pattern: the cost model that picks auto schedules takes an integer "
            f"frequency; {fix}")

@@ -34,7 +34,8 @@ Assumptions (stated once, used throughout)
   full recompute adds a forward; its selective recompute of core attention does not reach into TSP layers.
 - Skipped (each < 1% of the totals it belongs to): biases and norms in FLOPs, the log-sum-exp, router
   logits and the RoPE angles TSP attention keeps in activations, the per-token scalar all-reduces of the
-  vocab-parallel cross entropy, the TSP norm-weight grad sums, the tied-embedding grad all-reduce between
+  vocab-parallel cross entropy (and of multi-token prediction's vocab-parallel argmax), the TSP norm-weight
+  grad sums, the tied-embedding grad all-reduce between
   pipeline ends, the optimizer step time.
 
 Peak memory model (``Memory``)
@@ -147,6 +148,11 @@ __all__ = [
     "layer_transient_bytes",
     "logits_bytes",
     "memory",
+    "mtp_comm",
+    "mtp_extra_saved_bytes",
+    "mtp_head_comm",
+    "mtp_head_flops",
+    "mtp_layer_work",
     "output_layer_flops",
     "pipeline_stages",
     "stage_memory",
@@ -215,6 +221,7 @@ class ModelShape:
     shared_expert_ffn: int = 0
     moe_layer_freq: int = 1  # every N-th layer from the first is MoE (Megatron's --moe-layer-freq N)
     rotary_dim: int | None = None  # RoPE channels per head: None = head_dim (--rotary-percent 1), 0 = no RoPE
+    mtp_layers: int = 0  # multi-token prediction depths (--mtp-num-layers), on the last pipeline stage
 
     @property
     def rope_dim(self) -> int:
@@ -227,6 +234,11 @@ class ModelShape:
     @property
     def dense_layers(self) -> int:
         return self.layers - self.moe_layers
+
+    @property
+    def mtp_moe(self) -> bool:
+        """Whether a multi-token prediction layer is MoE: it is built from the decoder's last layer's spec."""
+        return bool(self.experts) and (self.layers - 1) % self.moe_layer_freq == 0
 
     @property
     def kv_width(self) -> int:
@@ -679,41 +691,103 @@ def layer_comm(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> 
     return replace(layer, recompute=recompute)
 
 
-def edge_comm(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -> LayerComm:
-    """Embedding, output layer and pipeline sends of one stage for one micro-batch.
+def _embedding_comm(x: Fraction, layout: Layout) -> LayerComm:
+    """Megatron's vocab-parallel embedding of one [S/c, B, h] activation ``x`` (bytes): reduce_scatter to the
+    sequence shard (SP kinds and TSP; its backward all_gathers the grad) or all_reduce (TP)."""
+    t, share = layout.tensor, _share(layout.tensor)
+    if layout.kind == "TP":
+        return LayerComm(forward=_transfers(("embedding", "all_reduce", 2 * x * share, t, t, False)))
+    return LayerComm(forward=_transfers(("embedding", "reduce_scatter", x * share, t, t, False)),
+                     backward=_transfers(("embedding", "all_gather", x * share, t, t, False)))
 
-    Vocab-parallel embedding: reduce_scatter to the sequence shard (SP kinds; its backward all_gathers the
-    grad) or all_reduce (TP). Output layer: all_gather of the final norm output, re-gathered in backward
-    with a reduce_scatter of its grad (SP kinds), or one backward all_reduce (TP); TSP's vocabulary ring
-    (output.py) instead circulates the output weight (:func:`_weight_ring_comm` with W = V*h, never kept)
-    and all_gathers the fp32 per-token losses. PP: each stage sends its output activation forward and its
-    input grad backward ([S/shard, B, h], exposed).
-    """
-    t, span = layout.tensor, layout.tensor
+
+def _output_comm(model: ModelShape, work: Workload, layout: Layout, x: Fraction, predictions: bool) -> LayerComm:
+    """The output layer and loss: all_gather of the final norm output, re-gathered in backward with a
+    reduce_scatter of its grad (SP kinds), or one backward all_reduce (TP); TSP's vocabulary ring (output.py)
+    instead circulates the output weight (:func:`_weight_ring_comm` with W = V*h, never kept) and all_gathers
+    the fp32 per-token losses, and with ``predictions`` (multi-token prediction's acceptance counts) each
+    token's predicted id (int64)."""
+    t, share = layout.tensor, _share(layout.tensor)
+    if layout.kind == "TSP" and work.tsp_vocab_ring:
+        gathers = (("losses", "all_gather", work.tokens * 4 * share, t, t, False),
+                   ("predictions", "all_gather", work.tokens * 8 * share * predictions, t, t, False))
+        return (_weight_ring_comm("output", model.padded_vocab(t) * model.hidden, work, t, kept=False)
+                + LayerComm(forward=_transfers(*gathers)))
+    if layout.kind == "TP":
+        return LayerComm(backward=_transfers(("output layer", "all_reduce", 2 * x * share, t, t, True)))
+    return LayerComm(forward=_transfers(("output layer", "all_gather", x * share, t, t, False)),
+                     backward=_transfers(("output layer", "all_gather", x * share, t, t, True),
+                                         ("output layer", "reduce_scatter", x * share, t, t, True)))
+
+
+def edge_comm(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -> LayerComm:
+    """Embedding (:func:`_embedding_comm`), output layer and loss (:func:`_output_comm`) and pipeline sends
+    of one stage for one micro-batch. PP: each stage sends its output activation forward and its input grad
+    backward ([S/shard, B, h], exposed)."""
     x = work.tokens * Fraction(model.hidden * work.act_bytes, layout.context)
-    share = _share(t)
-    sequence_parallel = layout.kind != "TP"
     edges = LayerComm()
     if stage.embedding:
-        edges += (LayerComm(forward=_transfers(("embedding", "reduce_scatter", x * share, t, span, False)),
-                            backward=_transfers(("embedding", "all_gather", x * share, t, span, False)))
-                  if sequence_parallel else
-                  LayerComm(forward=_transfers(("embedding", "all_reduce", 2 * x * share, t, span, False))))
-    if stage.output and layout.kind == "TSP" and work.tsp_vocab_ring:
-        edges += _weight_ring_comm("output", model.padded_vocab(t) * model.hidden, work, t, kept=False)
-        edges += LayerComm(forward=_transfers(("losses", "all_gather", work.tokens * 4 * share, t, span, False)))
-    elif stage.output:
-        edges += (LayerComm(forward=_transfers(("output layer", "all_gather", x * share, t, span, False)),
-                            backward=_transfers(("output layer", "all_gather", x * share, t, span, True),
-                                                ("output layer", "reduce_scatter", x * share, t, span, True)))
-                  if sequence_parallel else
-                  LayerComm(backward=_transfers(("output layer", "all_reduce", 2 * x * share, t, span, True))))
+        edges += _embedding_comm(x, layout)
+    if stage.output:
+        edges += _output_comm(model, work, layout, x, predictions=False)
     if layout.pipeline > 1:
         boundary = x / (layout.sequence_shard // layout.context)
         edges += LayerComm(
             forward=_transfers(("pipeline activation", "send", boundary * (not stage.output), 2, layout.gpus, False)),
             backward=_transfers(("pipeline grad", "send", boundary * (not stage.embedding), 2, layout.gpus, False)))
     return edges
+
+
+def mtp_layer_work(work: Workload) -> Workload:
+    """What a multi-token prediction layer runs: megatron-core 0.19.2 checkpoints each MTP layer (its
+    ``eh_proj``, transformer layer and final norm) under uniform full recompute, and none under block
+    recompute (it warns and runs them plainly); selective recompute applies to its transformer layer."""
+    if work.recompute == "full" and work.recompute_layers is not None:
+        return replace(work, recompute="none", recompute_layers=None)
+    return replace(work, recompute_chunk=1)
+
+
+def _eh_proj_comm(model: ModelShape, work: Workload, layout: Layout, x: Fraction) -> LayerComm:
+    """Multi-token prediction's input projection ``eh_proj`` ([2h] -> [h], column-parallel, no bias) of one
+    depth. TSP (linear.py): the W = 2h^2-element weight all_gathered (forward, waited for at once), again in
+    backward (during the weight grad's GEMM) with its grad reduce_scattered (during the input grad's), each
+    (D-1)/D of W*e (W*e_acc). Megatron's column-parallel linear (SP kinds): the [S/c, B, 2h] input
+    all_gathered and the [S/c, B, h/t] output all_gathered over the tensor axis (then split to the sequence
+    shard), both exposed; backward the split's all_gather of the grad (exposed), the input re-gathered and its
+    grad reduce_scattered (both overlapping GEMMs); TP: the output all_gathered, the input grad all_reduced."""
+    t, share = layout.tensor, _share(layout.tensor)
+    if layout.kind == "TSP":
+        weights = 2 * model.hidden * model.hidden * share
+        return LayerComm(
+            forward=_transfers(("eh_proj weights", "all_gather", weights * work.param_bytes, t, t, False)),
+            backward=_transfers(("eh_proj weights", "all_gather", weights * work.param_bytes, t, t, True),
+                                ("eh_proj weight grads", "reduce_scatter", weights * work.grad_bytes, t, t, True)))
+    output = ("eh_proj output", "all_gather", x * share, t, t, False)
+    if layout.kind == "TP":
+        return LayerComm(forward=_transfers(output),
+                         backward=_transfers(("eh_proj", "all_reduce", 2 * 2 * x * share, t, t, True)))
+    return LayerComm(forward=_transfers(("eh_proj", "all_gather", 2 * x * share, t, t, False), output),
+                     backward=_transfers(("eh_proj output", "all_gather", x * share, t, t, False),
+                                         ("eh_proj", "all_gather", 2 * x * share, t, t, True),
+                                         ("eh_proj", "reduce_scatter", 2 * x * share, t, t, True)))
+
+
+def mtp_head_comm(model: ModelShape, work: Workload, layout: Layout) -> LayerComm:
+    """One multi-token prediction depth's transfers besides its transformer layer, for one micro-batch:
+    Megatron's embedding of the shifted tokens, ``eh_proj`` (:func:`_eh_proj_comm`, recomputed with the
+    layer as :func:`mtp_layer_work` says) and the output layer and loss again, which in training also finds
+    each token's predicted id (the MTP acceptance counts)."""
+    x = work.tokens * Fraction(model.hidden * work.act_bytes, layout.context)
+    projection = _eh_proj_comm(model, work, layout, x)
+    if mtp_layer_work(work).recompute == "full":
+        projection = replace(projection, recompute=projection.forward)
+    return _embedding_comm(x, layout) + projection + _output_comm(model, work, layout, x, predictions=True)
+
+
+def mtp_comm(model: ModelShape, work: Workload, layout: Layout) -> LayerComm:
+    """One multi-token prediction depth for one micro-batch: :func:`mtp_head_comm` and its transformer layer
+    (:func:`layer_comm`, dense or MoE as the decoder's last layer, run as :func:`mtp_layer_work` says)."""
+    return mtp_head_comm(model, work, layout) + layer_comm(model, mtp_layer_work(work), layout, model.mtp_moe)
 
 
 def grad_sync_comm(model: ModelShape, work: Workload, layout: Layout, stage: Stage) -> tuple[Transfer, ...]:
@@ -748,22 +822,25 @@ class Stage:
     embedding: bool
     output: bool
     in_flight: int
+    mtp_layers: int = 0  # multi-token prediction depths, on the output stage
 
 
 def pipeline_stages(model: ModelShape, layout: Layout) -> tuple[Stage, ...]:
     """The first and last stage (the only candidates for the peak); one stage without PP. MoE layers are
     spread evenly over the stages."""
-    p = layout.pipeline
+    p, mtp = layout.pipeline, model.mtp_layers
     dense, moe = Fraction(model.dense_layers, p), Fraction(model.moe_layers, p)
     if p == 1:
-        return (Stage(dense, moe, embedding=True, output=True, in_flight=1),)
+        return (Stage(dense, moe, embedding=True, output=True, in_flight=1, mtp_layers=mtp),)
     return (Stage(dense, moe, embedding=True, output=False, in_flight=p),
-            Stage(dense, moe, embedding=False, output=True, in_flight=1))
+            Stage(dense, moe, embedding=False, output=True, in_flight=1, mtp_layers=mtp))
 
 
 def stage_params(model: ModelShape, layout: Layout, stage: Stage) -> tuple[Fraction, Fraction]:
     """(dense, expert) parameters per GPU on a stage. Sharded weights divide by t (CP: replicated);
-    experts divide by EP, and by D too with the expert ring."""
+    experts divide by EP, and by D too with the expert ring. A multi-token prediction depth holds a layer
+    like the decoder's last, ``eh_proj`` (2h^2/t) and three norms (its embedding and output weight are the
+    model's)."""
     t = layout.tensor
     vocab_rows = Fraction(model.padded_vocab(t), t) * model.hidden
     ends = int(stage.embedding) + int(stage.output)
@@ -773,9 +850,12 @@ def stage_params(model: ModelShape, layout: Layout, stage: Stage) -> tuple[Fract
     dense_layer = attention + Fraction(model.mlp_weights(model.ffn), t) + model.replicated_layer_params(False)
     moe_layer = (attention + Fraction(model.mlp_weights(model.shared_expert_ffn), t)
                  + model.replicated_layer_params(True))
-    dense = stage.dense_layers * dense_layer + stage.moe_layers * moe_layer + ends * vocab_rows + model.hidden
-    expert = stage.moe_layers * Fraction(model.experts * model.mlp_weights(model.expert_ffn),
-                                         layout.expert * layout.expert_tensor)
+    mtp_layer = (moe_layer if model.mtp_moe else dense_layer) + Fraction(2 * model.hidden**2, t) + 3 * model.hidden
+    dense = (stage.dense_layers * dense_layer + stage.moe_layers * moe_layer + stage.mtp_layers * mtp_layer
+             + ends * vocab_rows + model.hidden)
+    moe_layers = stage.moe_layers + stage.mtp_layers * model.mtp_moe
+    expert = moe_layers * Fraction(model.experts * model.mlp_weights(model.expert_ffn),
+                                   layout.expert * layout.expert_tensor)
     return dense, expert
 
 
@@ -902,6 +982,16 @@ def layer_kept_fc1_bytes(model: ModelShape, work: Workload, layout: Layout, moe:
 def layer_input_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
     """What full recompute keeps per layer: its input [S/shard, B, h]."""
     return Fraction(work.tokens, layout.sequence_shard) * model.hidden * work.act_bytes
+
+
+def mtp_extra_saved_bytes(model: ModelShape, work: Workload, layout: Layout) -> Fraction:
+    """What a multi-token prediction depth keeps for backward besides its transformer layer (``work`` from
+    :func:`mtp_layer_work`), per micro-batch and local token: without recompute the embedding (its norm's
+    input), ``eh_proj``'s [2h] input, the final norm's input and the loss's input, 5h; under its full
+    recompute the checkpoint's second input (the embedding; the first is the layer input full recompute
+    keeps) and the loss's input, 2h. (Its hidden-state input is the decoder's output, kept anyway.)"""
+    per_token = 2 if work.recompute == "full" else 5
+    return per_token * Fraction(work.tokens, layout.sequence_shard) * model.hidden * work.act_bytes
 
 
 def _ring_buffer_bytes(work: Workload, shard_elements: Fraction) -> Fraction:
@@ -1053,7 +1143,12 @@ def stage_memory(model: ModelShape, work: Workload, layout: Layout, stage: Stage
     expert_shards = layout.expert_data if work.distributed_optimizer else 1
     stored = Fraction(0)
     working = Fraction(0)
-    for count, moe, layer_work in layer_groups(work, stage):
+    groups = layer_groups(work, stage)
+    if stage.mtp_layers:
+        mtp = mtp_layer_work(work)
+        groups.append((Fraction(stage.mtp_layers), model.mtp_moe, mtp))
+        stored += stage.in_flight * stage.mtp_layers * mtp_extra_saved_bytes(model, mtp, layout)
+    for count, moe, layer_work in groups:
         full = layer_work.recompute == "full"
         saved = layer_saved_bytes(model, layer_work, layout, moe)
         kept_weights = layer_kept_weight_bytes(model, layer_work, layout, moe)  # every layer's, or one's (full)
@@ -1170,6 +1265,16 @@ def output_layer_flops(model: ModelShape, work: Workload, layout: Layout) -> Lay
     return LayerFlops(forward, (3 if recomputes else 2) * forward)
 
 
+def mtp_head_flops(model: ModelShape, work: Workload, layout: Layout) -> LayerFlops:
+    """One multi-token prediction depth's FLOPs besides its transformer layer: ``eh_proj``'s GEMM,
+    2*B*S*2h*h/(t*c) forward, twice that backward and once more when recomputed (:func:`mtp_layer_work`),
+    and the output layer's (:func:`output_layer_flops`)."""
+    projection = 2.0 * work.tokens * 2 * model.hidden * model.hidden / (layout.tensor * layout.context)
+    recomputed = projection if mtp_layer_work(work).recompute == "full" else 0.0
+    output = output_layer_flops(model, work, layout)
+    return LayerFlops(projection + output.forward, 2 * projection + output.backward, recomputed)
+
+
 def _compute_seconds(flops: LayerFlops, phase: str, tsp_host_steps: float, hw: Hardware) -> float:
     """Compute time of one phase ("forward", "recompute", "backward") of a layer: its FLOPs at the fitted
     rate; for a TSP layer (``tsp_host_steps`` from :func:`tsp_host_steps`, else 0) :data:`TSP_DEVICE_FACTOR`
@@ -1244,8 +1349,12 @@ def step_cost(model: ModelShape, work: Workload, layout: Layout, hw: Hardware, m
     for stage in pipeline_stages(model, layout):
         parts = [(1, output_layer_flops(model, work, layout) if stage.output else LayerFlops(0.0, 0.0),
                   edge_comm(model, work, layout, stage), 0)]
+        groups = layer_groups(work, stage)
+        if stage.mtp_layers:  # each depth: its transformer layer, then the rest of it
+            groups.append((Fraction(stage.mtp_layers), model.mtp_moe, mtp_layer_work(work)))
+            parts.append((stage.mtp_layers, mtp_head_flops(model, work, layout), mtp_head_comm(model, work, layout), 0))
         parts += [(count, layer_flops(model, group_work, layout, moe), layer_comm(model, group_work, layout, moe),
-                   _layer_host_steps(group_work, layout, moe)) for count, moe, group_work in layer_groups(work, stage)]
+                   _layer_host_steps(group_work, layout, moe)) for count, moe, group_work in groups]
         stage_s.append(sum(float(count) * _seconds(flops, comm, steps, hw) for count, flops, comm, steps in parts))
 
         def phases_seconds(*phases: str) -> float:

@@ -105,7 +105,8 @@ def model_from_flags(flags: argparse.Namespace) -> ModelShape:
         expert_ffn=(flags.moe_ffn_hidden_size or ffn) if experts else 0,
         shared_expert_ffn=flags.moe_shared_expert_intermediate_size or 0, moe_layer_freq=flags.moe_layer_freq,
         rotary_dim=(int((flags.kv_channels or h // heads) * flags.rotary_percent)
-                    if flags.position_embedding_type in ("rope", "yarn", "mrope") else 0))
+                    if flags.position_embedding_type in ("rope", "yarn", "mrope") else 0),
+        mtp_layers=flags.mtp_num_layers or 0)
 
 
 def workload_from_flags(flags: argparse.Namespace, seq_len: int, dense_mask: bool = False) -> Workload:
@@ -470,9 +471,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.recompute_modules is not None and args.recompute != "selective":
         parser.error("--recompute-modules needs --recompute selective")
     flags = _megatron_flags(config_to_argv(args.config), args.config)
-    if flags.mtp_num_layers:
-        parser.error(f"--mtp-num-layers {flags.mtp_num_layers} (in {args.config}): multi-token prediction is not "
-                     f"modelled by the cost model (its layers and logits); plan without it")
     model = model_from_flags(flags)
     # the command line's choices over the config's; the planner's schedules default to auto, training's do not
     flags.micro_batch_size = args.micro_batch_size or flags.micro_batch_size

@@ -58,8 +58,6 @@ BAD = [  # flags, world size, text the error must contain (the flag to change)
     (["--tsp-size", "2", "--tsp-order", "tsp-dp-pp"], 4, "--tsp-order"),
     (["--tsp-size", "4", "--tsp-attention-buckets-per-call", "3"], 4,
      "--tsp-attention-buckets-per-call 3 must divide --tsp-size 4: choose one of [1, 2, 4]"),
-    (["--tsp-size", "2", "--tsp-mlp-schedule", "auto", "--mtp-num-layers", "1"], 4,
-     "does not model multi-token prediction; pass both flags explicitly"),
     (["--tsp-size", "2", "--tsp-attention-buckets-per-call", "auto", "--num-experts", "4", "--moe-layer-freq",
       "[1,0]"], 4, "with a --moe-layer-freq pattern"),
     (["--tsp-size", "2", "--attention-dropout", "0.1"], 4, "pass --attention-dropout 0"),

@@ -1,14 +1,16 @@
 """Bytes the TSP collectives move in real training (Megatron's loop, CPU ranks) against the cost model.
 
 ``--tsp-report-comm-bytes`` counts every TSP collective (comm.py's per-rank convention) over the whole run;
-``megatron_tsp.cost`` predicts the same per layer and micro-batch, plus the output layer's vocabulary ring. The counted runs are the loss-parity runs
-themselves (test_loss_parity, 10 iterations), at seven shapes: D=4 with MHA, D=2 with GQA and full
-recompute (whose backward repeats the forward's collectives), D=2 with one of two layers recomputed (block;
-attention as one call over both head buckets, the MLP by gathered weights),
-D=2 with weight shards kept for backward, D=2 with selective recompute of the MLPs and norms (their ring
-forward repeated), and D=2 MoE with the expert ring, without and with selective recompute of the MoE layers
-(the expert ring's forward repeated). The bar is 1%; in fact they agree exactly. The messages that carry
-them (collective calls and sends, each charged a link latency by the model) must agree exactly.
+``megatron_tsp.cost`` predicts the same per layer and micro-batch, plus the output layer's vocabulary ring and
+each multi-token prediction depth. The counted runs are the loss-parity runs themselves (test_loss_parity,
+10 iterations), at nine shapes: D=4 with MHA, D=2 with GQA and full recompute (whose backward repeats the
+forward's collectives), D=2 with one of two layers recomputed (block; attention as one call over both head
+buckets, the MLP by gathered weights), D=2 with weight shards kept for backward, D=2 with selective
+recompute of the MLPs and norms (their ring forward repeated), D=2 with one MTP depth (attention as one
+call) and with two MTP depths under full recompute (each depth's eh_proj and layer forward repeated), and
+D=2 MoE with the expert ring, without and with selective recompute of the MoE layers (the expert ring's
+forward repeated). The bar is 1%; in fact they agree exactly. The messages that carry them (collective
+calls and sends, each charged a link latency by the model) must agree exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import replace
 import pytest
 
 from megatron_tsp.cost import (Layout, ModelShape, Workload, bytes_by_op, edge_comm, layer_comm, layer_groups,
-                               pipeline_stages)
+                               mtp_comm, pipeline_stages)
 from tests.test_loss_parity import tsp_run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess]
@@ -49,6 +51,10 @@ CASES = {  # loss-parity case: (model, layout, workload); micro-batches per step
     "tsp2_recompute_selective_mlp_layernorm": (TINY, Layout(kind="TSP", tensor=2),
                                                replace(FP32, recompute="selective",
                                                        recompute_modules=("core_attn", "mlp", "layernorm"))),
+    "tsp2_mtp_one_attention_call": (replace(TINY, mtp_layers=1), Layout(kind="TSP", tensor=2),
+                                    replace(FP32, tsp_buckets_per_call=2)),
+    "tsp2_mtp2_recompute_full_tied_embeddings": (replace(TINY, mtp_layers=2, tied_embeddings=True),
+                                                 Layout(kind="TSP", tensor=2), replace(FP32, recompute="full")),
     "moe_tsp2_ep2_expert_ring_shared_expert": (TINY_MOE, Layout(kind="TSP", tensor=2, data=2, expert=2,
                                                                 expert_ring=True), FP32),
     "moe_tsp2_ep2_expert_ring_recompute_moe_layernorm": (
@@ -68,7 +74,8 @@ def test_counted_bytes_match_the_cost_model(name: str) -> None:
     (stage,) = pipeline_stages(model, layout)
     layers = tuple(transfer for count, moe, layer_work in layer_groups(work, stage)  # block recompute: two groups
                    for transfer in layer_comm(model, layer_work, layout, moe).transfers * int(count))
-    transfers = tuple(t for t in layers + edge_comm(model, work, layout, stage).transfers
+    mtp = mtp_comm(model, work, layout).transfers * stage.mtp_layers  # each prediction depth
+    transfers = tuple(t for t in layers + mtp + edge_comm(model, work, layout, stage).transfers
                       if t.what not in MEGATRON_OWN)
     steps = ITERATIONS * (2 // layout.data)
     expected = {op: float(nbytes * steps) for op, nbytes in bytes_by_op(transfers).items()}

@@ -1,7 +1,7 @@
 """The cost model's overlap flags against the schedules: which transfers compute hides is measured.
 
 Each TSP schedule (attention with every G, the MLP ring and gathered MLP, the expert ring, the vocabulary
-ring) runs forward and backward on gloo ranks inside ``comm.track_overlap``, which splits the bytes of every
+ring with and without predictions, multi-token prediction's gathered ``eh_proj``) runs forward and backward on gloo ranks inside ``comm.track_overlap``, which splits the bytes of every
 collective into hidden (a matrix product or attention kernel was dispatched between its issue and its wait)
 and exposed. ``cost.py``'s per-phase transfers, summed by op and ``hidden`` flag, must equal that split
 exactly: the step-time estimate charges exposed transfers in full and hides the others behind compute, so a
@@ -21,10 +21,11 @@ import torch.nn.functional as F
 
 from megatron_tsp.attention import tsp_attention
 from megatron_tsp.comm import Overlap, track_overlap
-from megatron_tsp.cost import (Layout, ModelShape, Transfer, Workload, edge_comm, pipeline_stages, tsp_attention_comm,
-                               tsp_mlp_comm, _weight_ring_comm)
+from megatron_tsp.cost import (Layout, ModelShape, Transfer, Workload, _eh_proj_comm, _output_comm, _weight_ring_comm,
+                               tsp_attention_comm, tsp_mlp_comm)
+from megatron_tsp.linear import tsp_gathered_linear
 from megatron_tsp.mlp import tsp_expert_mlps, tsp_mlp
-from megatron_tsp.output import tsp_vocab_parallel_loss
+from megatron_tsp.output import tsp_vocab_parallel_loss, tsp_vocab_parallel_loss_and_predictions
 from megatron_tsp.zigzag import gathered_positions, local_positions
 from tests.multiprocess import run_on_ranks
 
@@ -35,7 +36,7 @@ Split = dict[tuple[str, bool], Fraction]  # (op, hidden) -> bytes
 
 @dataclass(frozen=True)
 class Case:
-    schedule: str  # "attention", "mlp", "experts" or "vocab"
+    schedule: str  # "attention", "mlp", "experts", "vocab", "vocab+predictions" or "eh_proj"
     model: ModelShape
     work: Workload
 
@@ -51,7 +52,7 @@ def _cases(d: int) -> list[Case]:
              for g in range(1, d + 1) if d % g == 0 for model in (MODEL, biased) for keep in (False, True)]
     cases += [Case("mlp", model, replace(FP32, tsp_mlp_gather=gather, tsp_keep_weights=keep))
               for model in (MODEL, replace(biased, gated=False)) for gather in (False, True) for keep in (False, True)]
-    return cases + [Case("experts", MODEL, FP32), Case("vocab", MODEL, FP32)]
+    return cases + [Case(schedule, MODEL, FP32) for schedule in ("experts", "vocab", "vocab+predictions", "eh_proj")]
 
 
 def _modelled(case: Case, d: int) -> tuple[Split, Split]:
@@ -63,11 +64,9 @@ def _modelled(case: Case, d: int) -> tuple[Split, Split]:
     elif case.schedule == "experts":
         comm = _weight_ring_comm("experts", EXPERTS * case.model.mlp_weights(case.model.ffn), case.work, d, False)
     else:
-        layout = Layout("TSP", tensor=d)
-        (stage,) = pipeline_stages(case.model, layout)
-        edges = edge_comm(case.model, case.work, layout, stage)
-        comm = replace(edges, forward=tuple(t for t in edges.forward if t.what != "embedding"),
-                       backward=tuple(t for t in edges.backward if t.what != "embedding"))
+        layout, x = Layout("TSP", tensor=d), Fraction(0)  # x: the activation size, which TSP's terms do not use
+        comm = (_eh_proj_comm(case.model, case.work, layout, x) if case.schedule == "eh_proj" else
+                _output_comm(case.model, case.work, layout, x, predictions=case.schedule == "vocab+predictions"))
 
     def split(transfers: tuple[Transfer, ...]) -> Split:
         out: Split = defaultdict(Fraction)
@@ -111,9 +110,16 @@ def _run(case: Case, rank: int, d: int) -> tuple[Split, Split]:
             experts = [(_param(2 * model.ffn // d, model.hidden), None, _param(model.hidden, model.ffn // d))
                        for _ in range(EXPERTS)]
             out = tsp_expert_mlps(tokens, [tokens.shape[0] - 3, 3], experts, group)
+        elif case.schedule == "eh_proj":
+            out = tsp_gathered_linear(torch.cat((x, x), dim=-1), _param(model.hidden // d, 2 * model.hidden), group)
         else:
-            labels = torch.randint(model.vocab, (work.micro_batch, work.seq_len), generator=torch.Generator().manual_seed(0))
-            out = tsp_vocab_parallel_loss(x, _param(model.vocab // d, model.hidden), labels, group)
+            labels = torch.randint(model.vocab, (work.micro_batch, work.seq_len),
+                                   generator=torch.Generator().manual_seed(0))
+            weight = _param(model.vocab // d, model.hidden)
+            if case.schedule == "vocab":
+                out = tsp_vocab_parallel_loss(x, weight, labels, group)
+            else:
+                out = tsp_vocab_parallel_loss_and_predictions(x, weight, labels, group)[0]
     with track_overlap() as backward:
         out.sum().backward()
     return _measured(forward), _measured(backward)

@@ -24,6 +24,7 @@ from megatron_tsp.cost import (
     layer_kept_weight_bytes,
     layer_saved_bytes,
     memory,
+    mtp_comm,
     pipeline_stages,
     stage_params,
     step_cost,
@@ -528,10 +529,6 @@ def test_unmodelled_features_are_refused(tmp_path, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         plan.main(["--config", str(config), "--gpus", "2", "--seq-length", "128"])
     assert "--recompute-modules mla_up_proj: not modelled" in capsys.readouterr().err
-    config.write_text(open(TINY_CONFIG).read() + "mtp-num-layers: 1\n")
-    with pytest.raises(SystemExit):
-        plan.main(["--config", str(config), "--gpus", "2", "--seq-length", "128"])
-    assert "multi-token prediction is not modelled" in capsys.readouterr().err
 
 
 def test_block_recompute_sits_between_none_and_full() -> None:
@@ -621,3 +618,35 @@ def test_mlp_schedule_costs_only_dense_layers() -> None:
     mixed = [step_cost(_MOE, replace(work, tsp_mlp_gather=g), layout, plan.GPUS["h100"], 8).step_s
              for g in (False, True)]
     assert mixed[1] < mixed[0]
+
+
+@pytest.mark.parametrize("kind", ["TSP", "TP+SP"])
+def test_multi_token_prediction_depths(kind: str) -> None:
+    """--mtp-num-layers K: on the last stage K more layers like the decoder's last (here MoE, since layer 0 of
+    a one-layer-frequency MoE model is), each with eh_proj (2h^2/t) and three norms; per depth and
+    micro-batch one more embedding, eh_proj, layer and output pass, so the stage's bytes grow by K times
+    ``mtp_comm`` and its time and memory grow; megatron-core 0.19.2 recomputes MTP layers (with eh_proj) under
+    uniform full recompute and not under block recompute."""
+    model = replace(_SEVEN_B, layers=4, experts=8, topk=2, expert_ffn=4096)
+    layout, depths = Layout(kind, tensor=8, pipeline=2, expert=8), 2
+    with_mtp = replace(model, mtp_layers=depths)
+    first, last = pipeline_stages(with_mtp, layout)
+    assert (first.mtp_layers, last.mtp_layers) == (0, depths) and with_mtp.mtp_moe
+    plain_params = stage_params(model, layout, pipeline_stages(model, layout)[1])
+    mtp_params = stage_params(with_mtp, layout, last)
+    h, t = model.hidden, layout.tensor
+    moe_layer = Fraction(model.attention_weights(), t) + model.replicated_layer_params(True)
+    assert mtp_params[0] - plain_params[0] == depths * (moe_layer + Fraction(2 * h * h, t) + 3 * h)
+    assert mtp_params[1] - plain_params[1] == depths * Fraction(model.experts * model.mlp_weights(model.expert_ffn),
+                                                                layout.expert)
+    for work in (Workload(1, 32768, recompute="full"), Workload(1, 32768, recompute="full", recompute_layers=1),
+                 Workload(1, 32768)):
+        comm = mtp_comm(with_mtp, work, layout)
+        recomputed = work.recompute == "full" and work.recompute_layers is None
+        assert bool(comm.recompute) == recomputed, work.recompute_label
+        assert comm.forward and comm.backward
+        plain = step_cost(model, work, layout, plan.GPUS["h100"], microbatches=4)
+        mtp = step_cost(with_mtp, work, layout, plan.GPUS["h100"], microbatches=4)
+        assert mtp.sent.total - plain.sent.total == pytest.approx(4 * depths * float(comm.total()))
+        assert mtp.compute_s > plain.compute_s and mtp.step_s > plain.step_s
+        assert mtp.memory.total > plain.memory.total
