@@ -48,6 +48,15 @@ def test_auto_schedules_are_the_planners_choice(seq: int, expected: tuple[int, b
     assert fixed.work.tsp_buckets_per_call == 2
 
 
+def test_auto_schedules_cost_multi_token_prediction() -> None:
+    """With --mtp-num-layers the run's layout is costed with its prediction depths (one more layer, eh_proj and
+    loss each): more memory and time than without, and still a choice (no refusal)."""
+    flags = ("--tsp-attention-buckets-per-call", "auto", "--tsp-mlp-schedule", "auto")
+    plain = plan.choose_tsp_schedules(seven_b_args(32768, *flags), plan.GPUS["h100"])
+    mtp = plan.choose_tsp_schedules(seven_b_args(32768, *flags, "--mtp-num-layers", "2"), plan.GPUS["h100"])
+    assert mtp.cost.memory.total > plain.cost.memory.total and mtp.cost.step_s > plain.cost.step_s and mtp.fits
+
+
 def _resolve(rank: int, world_size: int, memories: list[float]) -> tuple[int | str, str] | str:
     args = seven_b_args(16384, "--tsp-attention-buckets-per-call", "auto", "--tsp-mlp-schedule", "auto")
     args.rank = rank
