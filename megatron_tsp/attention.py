@@ -330,20 +330,19 @@ def _attention_backward(restarted: tuple, weights: _CallWeights, kept_attention:
     return leaf_projection, leaf_norm, qkv, grad_q, reduce_scatter_zigzag(grad_full_kv, spec.tsp_group), grad_proj
 
 
-def _finish_call_backward(x: Tensor, attention_grads: tuple, weights: _CallWeights, grad_x: Tensor | None,
+def _finish_call_backward(x: Tensor, attention_grads: tuple,
                           spec: _CallSpec) -> tuple[Tensor, list[Tensor | None], list[Tensor]]:
     """The second half of a call's grads, once its dK/dV have arrived: through the q/k norms and RoPE to the
-    qkv projection, then its GEMM's grads. Returns the input grad summed over the calls so far (``grad_x``,
-    None before the first call, plus this call's, :func:`_accumulate_linear`), the call's q/k-norm param grads
-    (None where there is no such param) and weight grads in pack order."""
+    qkv projection, and its GEMM's weight grads. Returns the projection's grad ``[S/D, B, (nq + 2*nkv)*hd]``
+    (the input grad's GEMM is the caller's, so that the weight grads' reduce can run during it), the call's
+    q/k-norm param grads (None where there is no such param) and weight grads in pack order."""
     leaf_projection, leaf_norm, (q, k, v), grad_q, dkv_scatter, grad_proj = attention_grads
     grad_k, grad_v = dkv_scatter.wait().chunk(2, dim=2)
     local_leaves = [leaf_projection] + leaf_norm
     local_grads = iter(torch.autograd.grad([q, k, v], [t for t in local_leaves if t is not None],
                                            [grad_q, grad_k, grad_v]))
     grad_projection, *grad_norm = [None if t is None else next(local_grads) for t in local_leaves]
-    grad_x = _accumulate_linear(grad_x, grad_projection, weights.qkv()[0].t(), spec.calls)  # + grad_proj.. @ W
-    return grad_x, grad_norm, [*linear_weight_grads(grad_projection, x, spec.has_qkv_bias), *grad_proj]
+    return grad_projection, grad_norm, [*linear_weight_grads(grad_projection, x, spec.has_qkv_bias), *grad_proj]
 
 
 def _accumulate(total: Tensor | None, part: Tensor, parts: int) -> Tensor:
@@ -490,16 +489,18 @@ class TSPAttentionFunction(torch.autograd.Function):
         reducing: Callable[[], list[Tensor]] | None = None  # the previous call's in-flight weight-grad reduces
 
         def finish_call(call: int, weights: _CallWeights, attention_grads: tuple) -> None:
-            """A call's second half, and its weight grads on their way to their owners (the previous call's,
-            which this call's computing overlapped, end here)."""
+            """A call's second half: its weight grads on their way to their owners during its input grad's
+            GEMM (the previous call's, which this call's computing overlapped, end first)."""
             nonlocal grad_x, grad_norm, reducing, own_grads
-            grad_x, grad_norm_call, call_grads = _finish_call_backward(x, attention_grads, weights, grad_x, spec)
+            grad_projection, grad_norm_call, call_grads = _finish_call_backward(x, attention_grads, spec)
             grad_norm = [total if part is None else _accumulate(total, part, num_calls)
                          for total, part in zip(grad_norm, grad_norm_call)]
             if reducing is not None:  # their buffer goes before this call's is made
                 own_grads += reducing()
                 reducing = None
             reducing = _reduce_call_grads(call, call_grads, layout, spec, acc_dtype)
+            del call_grads  # only the in-flight reduces hold them now
+            grad_x = _accumulate_linear(grad_x, grad_projection, weights.qkv()[0].t(), num_calls)  # += .. @ W
 
         fetches = {call: fetch_call(call) for call in range(min(num_calls, 2))}
         started = restart_call(0)

@@ -524,12 +524,12 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
     Overlap (hidden: compute runs between a transfer's issue and its wait, ``comm.track_overlap``, which the
     tests hold this to). With D/G > 1 calls: call r+1's K/V and call r+2's weights travel during call r's
     attention, so only the first call's weights are exposed (1/(D/G) of them; two calls ahead in a third
-    slot), and the K/V none; call r's weight-grad reduces run during call r+1, so only the last call's are
-    exposed; call r's dK/dV travel during call r+1's attention backward (the last call's during the one
-    before it finishes), so none is exposed. With one call: the qkv weights and the K/V are waited for at
-    once (exposed) and proj's gather runs during the attention kernel (hidden); in backward proj's is exposed
-    (needed first) and qkv's hidden, and the weight grads and dK/dV exposed. Backward's K/V re-gather always
-    runs during the output projection's grad GEMMs.
+    slot), and the K/V none; call r's dK/dV travel during call r+1's attention backward (the last call's
+    during the one before it finishes), so none is exposed. With one call: the qkv weights and the K/V are
+    waited for at once (exposed) and proj's gather runs during the attention kernel (hidden); in backward
+    proj's is exposed (needed first) and qkv's hidden, and dK/dV exposed. Backward's K/V re-gather always
+    runs during the output projection's grad GEMMs, and a call's weight-grad reduces during its input
+    grad's GEMM (and the next call).
     """
     share, calls = _share(d), tsp_attention_calls(work, d)
     kv = work.tokens * model.kv_width * work.act_bytes * share
@@ -547,20 +547,16 @@ def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:
         return LayerComm(
             forward=_transfers(*weights("weights", "all_gather", work.param_bytes, False, True), gather),
             backward=_transfers(*refetch, regather, dkv,
-                                *weights("weight grads", "reduce_scatter", work.grad_bytes, False, False)))
-    attention = model.attention_weights() * share
+                                *weights("weight grads", "reduce_scatter", work.grad_bytes, True, True)))
+    attention, g = model.attention_weights() * share, work.tsp_buckets_per_call  # a message per bucket
     first, rest = Fraction(1, calls), 1 - Fraction(1, calls)
-
-    def split(what: str, op: str, nbytes: Fraction, exposed_call: str) -> tuple[tuple, ...]:
-        per_call = work.tsp_buckets_per_call  # one message per bucket
-        return ((f"{what} ({exposed_call} call)", op, nbytes * first, d, d, False, per_call),
-                (what, op, nbytes * rest, d, d, True, per_call * (calls - 1)))
-    fetch = split("attention weights", "broadcast", attention * work.param_bytes, "first")
+    fetch = (("attention weights (first call)", "broadcast", attention * work.param_bytes * first, d, d, False, g),
+             ("attention weights", "broadcast", attention * work.param_bytes * rest, d, d, True, g * (calls - 1)))
     refetch = () if work.tsp_keep_weights else fetch
     return LayerComm(
         forward=_transfers(*fetch, gather),
-        backward=_transfers(*refetch, regather, dkv,
-                            *split("attention weight grads", "reduce", attention * work.grad_bytes, "last")))
+        backward=_transfers(*refetch, regather, dkv, ("attention weight grads", "reduce",
+                                                      attention * work.grad_bytes, d, d, True, g * calls)))
 
 
 def _weight_ring_comm(what: str, weights: int, work: Workload, d: int, kept: bool) -> LayerComm:
@@ -588,7 +584,7 @@ def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int) -> LayerCo
     without the fc1 bias (unless kept) and reduce_scatter W*e_acc, each times (D-1)/D, one message per
     tensor. Overlap (as :func:`tsp_attention_comm`'s): in forward fc1's gather is waited for at once
     (exposed) and fc2's runs during fc1's GEMM; in backward both gathers and fc2's grad reduce-scatter run
-    during GEMMs and fc1's grad reduce-scatter is waited for at once."""
+    during GEMMs, fc1's grad reduce-scatter during the input grad's GEMM."""
     if not work.tsp_mlp_gather:
         return _weight_ring_comm("MLP", model.mlp_weights(ffn), work, d, work.tsp_keep_weights)
     share, fc1_tensors = _share(d), 2 if model.linear_bias else 1
@@ -602,7 +598,7 @@ def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int) -> LayerCo
         forward=_transfers(("MLP weights (fc1)", "all_gather", fc1 * work.param_bytes, d, d, False, fc1_tensors),
                            ("MLP weights (fc2)", "all_gather", fc2 * work.param_bytes, d, d, True, 1)),
         backward=_transfers(*refetch,
-                            ("MLP weight grads (fc1)", "reduce_scatter", fc1 * work.grad_bytes, d, d, False,
+                            ("MLP weight grads (fc1)", "reduce_scatter", fc1 * work.grad_bytes, d, d, True,
                              fc1_tensors),
                             ("MLP weight grads (fc2)", "reduce_scatter", fc2 * work.grad_bytes, d, d, True, 1)))
 

@@ -277,8 +277,9 @@ class TSPGatheredMLPFunction(torch.autograd.Function):
         grad_fc1_out = _activate_backward(fc1_slices, activated_gate, _slices(grad_hidden, tsp_size), spec)
         grad_fc1_out = grad_fc1_out.flatten(-2)
         del activated_gate, grad_hidden, fc1_out, fc1_slices
-        grad_x, grad_fc1 = linear_backward(grad_fc1_out, x, fc1.wait(), spec.has_fc1_bias)
-        own = [reduce_scatter_seq(g.to(acc_dtype), spec.tsp_group) for g in grad_fc1]
+        own = [reduce_scatter_seq(g.to(acc_dtype), spec.tsp_group)  # in flight during the input grad's GEMM
+               for g in linear_weight_grads(grad_fc1_out, x, spec.has_fc1_bias)]
+        grad_x = grad_fc1_out @ fc1.wait()
         own_grads = [pending.wait() for pending in own] + [grad_fc2_t.wait().t()]
         params = [t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None]
         grad_fc1_weight, *grad_fc1_bias, grad_fc2_weight = [weight_grad_for_autograd(param, grad)
