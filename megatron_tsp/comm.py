@@ -88,21 +88,22 @@ class Pending:
     def __init__(self, result: Tensor, works: list, issued: Sequence[_Issued] = ()) -> None:
         self._result = result
         self._works = works
-        self._issued = list(issued)  # for the overlap trackers active at issue
+        self._issued = issued  # for the overlap trackers active at issue (none outside tests)
 
     @classmethod
     def merged(cls, result: Tensor, parts: Sequence[Pending]) -> Pending:
         """One handle for several issued ``parts``, whose result is ``result``."""
         return cls(result, [work for part in parts for work in part._works],
-                   [issued for part in parts for issued in part._issued])
+                   tuple(issued for part in parts for issued in part._issued))
 
     def wait(self) -> Tensor:
         for work in self._works:
             work.wait()
         self._works = []
-        for overlap, op, nbytes, clock_at_issue in self._issued:
-            overlap._settle(op, nbytes, hidden=overlap._clock.ticks > clock_at_issue)
-        self._issued = []
+        if self._issued:
+            for overlap, op, nbytes, clock_at_issue in self._issued:
+                overlap._settle(op, nbytes, hidden=overlap._clock.ticks > clock_at_issue)
+            self._issued = ()
         return self._result
 
 
@@ -181,13 +182,13 @@ def track_overlap() -> Iterator[Overlap]:
 
 
 def _record(op: str, group: dist.ProcessGroup, tensor: Tensor, *, scale: int = 1, messages: int = 1,
-            collective: bool = True) -> list[_Issued]:
+            collective: bool = True) -> Sequence[_Issued]:
     """Count ``scale`` x ``tensor``'s bytes (times (D-1)/D for a ``collective``, module docstring) and
     ``messages`` under ``op`` in the active counters, and return what the active overlap trackers settle at
     ``wait()``; nothing to compute, not even the group size, when none is active (every collective of a
     training step passes here)."""
     if not _active_counters and not _active_overlaps:
-        return []
+        return ()
     size = group_size(group)
     nbytes = scale * tensor.numel() * tensor.element_size() * (Fraction(size - 1, size) if collective else 1)
     sent = messages if size > 1 else 0
@@ -369,6 +370,14 @@ class ShardResidency:
     def _free(self, kind: str) -> None:
         self.live[kind] -= 1
 
+    def _settle(self, kind: str, timeout_s: float = 0.02) -> None:
+        """Before counting a new buffer, give buffers of ``kind`` that the schedule is done with time to go:
+        gloo's worker thread lets go of a finished collective's tensors only once it holds the GIL, which
+        may be after ``wait()`` returned (a buffer still in use just costs the wait)."""
+        deadline = time.monotonic() + timeout_s
+        while self.live[kind] and time.monotonic() < deadline:
+            time.sleep(1e-3)
+
 
 _active_residency: list[ShardResidency] = []
 
@@ -391,12 +400,8 @@ def shard_buffer(numel: int, dtype: torch.dtype, device: torch.device, kind: str
     finaliser (fired when the buffer and every view of it are gone) marks it freed.
     """
     buffer = torch.empty(numel, dtype=dtype, device=device)
-    if _active_residency:
-        # gloo's worker thread lets go of a finished collective's tensors only once it holds the GIL, which
-        # may be after wait() returned: yield it (1 ms), so that a buffer the schedule is done with is not
-        # still counted alive beside this one.
-        time.sleep(1e-3)
     for residency in _active_residency:
+        residency._settle(kind)
         residency._alloc(kind)
         weakref.finalize(buffer, residency._free, kind)
     return buffer
