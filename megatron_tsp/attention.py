@@ -33,19 +33,21 @@ G = D there is one call, and each weight tensor is all-gathered straight into it
 sent transposed; no slot, no copy) and its grad reduce-scattered from it. Bytes are unchanged (with G = D
 counted as all_gather and reduce_scatter). G = 1 is TSP.md's schedule; larger G issues about G times fewer
 operators per attention layer (a short sequence's step is bound by their launch cost), for G times larger
-transients (below), and with G = D nothing overlaps the one K/V gather (below). The calls' output projections (and
-in backward their input grads) are summed in fp32 for 16-bit activations, starting from the first call's,
-each later call's GEMM adding into the sum (``grads.add_linear_``); one call's is the output as it is.
+transients (below), and with G = D nothing overlaps the one K/V gather (below). The calls' output
+projections (and in backward their input grads) are summed in fp32 for 16-bit activations, starting from the
+first call's, each later call's GEMM adding into the sum (``grads.add_linear_``); one call's is the output as
+it is.
 
 Overlap: call r+1's K/V all-gather (the largest transfer at long context) and call r+2's weights (into a
 third slot) are in flight while call r's attention computes, forward and backward (backward rebuilds call
 r+1's K/V from the kept projection, without its weights, which it waits for only when it differentiates
 call r+1). Backward runs each call in two halves: the output projection's and core attention's grads, which
 start dK/dV's reduce-scatter, then, once call r+1's first half has been issued, call r's second half (the
-q/k norms, RoPE and the qkv GEMMs' grads), which needs dK/dV; call r's weight-grad reduces run while call
-r+1 computes. So only the first call's weights and the last call's weight grads are waited for with no
-compute in between. With one call its qkv weights, K/V and dK/dV are waited for at once, while proj's
-gather runs during the attention kernel (in backward the other way round: proj's is needed first).
+q/k norms, RoPE and the qkv GEMMs' grads), which needs dK/dV; call r's weight-grad reduces are issued
+before its input grad's GEMM and run on while call r+1 computes. So only the first call's weights are
+waited for with no compute in between. With one call its qkv weights, K/V and dK/dV are waited for at once,
+while proj's gather runs during the attention kernel (in backward the other way round: proj's is needed
+first).
 ``cost.tsp_attention_comm`` models exactly this, and tests/test_comm_overlap.py holds it to
 ``comm.track_overlap``'s measure.
 
@@ -273,8 +275,9 @@ def _call_proj(proj_weight: Tensor) -> Tensor:
 
 
 def _stacked_grads(call_grads: list[Tensor], spec: _CallSpec) -> list[Tensor]:
-    """The transpose of :func:`_call_qkv` and :func:`_call_proj` for grads: a call's [qkv weight, (qkv bias,) proj weight] grads
-    as ``[G, *shape]`` views in pack order, bucket j's at j (for :meth:`ShardLayout.unpack_stacked`)."""
+    """The transpose of :func:`_call_qkv` and :func:`_call_proj` for grads: a call's [qkv weight, (qkv bias,)
+    proj weight] grads as ``[G, *shape]`` views in pack order, bucket j's at j (for
+    :meth:`ShardLayout.unpack_stacked`)."""
     qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(call_grads, spec)
     g = spec.buckets_per_call
     stacked = [qkv_weight.unflatten(0, (g, -1)), None if qkv_bias is None else qkv_bias.unflatten(0, (g, -1)),
@@ -297,7 +300,7 @@ def _start_call(weights: _CallWeights, x: Tensor, norm_params: list[Tensor | Non
 def _restart_call(projection: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
                   spec: _CallSpec) -> tuple:
     """Backward's :func:`_start_call`, from forward's kept projection (so without the call's weights, which
-    :func:`_call_backward` waits for): q/k/v rebuilt on detached leaves (the projection and the q/k-norm
+    :func:`_attention_backward` waits for): q/k/v rebuilt on detached leaves (the projection and the q/k-norm
     params, so that grads land on them, not on the Function's inputs, which must get exactly one grad
     each), and the pending all-gather of K/V (a detached copy, whose grad comes back by reduce-scatter).
 

@@ -15,7 +15,8 @@ and its ``wait()`` (on a GPU those kernels queue on the compute stream while the
 else *exposed*; the cost model's overlap flags are tested against it.
 
 Residency tracking (:func:`track_shard_residency`) counts how many transient shard buffers made by
-:func:`shard_buffer` are alive at once, so that tests can check the two-slot promise of the schedules.
+:func:`shard_buffer` are alive at once, so that tests can check the schedules' promises (two slots for a
+weight ring, three for attention's calls, one grad buffer in flight).
 """
 
 from __future__ import annotations

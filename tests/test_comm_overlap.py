@@ -1,11 +1,12 @@
 """The cost model's overlap flags against the schedules: which transfers compute hides is measured.
 
 Each TSP schedule (attention with every G, the MLP ring and gathered MLP, the expert ring, the vocabulary
-ring with and without predictions, multi-token prediction's gathered ``eh_proj``) runs forward and backward on gloo ranks inside ``comm.track_overlap``, which splits the bytes of every
-collective into hidden (a matrix product or attention kernel was dispatched between its issue and its wait)
-and exposed. ``cost.py``'s per-phase transfers, summed by op and ``hidden`` flag, must equal that split
-exactly: the step-time estimate charges exposed transfers in full and hides the others behind compute, so a
-flag that does not describe the code is a wrong estimate.
+ring with and without predictions, multi-token prediction's gathered ``eh_proj``) runs forward and
+backward on gloo ranks inside ``comm.track_overlap``, which splits the bytes of every collective into
+hidden (a matrix product or attention kernel was dispatched between its issue and its wait) and exposed.
+``cost.py``'s per-phase transfers, summed by op and ``hidden`` flag, must equal that split exactly: the
+step-time estimate charges exposed transfers in full and hides the others behind compute, so a flag that
+does not describe the code is a wrong estimate.
 """
 
 from __future__ import annotations

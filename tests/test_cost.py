@@ -292,8 +292,8 @@ def test_attention_calls_keep_bytes_and_trade_operators_for_memory() -> None:
     and their grads one per bucket; with G = D one all_gather and one reduce_scatter per weight tensor), the
     first call's weights exposed (1/(D/G) of their bytes), the grads hidden behind the input grad's GEMM,
     the K/V and dK/dV behind another call's attention (exposed with one call, but backward's K/V), host time
-    scaled down from G = 1's D steps by the operator fit, and larger transients (G calls' K/V, q/k and weights). (The overlap flags themselves are
-    measured in tests/test_comm_overlap.py.)"""
+    scaled down from G = 1's D steps by the operator fit, and larger transients (G calls' K/V, q/k and
+    weights). (The overlap flags themselves are measured in tests/test_comm_overlap.py.)"""
     d, layout = 8, Layout("TSP", tensor=8)
     works = {g: Workload(micro_batch=1, seq_len=16384, tsp_buckets_per_call=g) for g in (1, 2, 4, 8)}
     comms = {g: tsp_attention_comm(_SEVEN_B, work, d) for g, work in works.items()}
