@@ -47,7 +47,8 @@ Peak memory model (``Memory``)
   :func:`layer_groups`; with uniform chunks of N layers one in N), times the micro-batches
   in flight on the stage (1F1B: PP on the first stage); with no full recompute also
   :func:`layer_kept_attention_bytes`, :func:`layer_kept_fc1_bytes` and, with ``tsp_keep_weights``,
-  :func:`layer_kept_weight_bytes`.
+  :func:`layer_kept_weight_bytes`. Multi-token prediction depths sit on the last stage, each a layer of the
+  decoder's last kind (recomputed as :func:`mtp_layer_work` says) plus :func:`mtp_extra_saved_bytes`.
 - Working set, the larger of: one layer's backward, ``BACKWARD_FACTOR`` x its saved activations (the
   recomputed activations and their gradients) plus :func:`layer_transient_bytes` (which under full
   recompute holds what the TSP schedules keep from the recomputed forward) plus the layer's kept weights
