@@ -1187,7 +1187,9 @@ class Hardware:
     """A GPU and its links. ``peer_bandwidth`` is one link to one peer, ``node_bandwidth`` all of a GPU's
     intra-node links together (equal on NVSwitch machines), ``network_bandwidth`` per GPU across nodes;
     bytes/s per direction. ``matmul_flops`` is a dense bf16 matmul rate (peak or measured); ``latency_s``
-    the fixed cost of one collective or send."""
+    the fixed cost of one collective or send. ``tsp_device_factor`` and ``tsp_host_seconds``: a TSP layer's
+    compute time on this GPU (:func:`_compute_seconds`; measured on an H100, and refitted from a
+    ``scripts/device_checks.sh`` call by ``scripts/device_report.py``)."""
 
     name: str
     memory_bytes: float
@@ -1197,6 +1199,8 @@ class Hardware:
     network_bandwidth: float
     latency_s: float = 10e-6
     gpus_per_node: int = 8
+    tsp_device_factor: float = TSP_DEVICE_FACTOR
+    tsp_host_seconds: float = TSP_HOST_SECONDS
 
     def bandwidth(self, transfer: Transfer) -> float:
         """Sends use one link; a collective over n ranks of a node uses up to n-1 links (all on NVSwitch)."""
@@ -1274,15 +1278,16 @@ def mtp_head_flops(model: ModelShape, work: Workload, layout: Layout) -> LayerFl
 
 def _compute_seconds(flops: LayerFlops, phase: str, tsp_host_steps: float, hw: Hardware) -> float:
     """Compute time of one phase ("forward", "recompute", "backward") of a layer: its FLOPs at the fitted
-    rate; for a TSP layer (``tsp_host_steps`` from :func:`tsp_host_steps`, else 0) :data:`TSP_DEVICE_FACTOR`
-    times that, and no less than its host time, :data:`TSP_HOST_SECONDS` per host step and forward-equivalent
-    pass (backward: 2, a recompute: its share of a forward)."""
+    rate; for a TSP layer (``tsp_host_steps`` from :func:`tsp_host_steps`, else 0) the GPU's
+    ``tsp_device_factor`` (:data:`TSP_DEVICE_FACTOR`) times that, and no less than its host time,
+    ``tsp_host_seconds`` (:data:`TSP_HOST_SECONDS`) per host step and forward-equivalent pass (backward: 2, a
+    recompute: its share of a forward)."""
     phase_flops = getattr(flops, phase)
     seconds = hw.compute_seconds(phase_flops)
     if not tsp_host_steps or not phase_flops:
         return seconds
     passes = {"forward": 1.0, "recompute": phase_flops / flops.forward, "backward": 2.0}[phase]
-    return max(TSP_DEVICE_FACTOR * seconds, passes * tsp_host_steps * TSP_HOST_SECONDS)
+    return max(hw.tsp_device_factor * seconds, passes * tsp_host_steps * hw.tsp_host_seconds)
 
 
 def _layer_host_steps(work: Workload, layout: Layout, moe: bool) -> float:

@@ -67,8 +67,8 @@ from megatron_tsp.norm import SequenceShardedNorm  # noqa: E402
 from megatron_tsp.specs import get_gpt_decoder_block_tsp_spec, tsp_output_loss  # noqa: E402
 
 from device_profile import print_device_profile  # noqa: E402  (scripts/)
+from device_report import LAYOUTS, model_inputs  # noqa: E402  (scripts/)
 
-LAYOUTS = {"tsp": "TSP", "tp_sp": "TP+SP"}  # --layouts choice -> the cost model's layout kind
 # Megatron's --recompute-modules that apply to this dense GPT (cost.RECOMPUTE_MODULES less the MoE ones)
 DENSE_RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 
@@ -185,13 +185,8 @@ def synchronize(device: torch.device) -> None:
 
 def measure(args: argparse.Namespace, layout: str, seq: int, device: torch.device) -> dict:
     """One warm-up step, then one timed step with the peak-memory counter reset."""
-    described = cost_inputs(args, layout, seq)
-    record = {"layout": layout, "D": args.tsp, "seq": seq, "layers": args.layers, "hidden": args.hidden,
-              "heads": args.heads, "kv": args.kv_groups or args.heads, "ffn": args.ffn, "vocab": args.vocab,
-              "dtype": args.dtype, "recompute": described[1].recompute_label}
-    if layout == "tsp":
-        record.update(output_layer=args.output_layer, keep_weight_shards=args.keep_weight_shards,
-                      buckets_per_call=args.buckets_per_call, mlp_schedule=args.mlp_schedule)
+    record = run_record(args, layout, seq)
+    described = model_inputs(record)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -233,20 +228,19 @@ def measure(args: argparse.Namespace, layout: str, seq: int, device: torch.devic
     return record
 
 
-def cost_inputs(args: argparse.Namespace, layout: str, seq: int) -> tuple[cost.ModelShape, cost.Workload,
-                                                                          cost.Layout]:
-    """This run as the cost model describes it (``megatron_tsp.cost``)."""
-    element = 2 if args.dtype == "bf16" else 4
-    model = cost.ModelShape(hidden=args.hidden, layers=args.layers, heads=args.heads,
-                            kv_groups=args.kv_groups or args.heads, head_dim=args.hidden // args.heads,
-                            ffn=args.ffn, vocab=args.vocab)
-    work = cost.Workload(1, seq, param_bytes=element, act_bytes=element, recompute=args.recompute,
-                         recompute_modules=tuple(args.recompute_modules),
-                         recompute_chunk=args.recompute_num_layers if args.recompute == "full" else 1,
-                         tsp_keep_weights=args.keep_weight_shards, tsp_buckets_per_call=args.buckets_per_call,
-                         tsp_mlp_gather=args.mlp_schedule == "gather",
-                         tsp_vocab_ring=args.output_layer == "vocab-ring")
-    return model, work, cost.Layout(LAYOUTS[layout], tensor=args.tsp)
+def run_record(args: argparse.Namespace, layout: str, seq: int) -> dict:
+    """This run's fields, which every record carries (``device_report.model_inputs`` reads them back as the
+    cost model's description of the run)."""
+    chunk = args.recompute_num_layers if args.recompute == "full" else 1
+    recompute = cost.Workload(1, seq, recompute=args.recompute, recompute_modules=tuple(args.recompute_modules),
+                              recompute_chunk=chunk).recompute_label
+    record = {"layout": layout, "D": args.tsp, "seq": seq, "layers": args.layers, "hidden": args.hidden,
+              "heads": args.heads, "kv": args.kv_groups or args.heads, "ffn": args.ffn, "vocab": args.vocab,
+              "dtype": args.dtype, "recompute": recompute}
+    if layout == "tsp":
+        record.update(output_layer=args.output_layer, keep_weight_shards=args.keep_weight_shards,
+                      buckets_per_call=args.buckets_per_call, mlp_schedule=args.mlp_schedule)
+    return record
 
 
 def step_flops(model: cost.ModelShape, work: cost.Workload, kind: cost.Layout) -> float:

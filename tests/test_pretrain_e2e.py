@@ -1,4 +1,5 @@
-"""End to end through torchrun and Megatron's real ``pretrain()`` on CPU ranks (slowest tests of the suite)."""
+"""End to end through Megatron's real ``pretrain()`` on CPU ranks (slowest tests of the suite): the README's
+quickstart through torchrun, the others with their ranks started directly (``tests/pretrain_runs.py``)."""
 
 from __future__ import annotations
 
