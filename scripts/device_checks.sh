@@ -9,7 +9,8 @@
 #      (--buckets-per-call D) and the MLP by gathered weights (--mlp-schedule gather): fewer kernel launches
 #      for larger transients; same SEQS, TSP only;
 #   3. the attention-kernel benchmark at the shape of ../shared/reference/BASELINES.md (S = 128K, D = 8,
-#      4 heads of 128 per bucket, bf16): TSP's zigzag kernel against TP's square causal call;
+#      4 heads of 128 per bucket, bf16): TSP's zigzag kernel against TP's square causal call, one head bucket
+#      per call (8 calls per layer) and all 8 in one call;
 #   4. tests/test_kernels.py and tests/test_grads.py, whose cuDNN part-kernel and fused fp32-accumulation
 #      cases run only on a GPU;
 #   5. the same two ranks with the norms and MLPs recomputed at SELECTIVE_SEQ (128K, the planner's pick for
@@ -51,8 +52,10 @@ bench_gpu=(python3 scripts/bench_gpu.py --layers "${LAYERS:-32}" --hidden "${HID
 step "${bench_gpu[@]}" --seqs "$seqs" --out "$out/bench_gpu.json"
 step "${bench_gpu[@]}" --seqs "$seqs" --layouts tsp --buckets-per-call 8 --mlp-schedule gather \
     --out "$out/bench_gpu_fast.json"
-step python3 scripts/bench_attention_kernel.py --seq-len "${ATTENTION_SEQ:-131072}" \
-    --tsp-size 8 --heads 4 --kv-heads 4 --head-dim 128 --dtype bfloat16 --repeats 3 --no-reference
+for buckets in 1 8; do
+    step python3 scripts/bench_attention_kernel.py --seq-len "${ATTENTION_SEQ:-131072}" --tsp-size 8 \
+        --buckets-per-call "$buckets" --heads 4 --kv-heads 4 --head-dim 128 --dtype bfloat16 --repeats 3 --no-reference
+done
 step python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_grads.py
 step "${bench_gpu[@]}" --seqs "${SELECTIVE_SEQ:-131072}" --recompute selective \
     --recompute-modules layernorm mlp --out "$out/bench_gpu_selective.json"
