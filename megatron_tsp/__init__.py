@@ -23,3 +23,7 @@ def __getattr__(name: str) -> Any:
     if name in __all__:
         return getattr(importlib.import_module("megatron_tsp.mesh"), name)
     raise AttributeError(f"module 'megatron_tsp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
