@@ -47,7 +47,8 @@ q/k norms, RoPE and the qkv GEMMs' grads), which needs dK/dV; call r's weight-gr
 before its input grad's GEMM and run on while call r+1 computes. So only the first call's weights are
 waited for with no compute in between. With one call its qkv weights, K/V and dK/dV are waited for at once,
 while proj's gather runs during the attention kernel (in backward the other way round: proj's is needed
-first).
+first). A caller's ``prefetch`` (the layer's gathered MLP's fc1 weights, specs.py) is issued behind the last
+call's K/V gather, so it delays none of attention's transfers and travels during its last kernel and GEMM.
 ``cost.tsp_attention_comm`` models exactly this, and tests/test_comm_overlap.py holds it to
 ``comm.track_overlap``'s measure.
 
@@ -181,6 +182,8 @@ class _CallSpec:
     buckets_per_call: int = 1  # G, --tsp-attention-buckets-per-call
     keep_weights: bool = False  # keep every bucket's fetched weights for backward (no re-fetch)
     keep_activations: bool = False  # keep every call's projection, attention output, LSE (differentiated)
+    # started in forward once the last call's K/V gather is issued (the next module's weights, specs.py)
+    prefetch: Callable[[], None] | None = None
 
     @property
     def calls(self) -> int:
@@ -442,6 +445,8 @@ class TSPAttentionFunction(torch.autograd.Function):
                 started = _start_call(fetches[call + 1], x, norm_params, rotary_freqs, spec)
             if call + 2 < num_calls:  # and the weights of the call after it, into the third slot
                 fetches[call + 2] = _fetch_call(call + 2, own_shard, layout, slots, spec)
+            if call + 1 == num_calls and spec.prefetch is not None:  # behind every transfer of this layer's
+                spec.prefetch()
             full_k, full_v = kv_gather.wait().chunk(2, dim=2)  # [S, B, G*nkv/D, hd] each
             attn, *saved = spec.core_attention.forward(q, full_k, full_v, q_positions, k_positions,
                                                        spec.softmax_scale)
@@ -539,7 +544,7 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
                   num_kv_heads: int, *, softmax_scale: float | None = None, rotary_freqs: Tensor | None = None,
                   rotary_fn: RotaryFn = apply_rotary, qk_norm: QKNorm | None = None,
                   core_attention: AttentionBackend = ZIGZAG, keep_weights: bool = False,
-                  buckets_per_call: int = 1) -> Tensor:
+                  buckets_per_call: int = 1, prefetch: Callable[[], None] | None = None) -> Tensor:
     """TSP self-attention of rank p's tokens: x ``[S/D, B, h]`` -> ``[S/D, B, h]`` (proj bias not added).
 
     ``qkv_weight``, ``qkv_bias``, ``proj_weight``: this rank's Megatron TP shards (module docstring);
@@ -550,7 +555,9 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
     applied with ``rotary_fn(t, rotary_freqs)``; ``softmax_scale`` defaults to
     1/sqrt(hd); ``keep_weights``: keep the D buckets' weights from forward to backward (D weight buffers
     instead of two) so that backward fetches nothing; ``buckets_per_call`` (G, dividing D): head buckets
-    per attention call (module docstring, "Calls").
+    per attention call (module docstring, "Calls"); ``prefetch``: called once per forward, right after the
+    last call's K/V gather is issued, to start the next module's weight transfers behind this layer's own
+    (they travel while the last call's attention and output projection compute).
     """
     tsp_size = group_size(tsp_group)
     if num_heads % tsp_size or num_kv_heads % tsp_size:
@@ -575,6 +582,7 @@ def tsp_attention(x: Tensor, qkv_weight: Tensor, qkv_bias: Tensor | None, proj_w
                      has_qkv_bias=qkv_bias is not None, norm_fn=None if qk_norm is None else qk_norm.fn,
                      rotary_fn=rotary_fn, core_attention=core_attention, buckets_per_call=buckets_per_call,
                      keep_weights=keep_weights,
-                     keep_activations=needs_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params))
+                     keep_activations=needs_backward(x, qkv_weight, qkv_bias, proj_weight, *norm_params),
+                     prefetch=prefetch)
     return TSPAttentionFunction.apply(x, qkv_weight, qkv_bias, proj_weight, *norm_params, rotary_freqs,
                                       q_positions, k_positions, spec)

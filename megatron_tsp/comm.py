@@ -108,6 +108,28 @@ class Pending:
         return self._result
 
 
+class Prefetch:
+    """Collectives started ahead of the module that needs their results, tied to the tensors they send.
+
+    :meth:`take` hands them over only while every source is the same tensor at the same version; after an
+    in-place change (an optimizer step) they are drained and None tells the caller to start its own. Every
+    rank runs the same program, so every rank decides alike."""
+
+    def __init__(self, sources: Sequence[Tensor | None], pendings: Sequence[Pending | None]) -> None:
+        self._sources = [(t, None if t is None else t._version) for t in sources]
+        self._pendings = list(pendings)
+
+    def take(self, *sources: Tensor | None) -> list[Pending | None] | None:
+        """The pending collectives if they were started from ``sources`` as they are now, else None."""
+        current = all(held is given and (given is None or given._version == version)
+                      for (held, version), given in zip(self._sources, sources, strict=True))
+        if not current:
+            for pending in self._pendings:
+                if pending is not None:
+                    pending.wait()
+        return self._pendings if current else None
+
+
 @dataclass
 class CommCounter:
     """Algorithmic bytes this rank moved, per op name (see the module docstring for the convention), and the

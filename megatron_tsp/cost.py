@@ -579,13 +579,15 @@ def _weight_ring_comm(what: str, weights: int, work: Workload, d: int, kept: boo
     return LayerComm(forward=_transfers(circulate), backward=_transfers(*recirculate, accumulate))
 
 
-def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int) -> LayerComm:
+def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int, prefetched: bool = True) -> LayerComm:
     """TSP MLP per layer (mlp.py): the ring, :func:`_weight_ring_comm` with W = MLP weights incl. the fc1
     bias; or with gathered weights (``tsp_mlp_gather``) forward all_gather W*e, backward all_gather W*e
     without the fc1 bias (unless kept) and reduce_scatter W*e_acc, each times (D-1)/D, one message per
-    tensor. Overlap (as :func:`tsp_attention_comm`'s): in forward fc1's gather is waited for at once
-    (exposed) and fc2's runs during fc1's GEMM; in backward both gathers and fc2's grad reduce-scatter run
-    during GEMMs, fc1's grad reduce-scatter during the input grad's GEMM."""
+    tensor. Overlap (as :func:`tsp_attention_comm`'s): in forward fc1's gather travels during the layer's
+    attention (``prefetched``: specs.TSPTransformerLayer starts it there; a forward of the MLP alone, as
+    selective recompute of the MLP runs it, waits for it at once) and fc2's during fc1's GEMM; in backward
+    both gathers and fc2's grad reduce-scatter run during GEMMs, fc1's grad reduce-scatter during the input
+    grad's GEMM."""
     if not work.tsp_mlp_gather:
         return _weight_ring_comm("MLP", model.mlp_weights(ffn), work, d, work.tsp_keep_weights)
     share, fc1_tensors = _share(d), 2 if model.linear_bias else 1
@@ -596,7 +598,7 @@ def tsp_mlp_comm(model: ModelShape, work: Workload, d: int, ffn: int) -> LayerCo
                                                 ("MLP weights (fc2)", "all_gather", fc2 * work.param_bytes, d, d,
                                                  True, 1))
     return LayerComm(
-        forward=_transfers(("MLP weights (fc1)", "all_gather", fc1 * work.param_bytes, d, d, False, fc1_tensors),
+        forward=_transfers(("MLP weights (fc1)", "all_gather", fc1 * work.param_bytes, d, d, prefetched, fc1_tensors),
                            ("MLP weights (fc2)", "all_gather", fc2 * work.param_bytes, d, d, True, 1)),
         backward=_transfers(*refetch,
                             ("MLP weight grads (fc1)", "reduce_scatter", fc1 * work.grad_bytes, d, d, True,
@@ -681,8 +683,9 @@ def layer_comm(model: ModelShape, work: Workload, layout: Layout, moe: bool) -> 
     recompute: tuple[Transfer, ...] = ()
     if work.core_attention_recomputed() and layout.context > 1:
         recompute += _context_ring(model, work, layout).forward
-    if work.mlp_selectively_recomputed(moe):
-        recompute += mlp.forward
+    if work.mlp_selectively_recomputed(moe):  # the MLP's forward alone: a gathered fc1 is not prefetched
+        recompute += (tsp_mlp_comm(model, work, t, model.ffn, prefetched=False) if layout.kind == "TSP" and not moe
+                      else mlp).forward
     elif work.shared_expert_recomputed(moe):
         recompute += _shared_expert_comm(model, layout, x).forward
     return replace(layer, recompute=recompute)

@@ -26,6 +26,9 @@ tokens; backward gathers the weights again (unless kept; not the fc1 bias, which
 reduce-scatters the weight grads to their owners in e_acc. The ring's bytes (all_gather W*e*(D-1)/D forward
 and, less the fc1 bias, backward; reduce_scatter W*e_acc*(D-1)/D) in 2-3 messages, about D times fewer
 operators, for the whole layer's weights (and in backward fc2's grads) held at once instead of two shards.
+In forward fc2's gather travels during the fc1 GEMM; fc1's can be started earlier by the caller
+(:func:`prefetch_gathered_fc1`: the TSP layer starts it during its attention, specs.py), and is otherwise
+waited for at once.
 
 Communication per rank per layer, bytes, for W = the weight elements of the whole layer (3*F*h^2 gated,
 2*F*h^2 not, plus the fc1 bias; for experts, summed over the rank's local experts), e the weight element
@@ -54,7 +57,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_tsp.comm import Pending, all_gather_linear_pair, group_size, reduce_scatter_seq
+from megatron_tsp.comm import (
+    Pending,
+    Prefetch,
+    all_gather_linear_pair,
+    all_gather_seq,
+    group_size,
+    reduce_scatter_seq,
+)
 from megatron_tsp.grads import (
     add_linear_,
     linear_backward,
@@ -64,7 +74,8 @@ from megatron_tsp.grads import (
 )
 from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
 
-__all__ = ["MLP_SCHEDULES", "TSPGatheredMLPFunction", "TSPMLPFunction", "tsp_expert_mlps", "tsp_mlp"]
+__all__ = ["MLP_SCHEDULES", "TSPGatheredMLPFunction", "TSPMLPFunction", "prefetch_gathered_fc1", "tsp_expert_mlps",
+           "tsp_mlp"]
 
 MLP_SCHEDULES = ("ring", "gather")  # --tsp-mlp-schedule; the first is the default
 
@@ -231,18 +242,22 @@ def _slices(t: Tensor, tsp_size: int) -> Tensor:
 class TSPGatheredMLPFunction(torch.autograd.Function):
     """The dense TSP MLP with gathered weights (module docstring), forward and backward.
 
-    Inputs: x ``[T, ..., h]``, spec, fc1_weight, fc1_bias (or None), fc2_weight (Megatron TP shards).
-    Output like x, without the fc2 bias.
+    Inputs: x ``[T, ..., h]``, spec, fc1_weight, fc1_bias (or None), fc2_weight (Megatron TP shards), and fc1's
+    gathers if the caller started them (:func:`prefetch_gathered_fc1`, or None; not kept: the gathered weight
+    is freed with the forward). Output like x, without the fc2 bias.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, spec: _MLPSpec, fc1_weight: Tensor, fc1_bias: Tensor | None,
-                fc2_weight: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, spec: _MLPSpec, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
+                prefetched_fc1: Prefetch | None) -> Tensor:
         tsp_size = group_size(spec.tsp_group)
-        gathers = all_gather_linear_pair(fc1_weight, fc1_bias, fc2_weight, spec.tsp_group)
-        fc1, fc1_b = gathers[0].wait(), None if gathers[1] is None else gathers[1].wait()
+        fc1_gathers = None if prefetched_fc1 is None else prefetched_fc1.take(fc1_weight, fc1_bias)
+        if fc1_gathers is None:
+            fc1_gathers = _gather_fc1(fc1_weight, fc1_bias, spec.tsp_group)
+        fc2_gather = all_gather_seq(fc2_weight.t(), spec.tsp_group)  # as all_gather_linear_pair's
+        fc1, fc1_b = fc1_gathers[0].wait(), None if fc1_gathers[1] is None else fc1_gathers[1].wait()
         fc1_out = F.linear(x, fc1, fc1_b)  # fc2's gather is in flight meanwhile
-        fc2_t = gathers[2].wait()
+        fc2_t = fc2_gather.wait()
         out = F.linear(_activate(_slices(fc1_out, tsp_size), spec).flatten(-2), fc2_t.t())
         ctx.kept_weights = (fc1, fc2_t) if spec.keep_weights else None
         ctx.kept_fc1 = fc1_out if spec.keep_fc1_outputs else None
@@ -284,7 +299,21 @@ class TSPGatheredMLPFunction(torch.autograd.Function):
         params = [t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None]
         grad_fc1_weight, *grad_fc1_bias, grad_fc2_weight = [weight_grad_for_autograd(param, grad)
                                                             for param, grad in zip(params, own_grads)]
-        return grad_x, None, grad_fc1_weight, (grad_fc1_bias or [None])[0], grad_fc2_weight
+        return grad_x, None, grad_fc1_weight, (grad_fc1_bias or [None])[0], grad_fc2_weight, None
+
+
+def _gather_fc1(fc1_weight: Tensor, fc1_bias: Tensor | None, tsp_group: dist.ProcessGroup) -> list[Pending | None]:
+    """Start all-gathering fc1's D shards into the full weight and bias (the column half of
+    ``all_gather_linear_pair``)."""
+    return [all_gather_seq(fc1_weight, tsp_group), None if fc1_bias is None else all_gather_seq(fc1_bias, tsp_group)]
+
+
+@torch.no_grad()  # a copy of the weights, differentiated by hand; gloo refuses to gather into grad-mode views
+def prefetch_gathered_fc1(fc1_weight: Tensor, fc1_bias: Tensor | None, tsp_group: dist.ProcessGroup) -> Prefetch:
+    """Start the gathered schedule's fc1 weight (and bias) gathers ahead of its forward, for
+    :func:`tsp_mlp`'s ``prefetched_fc1``: the same messages, issued while other compute runs (the layer's
+    attention), and used only while the shards are unchanged (``comm.Prefetch``)."""
+    return Prefetch((fc1_weight, fc1_bias), _gather_fc1(fc1_weight, fc1_bias, tsp_group))
 
 
 def _check_layout(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, gated: bool) -> None:
@@ -297,23 +326,27 @@ def _check_layout(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, gated: bool
 
 def tsp_mlp(x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor | None, fc2_weight: Tensor,
             tsp_group: dist.ProcessGroup, *, activation: Callable[[Tensor], Tensor] = F.silu,
-            gated: bool = True, keep_weights: bool = False, schedule: str = "ring") -> Tensor:
+            gated: bool = True, keep_weights: bool = False, schedule: str = "ring",
+            prefetched_fc1: Prefetch | None = None) -> Tensor:
     """TSP MLP of rank p's tokens: x ``[S/D, B, h]`` -> ``[S/D, B, h]`` (fc2 bias not added).
 
     ``activation`` is elementwise; with ``gated`` the output is fc2(activation(gate) * up) (SwiGLU with
     ``F.silu``, GeGLU with ``F.gelu``), else fc2(activation(fc1(x))). ``keep_weights``: keep the D shards
     from forward to backward (D weight buffers instead of two) so that backward circulates only accumulators.
-    ``schedule``: ``"ring"`` (TSP.md) or ``"gather"`` (the weights all-gathered, module docstring).
+    ``schedule``: ``"ring"`` (TSP.md) or ``"gather"`` (the weights all-gathered, module docstring), whose fc1
+    gathers may have been started by :func:`prefetch_gathered_fc1` (``prefetched_fc1``).
     """
     if schedule not in MLP_SCHEDULES:
         raise ValueError(f"TSP MLP schedule {schedule!r}: one of {', '.join(MLP_SCHEDULES)}")
+    if prefetched_fc1 is not None and schedule != "gather":
+        raise ValueError("prefetched fc1 weights are for the gathered MLP schedule (schedule='gather')")
     _check_layout(x, fc1_weight, fc2_weight, gated)
     own_shard = [t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None]
     spec = _MLPSpec(tsp_group=tsp_group, activation=activation, gated=gated, has_fc1_bias=fc1_bias is not None,
                     tokens_per_mlp=(x.shape[0],), keep_weights=keep_weights,
                     keep_fc1_outputs=needs_backward(x, *own_shard))
     if schedule == "gather":
-        return TSPGatheredMLPFunction.apply(x, spec, fc1_weight, fc1_bias, fc2_weight)
+        return TSPGatheredMLPFunction.apply(x, spec, fc1_weight, fc1_bias, fc2_weight, prefetched_fc1)
     return TSPMLPFunction.apply(x, spec, *own_shard)
 
 

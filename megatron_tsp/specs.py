@@ -17,7 +17,7 @@ import copy
 import weakref
 from dataclasses import replace
 from functools import lru_cache, partial
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,10 +47,10 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_tsp.attention import QKNorm, apply_rotary_cos_sin, rotary_cos_sin, tsp_attention
-from megatron_tsp.comm import group_rank, group_size
+from megatron_tsp.comm import Prefetch, group_rank, group_size
 from megatron_tsp.kernels import select_core_attention
 from megatron_tsp.linear import tsp_gathered_linear
-from megatron_tsp.mlp import MLP_SCHEDULES, tsp_expert_mlps, tsp_mlp
+from megatron_tsp.mlp import MLP_SCHEDULES, prefetch_gathered_fc1, tsp_expert_mlps, tsp_mlp
 from megatron_tsp.norm import SequenceShardedNorm
 from megatron_tsp.output import tsp_vocab_parallel_loss, tsp_vocab_parallel_loss_and_predictions
 from megatron_tsp.zigzag import gathered_positions, local_positions
@@ -129,6 +129,8 @@ class TSPSelfAttention(SelfAttention):
         super().__init__(config, submodules, layer_number, attn_mask_type=attn_mask_type, **kwargs)
         self.keep_weight_shards = keep_weight_shards
         self.buckets_per_call = buckets_per_call
+        # started behind this attention's own transfers in forward: the layer's next weights (TSPTransformerLayer)
+        self.prefetch: Optional[Callable[[], None]] = None
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 key_value_states: Optional[torch.Tensor] = None, inference_context: Any = None,
@@ -168,7 +170,7 @@ class TSPSelfAttention(SelfAttention):
             self.config.num_attention_heads, self.config.num_query_groups,
             softmax_scale=self.config.softmax_scale, rotary_freqs=rotary_freqs, rotary_fn=rotary_fn, qk_norm=qk_norm,
             core_attention=self.core_attention, keep_weights=self.keep_weight_shards,
-            buckets_per_call=self.buckets_per_call)
+            buckets_per_call=self.buckets_per_call, prefetch=self.prefetch)
         return output, self.linear_proj.bias
 
 
@@ -194,16 +196,38 @@ class TSPMLP(MLP):
         if config.glu_linear_offset != 0 or config.activation_func_clamp_value is not None:
             raise ValueError("TSP MLP does not support --glu-linear-offset or --activation-func-clamp-value")
         super().__init__(config, submodules, is_expert=is_expert, **kwargs)
+        self._prefetched_fc1: Optional[Prefetch] = None
+
+    def prefetch_weights(self) -> None:
+        """Start the gathered schedule's fc1 gathers for this MLP's next forward (the layer's attention calls
+        it: they then travel during attention's compute instead of being waited for at once)."""
+        self._prefetched_fc1 = prefetch_gathered_fc1(self.linear_fc1.weight, self.linear_fc1.bias, _tsp_group(self))
 
     def forward(self, hidden_states: torch.Tensor, per_token_scale: Optional[torch.Tensor] = None,
                 **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         if per_token_scale is not None:
             raise ValueError("TSP MLP does not support per-token scaling (a MoE expert feature)")
+        prefetched, self._prefetched_fc1 = self._prefetched_fc1, None  # each prefetch serves one forward
         output = tsp_mlp(hidden_states, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight,
                          _tsp_group(self), activation=self.config.activation_func,
                          gated=self.config.gated_linear_unit, keep_weights=self.keep_weight_shards,
-                         schedule=self.schedule)
+                         schedule=self.schedule, prefetched_fc1=prefetched)
         return output, self.linear_fc2.bias
+
+
+class TSPTransformerLayer(TransformerLayer):
+    """Megatron's transformer layer whose TSP attention starts the gathered MLP's fc1 gathers (``--tsp-mlp-schedule
+    gather``) behind its own transfers, so that they travel during attention's compute: the MLP's forward, and
+    a full recompute's, then finds them done (a selective recompute of the MLP alone gathers its own). The
+    gathered fc1 weight is then alive from attention's last call on instead of from the MLP's start; the
+    layer's peak stays its backward's, which holds all the gathered MLP weights anyway (CPU allocator: the
+    same peaks with and without, docs/benchmarks.md). Otherwise Megatron's layer as it is."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if (isinstance(self.self_attention, TSPSelfAttention) and isinstance(self.mlp, TSPMLP)
+                and self.mlp.schedule == "gather"):
+            self.self_attention.prefetch = self.mlp.prefetch_weights
 
 
 class TSPRingExperts(SequentialMLP):
@@ -392,7 +416,7 @@ def get_gpt_layer_tsp_spec(qk_layernorm: bool = False, num_experts: Optional[int
                                                              **submodules.experts.keywords))
         mlp = partial(TSPMoELayer, submodules=submodules)  # Megatron's submodules, our layer class
     return ModuleSpec(
-        module=TransformerLayer,
+        module=TSPTransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=SequenceShardedNorm,
             self_attention=ModuleSpec(

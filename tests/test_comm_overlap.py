@@ -1,8 +1,9 @@
 """The cost model's overlap flags against the schedules: which transfers compute hides is measured.
 
 Each TSP schedule (attention with every G, the MLP ring and gathered MLP, the expert ring, the vocabulary
-ring with and without predictions, multi-token prediction's gathered ``eh_proj``) runs forward and
-backward on gloo ranks inside ``comm.track_overlap``, which splits the bytes of every collective into
+ring with and without predictions, multi-token prediction's gathered ``eh_proj``, and attention followed by
+the gathered MLP whose fc1 gathers it starts, as a TSP layer runs them) runs forward and backward on gloo
+ranks inside ``comm.track_overlap``, which splits the bytes of every collective into
 hidden (a matrix product or attention kernel was dispatched between its issue and its wait) and exposed.
 ``cost.py``'s per-phase transfers, summed by op and ``hidden`` flag, must equal that split exactly: the
 step-time estimate charges exposed transfers in full and hides the others behind compute, so a flag that
@@ -12,6 +13,7 @@ does not describe the code is a wrong estimate.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
@@ -25,7 +27,7 @@ from megatron_tsp.comm import Overlap, track_overlap
 from megatron_tsp.cost import (Layout, ModelShape, Transfer, Workload, _eh_proj_comm, _output_comm, _weight_ring_comm,
                                tsp_attention_comm, tsp_mlp_comm)
 from megatron_tsp.linear import tsp_gathered_linear
-from megatron_tsp.mlp import tsp_expert_mlps, tsp_mlp
+from megatron_tsp.mlp import prefetch_gathered_fc1, tsp_expert_mlps, tsp_mlp
 from megatron_tsp.output import tsp_vocab_parallel_loss, tsp_vocab_parallel_loss_and_predictions
 from megatron_tsp.zigzag import gathered_positions, local_positions
 from tests.multiprocess import run_on_ranks
@@ -37,7 +39,7 @@ Split = dict[tuple[str, bool], Fraction]  # (op, hidden) -> bytes
 
 @dataclass(frozen=True)
 class Case:
-    schedule: str  # "attention", "mlp", "experts", "vocab", "vocab+predictions" or "eh_proj"
+    schedule: str  # "attention", "mlp", "layer", "experts", "vocab", "vocab+predictions" or "eh_proj"
     model: ModelShape
     work: Workload
 
@@ -53,6 +55,8 @@ def _cases(d: int) -> list[Case]:
              for g in range(1, d + 1) if d % g == 0 for model in (MODEL, biased) for keep in (False, True)]
     cases += [Case("mlp", model, replace(FP32, tsp_mlp_gather=gather, tsp_keep_weights=keep))
               for model in (MODEL, replace(biased, gated=False)) for gather in (False, True) for keep in (False, True)]
+    cases += [Case("layer", model, replace(FP32, tsp_buckets_per_call=g, tsp_mlp_gather=True))
+              for g in sorted({1, d}) for model in (MODEL, replace(biased, gated=False))]
     return cases + [Case(schedule, MODEL, FP32) for schedule in ("experts", "vocab", "vocab+predictions", "eh_proj")]
 
 
@@ -60,8 +64,10 @@ def _modelled(case: Case, d: int) -> tuple[Split, Split]:
     """The cost model's forward and backward bytes by (op, hidden) for one schedule."""
     if case.schedule == "attention":
         comm = tsp_attention_comm(case.model, case.work, d)
-    elif case.schedule == "mlp":
-        comm = tsp_mlp_comm(case.model, case.work, d, case.model.ffn)
+    elif case.schedule == "mlp":  # alone: nothing started its fc1 gathers
+        comm = tsp_mlp_comm(case.model, case.work, d, case.model.ffn, prefetched=False)
+    elif case.schedule == "layer":
+        comm = tsp_attention_comm(case.model, case.work, d) + tsp_mlp_comm(case.model, case.work, d, case.model.ffn)
     elif case.schedule == "experts":
         comm = _weight_ring_comm("experts", EXPERTS * case.model.mlp_weights(case.model.ffn), case.work, d, False)
     else:
@@ -92,20 +98,29 @@ def _run(case: Case, rank: int, d: int) -> tuple[Split, Split]:
     model, work, group = case.model, case.work, dist.group.WORLD
     local = work.seq_len // d
     x = _param(local, work.micro_batch, model.hidden)
+    fc1_rows = (2 if model.gated else 1) * model.ffn // d
+    fc1 = [_param(fc1_rows, model.hidden), _param(fc1_rows) if model.linear_bias else None]
+    prefetched = []  # the layer case's fc1 gathers, started by its attention
+
+    def attention(prefetch: Callable[[], None] | None = None) -> torch.Tensor:
+        rows = (model.heads + 2 * model.kv_groups) * model.head_dim // d
+        return tsp_attention(x, _param(rows, model.hidden), _param(rows) if model.qkv_bias else None,
+                             _param(model.hidden, model.heads * model.head_dim // d),
+                             local_positions(work.seq_len, d, rank), gathered_positions(work.seq_len, d), group,
+                             model.heads, model.kv_groups, keep_weights=work.tsp_keep_weights,
+                             buckets_per_call=work.tsp_buckets_per_call, prefetch=prefetch)
+
+    def mlp(h: torch.Tensor) -> torch.Tensor:
+        return tsp_mlp(h, *fc1, _param(model.hidden, model.ffn // d), group, activation=F.gelu, gated=model.gated,
+                       keep_weights=work.tsp_keep_weights, schedule="gather" if work.tsp_mlp_gather else "ring",
+                       prefetched_fc1=prefetched[0] if prefetched else None)
     with track_overlap() as forward:
         if case.schedule == "attention":
-            rows = (model.heads + 2 * model.kv_groups) * model.head_dim // d
-            out = tsp_attention(x, _param(rows, model.hidden), _param(rows) if model.qkv_bias else None,
-                                _param(model.hidden, model.heads * model.head_dim // d),
-                                local_positions(work.seq_len, d, rank), gathered_positions(work.seq_len, d), group,
-                                model.heads, model.kv_groups, keep_weights=work.tsp_keep_weights,
-                                buckets_per_call=work.tsp_buckets_per_call)
+            out = attention()
         elif case.schedule == "mlp":
-            fc1_rows = (2 if model.gated else 1) * model.ffn // d
-            out = tsp_mlp(x, _param(fc1_rows, model.hidden), _param(fc1_rows) if model.linear_bias else None,
-                          _param(model.hidden, model.ffn // d), group, activation=F.gelu, gated=model.gated,
-                          keep_weights=work.tsp_keep_weights,
-                          schedule="gather" if work.tsp_mlp_gather else "ring")
+            out = mlp(x)
+        elif case.schedule == "layer":
+            out = mlp(attention(lambda: prefetched.append(prefetch_gathered_fc1(*fc1, group))))
         elif case.schedule == "experts":
             tokens = x.flatten(0, 1)
             experts = [(_param(2 * model.ffn // d, model.hidden), None, _param(model.hidden, model.ffn // d))

@@ -205,6 +205,7 @@ def build_on_rank(path: Path, world: int, rank: int, layers: int, *extra: str) -
     from megatron_tsp.mesh import get_tsp_world_size, initialize_model_parallel
     from megatron_tsp.plan import resolve_auto_schedules
     from megatron_tsp.pretrain_gpt import model_provider
+    from megatron_tsp.specs import TSPMLP
 
     # CPU initialisation: the GPU path allocates on torch.cuda.current_device(), which the meta device
     # context cannot override.
@@ -225,7 +226,11 @@ def build_on_rank(path: Path, world: int, rank: int, layers: int, *extra: str) -
     with torch.device("meta"), cuda_to_cpu():
         model = model_provider(pre_process=first, post_process=last, config=config)
     params = dict(model.named_parameters())
+    gathered = [layer for layer in model.decoder.layers if isinstance(layer.mlp, TSPMLP) and layer.mlp.schedule == "gather"]
     return {
+        # each layer's gathered MLP has its fc1 gathers started by the layer's attention (specs.TSPTransformerLayer)
+        "gathered_mlps": len(gathered),
+        "prefetch_wired": all(layer.self_attention.prefetch == layer.mlp.prefetch_weights for layer in gathered),
         "tsp": get_tsp_world_size(),
         "ep": parallel_state.get_expert_model_parallel_world_size(),
         "first": first,
@@ -249,6 +254,7 @@ def test_model_shards_per_rank(path: Path) -> None:
         assert built["ep"] == flags.get("expert-model-parallel-size", 1)
         assert built["first"] == (rank < gpus // pp) and built["last"] == (rank >= gpus - gpus // pp)
         assert built["not_meta"] == [], "parameters were allocated instead of built on meta"
+        assert built["prefetch_wired"]
         expected = expected_rank_params(flags, built["first"], built["last"], LAYERS_PER_STAGE)
         assert built["count"] == expected, (
             f"{path.name} rank {rank}/{gpus}: {built['count']:,} parameters built, {expected:,} expected "
@@ -265,3 +271,13 @@ def test_mixtral_with_the_expert_ring_holds_an_eighth_of_each_expert() -> None:
     assert built["not_meta"] == []
     assert built["count"] == expected_rank_params(flags, built["first"], built["last"], LAYERS_PER_STAGE,
                                                   expert_ring=True)
+
+
+@pytest.mark.parametrize("schedule", ["gather", "ring"])
+def test_attention_starts_the_gathered_mlps_weights(schedule: str) -> None:
+    """With --tsp-mlp-schedule gather every dense layer's attention starts its MLP's fc1 gathers
+    (specs.TSPTransformerLayer); with the ring nothing is wired."""
+    path = ROOT / "configs" / "tsp_paper_7b.yaml"
+    built = run_forked(build_on_rank, path, stated_gpus(path), 0, LAYERS_PER_STAGE, "--tsp-mlp-schedule", schedule)
+    assert built["gathered_mlps"] == (LAYERS_PER_STAGE if schedule == "gather" else 0)
+    assert built["prefetch_wired"]

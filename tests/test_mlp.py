@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_tsp.comm import comm_bytes, track_shard_residency
-from megatron_tsp.mlp import tsp_expert_mlps, tsp_mlp
+from megatron_tsp.mlp import prefetch_gathered_fc1, tsp_expert_mlps, tsp_mlp
 from megatron_tsp.zigzag import local_positions
 from tests.multiprocess import run_on_ranks
 from tests.numerics import TOLERANCE, assert_gathered_close, assert_rel_close, gemm_flops
@@ -166,6 +166,56 @@ def _run_cases(rank: int, tsp_size: int) -> None:
 @pytest.mark.parametrize("tsp_size", [1, 2, 4])
 def test_mlp_matches_dense(tsp_size: int) -> None:
     run_on_ranks(_run_cases, tsp_size)
+
+
+def _run_prefetched(rank: int, tsp_size: int) -> None:
+    """The gathered MLP with fc1's gathers started ahead (as a TSP layer's attention starts them): the same
+    output and grads, bitwise, and the same bytes; after an in-place change of fc1 (an optimizer step) the
+    prefetched gathers are not used but made again, from the changed weight."""
+    group, gen = dist.group.WORLD, torch.Generator().manual_seed(rank)
+    x, grad_out = torch.randn(8, 2, 16, generator=gen, dtype=torch.float64), torch.randn(8, 2, 16, dtype=torch.float64)
+    fc1_weight, fc1_bias = torch.randn(2 * 24 // tsp_size, 16, generator=gen, dtype=torch.float64), \
+        torch.randn(2 * 24 // tsp_size, generator=gen, dtype=torch.float64)
+    fc2_weight = torch.randn(16, 24 // tsp_size, generator=gen, dtype=torch.float64)
+
+    def run(prefetched=None) -> tuple[list[Tensor], dict]:
+        leaves = [t.clone().requires_grad_() for t in (x, fc1_weight, fc1_bias, fc2_weight)]
+        with comm_bytes() as counted:
+            out = tsp_mlp(*leaves, group, schedule="gather", prefetched_fc1=prefetched)
+            out.backward(grad_out)
+        return [out.detach(), *(t.grad for t in leaves)], dict(counted.bytes_by_op)
+
+    plain, plain_bytes = run()
+    leaves = [t.clone().requires_grad_() for t in (x, fc1_weight, fc1_bias, fc2_weight)]
+    with comm_bytes() as prefetch_bytes:
+        prefetch = prefetch_gathered_fc1(*leaves[1:3], group)
+    with comm_bytes() as prefetched_bytes:
+        out = tsp_mlp(*leaves, group, schedule="gather", prefetched_fc1=prefetch)
+        out.backward(grad_out)
+    assert all(torch.equal(a, b) for a, b in zip([out.detach(), *(t.grad for t in leaves)], plain, strict=True))
+    prefetched_bytes.bytes_by_op["all_gather"] += prefetch_bytes.bytes_by_op["all_gather"]
+    assert {op: n for op, n in prefetched_bytes.bytes_by_op.items() if n} == {op: n for op, n in plain_bytes.items()
+                                                                               if n}
+    other = prefetch_gathered_fc1(fc1_weight, fc1_bias, group)
+    assert other.take(fc1_weight.clone(), fc1_bias) is None  # another tensor: not its gathers
+    stale = prefetch_gathered_fc1(fc1_weight, fc1_bias, group)
+    with torch.no_grad():
+        fc1_weight.mul_(2)  # an optimizer step between the prefetch and the forward
+    with comm_bytes() as stale_bytes:
+        taken = stale.take(fc1_weight, fc1_bias)
+        out = tsp_mlp(x, fc1_weight, fc1_bias, fc2_weight, group, schedule="gather", prefetched_fc1=stale)
+    assert taken is None
+    assert torch.equal(out, tsp_mlp(x, fc1_weight, fc1_bias, fc2_weight, group, schedule="gather"))
+    if tsp_size > 1:  # the stale gathers were drained and the forward's own made again
+        assert stale_bytes.bytes_by_op["all_gather"] > 0
+    with pytest.raises(ValueError, match="gathered MLP"):
+        tsp_mlp(x, fc1_weight, fc1_bias, fc2_weight, group, prefetched_fc1=stale)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("tsp_size", [1, 2])
+def test_prefetched_fc1_is_the_same_and_never_stale(tsp_size: int) -> None:
+    run_on_ranks(_run_prefetched, tsp_size)
 
 
 # ------------------------------------------------------------------------------- experts (--tsp-expert-ring)
