@@ -226,7 +226,8 @@ def build_on_rank(path: Path, world: int, rank: int, layers: int, *extra: str) -
     with torch.device("meta"), cuda_to_cpu():
         model = model_provider(pre_process=first, post_process=last, config=config)
     params = dict(model.named_parameters())
-    gathered = [layer for layer in model.decoder.layers if isinstance(layer.mlp, TSPMLP) and layer.mlp.schedule == "gather"]
+    gathered = [layer for layer in model.decoder.layers
+                if isinstance(layer.mlp, TSPMLP) and layer.mlp.schedule == "gather"]
     return {
         # each layer's gathered MLP has its fc1 gathers started by the layer's attention (specs.TSPTransformerLayer)
         "gathered_mlps": len(gathered),

@@ -173,29 +173,23 @@ def _run_prefetched(rank: int, tsp_size: int) -> None:
     output and grads, bitwise, and the same bytes; after an in-place change of fc1 (an optimizer step) the
     prefetched gathers are not used but made again, from the changed weight."""
     group, gen = dist.group.WORLD, torch.Generator().manual_seed(rank)
-    x, grad_out = torch.randn(8, 2, 16, generator=gen, dtype=torch.float64), torch.randn(8, 2, 16, dtype=torch.float64)
-    fc1_weight, fc1_bias = torch.randn(2 * 24 // tsp_size, 16, generator=gen, dtype=torch.float64), \
-        torch.randn(2 * 24 // tsp_size, generator=gen, dtype=torch.float64)
-    fc2_weight = torch.randn(16, 24 // tsp_size, generator=gen, dtype=torch.float64)
 
-    def run(prefetched=None) -> tuple[list[Tensor], dict]:
+    def draw(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+    x, grad_out = draw(8, 2, 16), draw(8, 2, 16)  # h = 16, gated ffn = 24: fc1 shard [48/D, 16]
+    fc1_weight, fc1_bias, fc2_weight = draw(48 // tsp_size, 16), draw(48 // tsp_size), draw(16, 24 // tsp_size)
+
+    def run(prefetch: bool) -> tuple[list[Tensor], dict]:
         leaves = [t.clone().requires_grad_() for t in (x, fc1_weight, fc1_bias, fc2_weight)]
         with comm_bytes() as counted:
+            prefetched = prefetch_gathered_fc1(*leaves[1:3], group) if prefetch else None
             out = tsp_mlp(*leaves, group, schedule="gather", prefetched_fc1=prefetched)
             out.backward(grad_out)
         return [out.detach(), *(t.grad for t in leaves)], dict(counted.bytes_by_op)
 
-    plain, plain_bytes = run()
-    leaves = [t.clone().requires_grad_() for t in (x, fc1_weight, fc1_bias, fc2_weight)]
-    with comm_bytes() as prefetch_bytes:
-        prefetch = prefetch_gathered_fc1(*leaves[1:3], group)
-    with comm_bytes() as prefetched_bytes:
-        out = tsp_mlp(*leaves, group, schedule="gather", prefetched_fc1=prefetch)
-        out.backward(grad_out)
-    assert all(torch.equal(a, b) for a, b in zip([out.detach(), *(t.grad for t in leaves)], plain, strict=True))
-    prefetched_bytes.bytes_by_op["all_gather"] += prefetch_bytes.bytes_by_op["all_gather"]
-    assert {op: n for op, n in prefetched_bytes.bytes_by_op.items() if n} == {op: n for op, n in plain_bytes.items()
-                                                                               if n}
+    (plain, plain_bytes), (ahead, ahead_bytes) = run(prefetch=False), run(prefetch=True)
+    assert all(torch.equal(a, b) for a, b in zip(ahead, plain, strict=True))
+    assert ahead_bytes == plain_bytes
     other = prefetch_gathered_fc1(fc1_weight, fc1_bias, group)
     assert other.take(fc1_weight.clone(), fc1_bias) is None  # another tensor: not its gathers
     stale = prefetch_gathered_fc1(fc1_weight, fc1_bias, group)
