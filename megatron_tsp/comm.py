@@ -111,23 +111,33 @@ class Pending:
 class Prefetch:
     """Collectives started ahead of the module that needs their results, tied to the tensors they send.
 
-    :meth:`take` hands them over only while every source is the same tensor at the same version; after an
-    in-place change (an optimizer step) they are drained and None tells the caller to start its own. Every
-    rank runs the same program, so every rank decides alike."""
+    :meth:`take` hands them over only while every source is the same tensor at the same version, and once;
+    otherwise they are drained and None tells the caller to start its own. Every rank runs the same program,
+    so every rank decides alike. Version counters do not see writes through ``.data`` (Megatron's mixed-precision
+    optimizer updates parameters so), so a prefetch must also not outlive the step that started it: its owner
+    drains it (:meth:`drain`) at the end of that step (``specs.TSPTransformerLayer``: the layer's forward)."""
 
     def __init__(self, sources: Sequence[Tensor | None], pendings: Sequence[Pending | None]) -> None:
         self._sources = [(t, None if t is None else t._version) for t in sources]
-        self._pendings = list(pendings)
+        self._pendings: list[Pending | None] | None = list(pendings)
 
     def take(self, *sources: Tensor | None) -> list[Pending | None] | None:
-        """The pending collectives if they were started from ``sources`` as they are now, else None."""
+        """The pending collectives if they were started from ``sources`` as they are now and not taken or
+        drained yet, else None (and they are drained)."""
         current = all(held is given and (given is None or given._version == version)
                       for (held, version), given in zip(self._sources, sources, strict=True))
-        if not current:
-            for pending in self._pendings:
-                if pending is not None:
-                    pending.wait()
-        return self._pendings if current else None
+        pendings, self._pendings = self._pendings, None
+        if pendings is not None and not current:
+            self._pendings = pendings
+            self.drain()
+        return pendings if current else None
+
+    def drain(self) -> None:
+        """Wait for the collectives and drop their results (nothing to hand over afterwards)."""
+        pendings, self._pendings = self._pendings or [], None
+        for pending in pendings:
+            if pending is not None:
+                pending.wait()
 
 
 @dataclass

@@ -201,7 +201,14 @@ class TSPMLP(MLP):
     def prefetch_weights(self) -> None:
         """Start the gathered schedule's fc1 gathers for this MLP's next forward (the layer's attention calls
         it: they then travel during attention's compute instead of being waited for at once)."""
+        self.drop_prefetch()
         self._prefetched_fc1 = prefetch_gathered_fc1(self.linear_fc1.weight, self.linear_fc1.bias, _tsp_group(self))
+
+    def drop_prefetch(self) -> None:
+        """Wait for and drop fc1 gathers no forward took (a layer forward that stopped before its MLP)."""
+        if self._prefetched_fc1 is not None:
+            self._prefetched_fc1.drain()
+            self._prefetched_fc1 = None
 
     def forward(self, hidden_states: torch.Tensor, per_token_scale: Optional[torch.Tensor] = None,
                 **kwargs: Any) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -221,13 +228,23 @@ class TSPTransformerLayer(TransformerLayer):
     a full recompute's, then finds them done (a selective recompute of the MLP alone gathers its own). The
     gathered fc1 weight is then alive from attention's last call on instead of from the MLP's start; the
     layer's peak stays its backward's, which holds all the gathered MLP weights anyway (CPU allocator: the
-    same peaks with and without, docs/benchmarks.md). Otherwise Megatron's layer as it is."""
+    same peaks with and without, docs/benchmarks.md). No prefetch outlives the layer's forward (an unused one
+    is drained there), so none can carry weights from before an optimizer step. Otherwise Megatron's layer as
+    it is."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if (isinstance(self.self_attention, TSPSelfAttention) and isinstance(self.mlp, TSPMLP)
-                and self.mlp.schedule == "gather"):
+        self._prefetching = (isinstance(self.self_attention, TSPSelfAttention) and isinstance(self.mlp, TSPMLP)
+                             and self.mlp.schedule == "gather")
+        if self._prefetching:
             self.self_attention.prefetch = self.mlp.prefetch_weights
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            if self._prefetching:
+                self.mlp.drop_prefetch()
 
 
 class TSPRingExperts(SequentialMLP):
