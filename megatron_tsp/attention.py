@@ -104,16 +104,18 @@ __all__ = [
     "apply_rotary_cos_sin",
     "head_layer_norm",
     "head_rms_norm",
+    "per_head_rotary",
     "rotary_cos_sin",
     "tsp_attention",
 ]
 
-RotaryFn = Callable[[Tensor, Tensor], Tensor]
+RotaryFn = Callable[[Tensor, Tensor], Tensor]  # (t [s, b, ..., hd], what rotary_freqs holds) -> t's shape
 HeadNormFn = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
 def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
-    """Megatron's non-interleaved RoPE: t ``[s, b, n, hd]``, freqs ``[s, 1, 1, rot_dim]`` -> ``[s, b, n, hd]``.
+    """Megatron's non-interleaved RoPE: t ``[s, b, ..., hd]`` (any number of head dims), freqs
+    ``[s, 1, 1, rot_dim]`` -> t's shape.
 
     ``freqs`` are angles laid out as cat(f, f); rotate-half acts on the first rot_dim channels of each head
     and the rest pass through (``--rotary-percent`` < 1).
@@ -122,21 +124,34 @@ def apply_rotary(t: Tensor, freqs: Tensor) -> Tensor:
 
 
 def rotary_cos_sin(freqs: Tensor, dtype: torch.dtype) -> Tensor:
-    """RoPE angles ``[s, 1, 1, rot_dim]`` -> their cos and sin in ``dtype``, stacked ``[2, s, 1, 1, rot_dim]``
-    (as Megatron's unfused RoPE rounds them), which the TSP layers make once per angle table (specs.py)
-    instead of once per head bucket, tensor, layer and pass."""
-    return torch.stack((freqs.cos(), freqs.sin())).to(dtype)
+    """RoPE angles ``[s, 1, 1, rot_dim]`` -> their cos and sin in ``dtype`` (as Megatron's unfused RoPE rounds
+    them), stacked ``[2, s, 1, 1, rot_dim]``, the sin's first half negated: rotate-half's negation folded into
+    the table, exactly (-(a*b) = a*(-b) in floating point). The TSP layers make it once per angle table
+    (specs.py) instead of once per call, layer and pass."""
+    sin = freqs.sin()
+    half = freqs.shape[-1] // 2
+    return torch.stack((freqs.cos(), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1))).to(dtype)
 
 
 def apply_rotary_cos_sin(t: Tensor, cos_sin: Tensor) -> Tensor:
-    """:func:`apply_rotary` from :func:`rotary_cos_sin`'s ``[2, s, 1, 1, rot_dim]``, with Megatron's
-    operations in Megatron's order (so the same values); no concatenation when every channel rotates."""
-    cos, sin = cos_sin
-    rot_dim = cos.shape[-1]
+    """:func:`apply_rotary` from :func:`rotary_cos_sin`'s table: Megatron's operations in Megatron's order
+    (so the same values) but the negation, which the table holds; no concatenation when every channel
+    rotates."""
+    rot_dim = cos_sin.shape[-1]
+    cos, sin = cos_sin.reshape(2, t.shape[0], *(1,) * (t.dim() - 2), rot_dim)  # broadcast over t's middle dims
     t_rot, t_pass = t[..., :rot_dim], t[..., rot_dim:]
     first, second = t_rot.chunk(2, dim=-1)
-    rotated = t_rot * cos + torch.cat((-second, first), dim=-1) * sin
+    rotated = t_rot * cos + torch.cat((second, first), dim=-1) * sin
     return rotated if t_pass.shape[-1] == 0 else torch.cat((rotated, t_pass), dim=-1)
+
+
+def per_head_rotary(fn: Callable[[Tensor, Tensor], Tensor]) -> RotaryFn:
+    """A RoPE function of ``[s, b, heads, hd]`` tensors (e.g. Megatron's fused or interleaved
+    ``apply_rotary_pos_emb``) as a :data:`RotaryFn`, which TSP attention calls once on q and k together,
+    ``[s, b, kv groups, heads per group + 1, hd]``: the head dims are flattened (a copy) and restored."""
+    def rotary(t: Tensor, freqs: Tensor) -> Tensor:
+        return fn(t.flatten(2, -2), freqs).view(t.shape)
+    return rotary
 
 
 def head_layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
@@ -198,18 +213,24 @@ class _CallSpec:
 def _split_heads(projection: Tensor, norm_params: list[Tensor | None], rotary_freqs: Tensor | None,
                  spec: _CallSpec) -> tuple[Tensor, Tensor, Tensor]:
     """One call's qkv projection of the local tokens ``[sq, b, (nq + 2*nkv)*hd]`` (the call's heads, in
-    Megatron's grouped layout) -> q ``[sq, b, nq, hd]`` and k, v ``[sq, b, nkv, hd]``, q/k-normed and rotated."""
+    Megatron's grouped layout) -> q ``[sq, b, nq, hd]`` and k, v ``[sq, b, nkv, hd]``, q/k-normed and rotated.
+
+    A kv group's query heads and its k head are adjacent in that layout, so q and k take one RoPE call
+    together (as ``[sq, b, nkv, g+1, hd]``), not one each; splits rather than slices, whose grads autograd
+    joins with one concatenation.
+    """
     sq, batch, _ = projection.shape
     group_size = spec.heads // spec.kv_heads
-    mixed = projection.view(sq, batch, spec.kv_heads, (group_size + 2) * spec.head_dim)
-    q, k, v = mixed.split([group_size * spec.head_dim, spec.head_dim, spec.head_dim], dim=-1)
-    q = q.reshape(sq, batch, spec.heads, spec.head_dim)
+    grouped = projection.view(sq, batch, spec.kv_heads, group_size + 2, spec.head_dim)
+    qk, v = grouped.split([group_size + 1, 1], dim=3)
     if spec.norm_fn is not None:
         q_weight, q_bias, k_weight, k_bias = norm_params
-        q, k = spec.norm_fn(q, q_weight, q_bias), spec.norm_fn(k, k_weight, k_bias)
+        q, k = qk.split([group_size, 1], dim=3)
+        qk = torch.cat((spec.norm_fn(q, q_weight, q_bias), spec.norm_fn(k, k_weight, k_bias)), dim=3)
     if rotary_freqs is not None:  # at the tokens' global positions: rotary_freqs are the local tokens' angles
-        q, k = spec.rotary_fn(q, rotary_freqs), spec.rotary_fn(k, rotary_freqs)
-    return q, k, v
+        qk = spec.rotary_fn(qk, rotary_freqs)
+    q, k = qk.split([group_size, 1], dim=3)
+    return q.flatten(2, 3), k.squeeze(3), v.squeeze(3)  # q: a copy for GQA (as Megatron's reshape)
 
 
 class _CallWeights:

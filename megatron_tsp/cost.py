@@ -186,17 +186,18 @@ TSP_DEVICE_FACTOR = 1.26
 TSP_HOST_SECONDS = 1.85e-3
 # Operators (each at least one kernel launch on a GPU) a TSP layer dispatches in a training step under full
 # recompute, norms, RoPE, attention, MLP and grads included (scripts/count_step_ops.py, D = 2, 4, 8, every G,
-# both MLP schedules; CPU, 2026-11-28): with several attention calls 100 per call (+ 6 with G > 1 head buckets
+# both MLP schedules; CPU, 2026-11-29): with several attention calls 77 per call (+ 6 with G > 1 head buckets
 # per call: their weights' concatenated copies, three passes) + 4 per head bucket (its weight broadcasts and
-# grad reduce) + 74; with one call over all D buckets (each weight tensor gathered whole) 176 at every D; plus
+# grad reduce) + 74; with one call over all D buckets (each weight tensor gathered whole) 153 at every D; plus
 # 27 per MLP ring step or 26 for the gathered MLP. Every count exact. They scale TSP_HOST_SECONDS, fitted with
 # one bucket per call and the ring, to other schedules (tsp_host_steps); without recompute the ratio of G = 8
 # to G = 1 (ring, D = 8) is within 4% of it. Counted, not timed on a GPU. (G = 1's count at D = 8 was 1455
-# when TSP_HOST_SECONDS was measured; RoPE's cos/sin made once per angle table and sums started by their first
-# term, each GEMM after it adding into the sum, and the gated activation's grad written without a concatenation
-# took it to 1122, which the model does not credit until a GPU measures it.)
-_OPS_PER_CALL, _OPS_PER_CALL_CONCATENATED, _OPS_PER_BUCKET, _OPS_PER_LAYER = 100, 6, 4, 74
-_OPS_ONE_CALL_LAYER, _OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 176, 27, 26
+# when TSP_HOST_SECONDS was measured; RoPE's cos/sin made once per angle table, sums started by their first
+# term, each GEMM after it adding into the sum, the gated activation's grad written without a concatenation,
+# and q and k rotated in one RoPE call with the sign in the table took it to 938, which the model does not
+# credit until a GPU measures it.)
+_OPS_PER_CALL, _OPS_PER_CALL_CONCATENATED, _OPS_PER_BUCKET, _OPS_PER_LAYER = 77, 6, 4, 74
+_OPS_ONE_CALL_LAYER, _OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 153, 27, 26
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from megatron_tsp.attention import QKNorm, apply_rotary_cos_sin, rotary_cos_sin, tsp_attention
+from megatron_tsp.attention import QKNorm, apply_rotary_cos_sin, per_head_rotary, rotary_cos_sin, tsp_attention
 from megatron_tsp.comm import Prefetch, group_rank, group_size
 from megatron_tsp.kernels import select_core_attention
 from megatron_tsp.linear import tsp_gathered_linear
@@ -150,7 +150,8 @@ class TSPSelfAttention(SelfAttention):
         if self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1]:
             rotary_pos_emb = None  # a layer without RoPE (--no-rope-freq), as in Megatron's attention
         rotary_freqs = None
-        rotary_fn = partial(apply_rotary_pos_emb, config=self.config, cp_group=self.pg_collection.cp)
+        rotary_fn = per_head_rotary(partial(apply_rotary_pos_emb, config=self.config,
+                                            cp_group=self.pg_collection.cp))
         if rotary_pos_emb is not None:
             if isinstance(rotary_pos_emb, tuple):  # Megatron passes (q, k) angles; for self-attention equal
                 rotary_pos_emb = rotary_pos_emb[0]

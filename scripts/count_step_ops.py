@@ -11,7 +11,13 @@ does not. bench_gpu.py's model is built with one and with two layers; the differ
 is one layer's (norms, attention, MLP, recompute and grads included). The cost model's host-time scaling
 with G (``cost.tsp_host_steps``) is fitted to the operator counts.
 
+``--time-steps N`` also times N steps of each model (median) and prints the difference per layer: at tiny
+shapes (the defaults) that is the eager schedule's own time per layer and step (Python, dispatch and
+near-empty kernels, on CPU also the CUDA-to-CPU adapter's hook on every torch call), the host's side of a
+GPU step, which is what sets a short sequence's pace on a GPU.
+
     .venv/bin/python scripts/count_step_ops.py --tsp 8 --buckets-per-call 1,2,4,8
+    .venv/bin/python scripts/count_step_ops.py --tsp 8 --buckets-per-call 8 --mlp-schedule gather --time-steps 30
     .venv/bin/python scripts/count_step_ops.py --tsp 8 --hidden 512 --heads 32 --ffn 2048 --seq 16384 --dtype bf16
 """
 
@@ -19,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
+import time
 from collections import Counter
+from collections.abc import Callable
 
 import bench_gpu  # scripts/; sets Megatron up for this device first
 import torch
@@ -31,14 +40,34 @@ from megatron_tsp.megatron_compat import cuda_to_cpu
 from megatron_tsp.mesh import initialize_model_parallel
 from megatron_tsp.mlp import MLP_SCHEDULES
 
-from device_profile import WorkTally, tally_work  # scripts/
+from device_profile import tally_work  # scripts/
 
 
-def step_work(args: argparse.Namespace, layout: str, device: torch.device) -> WorkTally:
-    """What one training step after a warm-up step dispatches."""
+Step = Callable[[], None]
+
+
+def build_step(args: argparse.Namespace, layout: str, device: torch.device) -> Step:
+    """One training step of bench_gpu.py's model for ``args`` (built here), run once as a warm-up."""
     model = bench_gpu.build_model(args, layout, args.seq, device)
-    bench_gpu.train_step(model, args, layout, args.seq, device)
-    return tally_work(lambda: bench_gpu.train_step(model, args, layout, args.seq, device))
+
+    def step() -> None:
+        bench_gpu.train_step(model, args, layout, args.seq, device)
+    step()
+    return step
+
+
+def median_seconds(steps: list[Step], repeats: int, device: torch.device) -> list[float]:
+    """Median wall time of each step over ``repeats`` rounds, the steps taken in turn within a round, so that
+    load from other processes hits them alike."""
+    seconds: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, times in zip(steps, seconds, strict=True):
+            bench_gpu.synchronize(device)
+            start = time.perf_counter()
+            step()
+            bench_gpu.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return [statistics.median(times) for times in seconds]
 
 
 def main() -> None:
@@ -53,6 +82,7 @@ def main() -> None:
     parser.add_argument("--recompute", choices=("full", "none"), default="full")
     parser.add_argument("--mlp-schedule", choices=MLP_SCHEDULES, default=MLP_SCHEDULES[0],
                         help="the TSP MLP's (--tsp-mlp-schedule)")
+    parser.add_argument("--time-steps", type=int, default=0, help="also time this many steps (median)")
     options = parser.parse_args()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dist.init_process_group("fake", rank=0, world_size=options.tsp, store=FakeStore())
@@ -62,9 +92,11 @@ def main() -> None:
     hidden, heads, ffn = options.hidden or 32 * d, options.heads or 4 * d, options.ffn or 64 * d
     print(f"degree {d}, S {options.seq}, h {hidden}, {heads} heads, ffn {ffn}, {options.dtype}, recompute "
           f"{options.recompute}, TSP MLP {options.mlp_schedule}, on {device}")
+    labels = ["TP+SP" if layout == "tp_sp" else f"TSP G={g}" for layout, g in runs]
     with cuda_to_cpu() if device.type == "cpu" else contextlib.nullcontext():
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
-        for layout, g in runs:
+        steps = []  # per run, its one- and two-layer model's step
+        for (layout, g), label in zip(runs, labels, strict=True):
             tallies = []
             for layers in (1, 2):
                 args = bench_gpu.parse_args(["--dtype", options.dtype, "--tsp", str(d), "--layers", str(layers),
@@ -72,15 +104,22 @@ def main() -> None:
                                              "--vocab", str(64 * d), "--recompute", options.recompute,
                                              "--buckets-per-call", str(g), "--mlp-schedule", options.mlp_schedule])
                 args.seq = options.seq
-                tallies.append(step_work(args, layout, device))
+                step = build_step(args, layout, device)
+                tallies.append(tally_work(step))
+                if options.time_steps:
+                    steps.append(step)
             one, two = tallies
             layer_bytes = Counter(two.bytes_by_op)
             layer_bytes.subtract(one.bytes_by_op)
             top = ", ".join(f"{op} {nbytes / 2**20:.1f}" for op, nbytes in layer_bytes.most_common(4))
-            label = "TP+SP" if layout == "tp_sp" else f"TSP G={g}"
             print(f"{label:>9}: {two.operators - one.operators} operators per layer ({one.operators} in a one-layer "
                   f"step); memory-bound operators move {(two.memory_bound_bytes - one.memory_bound_bytes) / 2**20:.1f}"
                   f" MiB per layer (MiB: {top})")
+        if options.time_steps:
+            seconds = median_seconds(steps, options.time_steps, device)
+            for label, one, two in zip(labels, seconds[::2], seconds[1::2], strict=True):
+                print(f"{label:>9}: {(two - one) * 1e3:.2f} ms per layer and step (median of {options.time_steps} "
+                      f"steps, in turn with the others': {one * 1e3:.1f} ms with one layer, {two * 1e3:.1f} with two)")
     dist.destroy_process_group()
 
 

@@ -22,7 +22,10 @@
 #      in the same call on the same GPU (the calibration of step 1's TP+SP rank);
 #   8. both ranks' steps profiled (device-busy time, kernel launches, top kernels) on 4 of the layers at the
 #      shortest and longest of SEQS, TSP with the fast schedules (profiling all 32 layers' steps takes minutes);
-#   9. scripts/device_report.py on what the steps wrote: issue #6's targets, and the cost model's step time
+#   9. the host's side of a step: operators per layer and the time per layer and step at tiny shapes
+#      (scripts/count_step_ops.py --time-steps), TP+SP against TSP with one bucket per call and with the fast
+#      schedules, where kernel launches and Python set the pace (short sequences);
+#  10. scripts/device_report.py on what the steps wrote: issue #6's targets, and the cost model's step time
 #      against every measured step with its TSP compute calibration refitted (CPU work; the same command
 #      on the fetched files gives the same report).
 # About 6 minutes on an H100. Output: log.txt (every step's), device.txt and the JSONs (the device tool
@@ -67,5 +70,7 @@ step python3 scripts/bench_layer.py --tsp 8 --seq "${LAYER_SEQ:-32768}" --hidden
         step python3 "${TP_BASELINE:-../shared/tools/megatron_tp_baseline.py}"
 step "${bench_gpu[@]}" --layers 4 --seqs "${seqs%%,*},${seqs##*,}" --buckets-per-call 8 --mlp-schedule gather \
     --profile --out "$out/bench_gpu_profiled.json"
+step python3 scripts/count_step_ops.py --tsp 8 --buckets-per-call 1,8 --mlp-schedule gather --dtype bf16 \
+    --time-steps 20
 step python3 scripts/device_report.py "$out"
 exit $status

@@ -24,6 +24,7 @@ from megatron_tsp.attention import (
     apply_rotary_cos_sin,
     head_layer_norm,
     head_rms_norm,
+    per_head_rotary,
     rotary_cos_sin,
     tsp_attention,
 )
@@ -266,16 +267,22 @@ def test_attention_matches_dense(tsp_size: int) -> None:
 
 
 def test_apply_rotary_matches_megatron() -> None:
-    """Our RoPE, from the angles or from cos/sin made once per layer, gives Megatron's unfused values exactly
-    (fp32 angles with fp32/bf16 activations, as in training, and fp64), rotating all or half the channels."""
+    """Our RoPE, from the angles or from cos/sin made once per layer (the sign folded in), gives Megatron's
+    unfused values exactly (fp32 angles with fp32/bf16 activations, as in training, and fp64), rotating all
+    or half the channels, on [s, b, n, hd] and on the [s, b, groups, heads, hd] that TSP attention rotates;
+    a per-head RoPE function (Megatron's) wrapped by per_head_rotary gives the same on the latter."""
     for dtype, angle_dtype in ((torch.float64, torch.float64), (torch.float32, torch.float32),
                                (torch.bfloat16, torch.float32)):
-        t = torch.randn(6, 2, 3, 8, dtype=dtype)
+        t = torch.randn(6, 2, 6, 8, dtype=dtype)
+        grouped = t.view(6, 2, 2, 3, 8)[:, :, :, :2]  # a strided view, as q|k of a group of 2 is
         for rot_dim in (8, 4):
             angles = _rope_angles(6, rot_dim, angle_dtype)
             expected = _apply_rotary_pos_emb_bshd(t, angles)
             assert torch.equal(apply_rotary(t, angles), expected), (dtype, rot_dim)
             assert torch.equal(apply_rotary_cos_sin(t, rotary_cos_sin(angles, dtype)), expected), (dtype, rot_dim)
+            expected = _apply_rotary_pos_emb_bshd(grouped.flatten(2, 3), angles).view(grouped.shape)
+            assert torch.equal(apply_rotary_cos_sin(grouped, rotary_cos_sin(angles, dtype)), expected)
+            assert torch.equal(per_head_rotary(_apply_rotary_pos_emb_bshd)(grouped, angles), expected)
 
 
 def test_causal_attention_by_position_any_order() -> None:

@@ -105,15 +105,18 @@ def test_bench_layer_smoke_on_cpu() -> None:
 def test_count_step_ops_on_cpu(mlp_schedule: str) -> None:
     """scripts/count_step_ops.py counts one layer's operators in a training step: fewer with one attention call
     over both head buckets than with two, fewest for Megatron's TP+SP layer, and exactly the cost model's
-    operator fit (which scales TSP's host time from the measured schedule to the others)."""
+    operator fit (which scales TSP's host time from the measured schedule to the others); with --time-steps
+    it also prints each layout's time per layer and step (a measurement: not compared here)."""
     done = subprocess.run([sys.executable, "scripts/count_step_ops.py", "--tsp", "2", "--buckets-per-call", "1,2",
-                           "--seq", "64", "--mlp-schedule", mlp_schedule], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+                           "--seq", "64", "--mlp-schedule", mlp_schedule, "--time-steps", "2"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     counts = dict(re.findall(r"(TP\+SP|TSP G=\d): (\d+) operators per layer", done.stdout))
     moved = re.findall(r"memory-bound operators move ([0-9.]+) MiB per layer \(MiB: \w+ [0-9.]+", done.stdout)
     assert len(moved) == 3 and all(float(mib) > 0 for mib in moved), done.stdout
     assert list(counts) == ["TP+SP", "TSP G=1", "TSP G=2"], done.stdout
+    timed = re.findall(r"(TP\+SP|TSP G=\d): -?[0-9.]+ ms per layer and step", done.stdout)
+    assert timed == ["TP+SP", "TSP G=1", "TSP G=2"], done.stdout
     assert int(counts["TP+SP"]) < int(counts["TSP G=2"]) < int(counts["TSP G=1"]), done.stdout
     for g in (1, 2):
         work = Workload(micro_batch=1, seq_len=64, tsp_buckets_per_call=g, tsp_mlp_gather=mlp_schedule == "gather")

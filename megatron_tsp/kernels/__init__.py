@@ -85,6 +85,10 @@ def select_core_attention(**megatron_builder_kwargs: object) -> AttentionBackend
 
     Megatron passes its core-attention constructor arguments (config, layer number, mask type, ...); the
     TSP schedule supplies everything the kernel needs per call (always zigzag positions), so they only
-    matter for choosing a backend: the zigzag backend for now (a Transformer Engine backend is planned).
+    matter for choosing a backend: always the zigzag backend, also where Transformer Engine is installed.
+    TE's fused attention runs the same cuDNN kernels the zigzag backend calls through torch on NVIDIA GPUs;
+    what it adds, a bottom-right causal mask, would serve a chunk in one call only with its keys in natural
+    order, which the chunk-major gathered K/V (read in place) are not for the second chunk (its diagonal
+    block comes first), so a TE backend would either copy each call's K/V or run the same split parts.
     """
     return ZIGZAG
