@@ -150,7 +150,7 @@ def per_head_rotary(fn: Callable[[Tensor, Tensor], Tensor]) -> RotaryFn:
     ``apply_rotary_pos_emb``) as a :data:`RotaryFn`, which TSP attention calls once on q and k together,
     ``[s, b, kv groups, heads per group + 1, hd]``: the head dims are flattened (a copy) and restored."""
     def rotary(t: Tensor, freqs: Tensor) -> Tensor:
-        return fn(t.flatten(2, -2), freqs).view(t.shape)
+        return fn(t.flatten(2, -2), freqs).unflatten(2, t.shape[2:-1])
     return rotary
 
 

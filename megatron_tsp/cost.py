@@ -186,18 +186,21 @@ TSP_DEVICE_FACTOR = 1.26
 TSP_HOST_SECONDS = 1.85e-3
 # Operators (each at least one kernel launch on a GPU) a TSP layer dispatches in a training step under full
 # recompute, norms, RoPE, attention, MLP and grads included (scripts/count_step_ops.py, D = 2, 4, 8, every G,
-# both MLP schedules; CPU, 2026-11-29): with several attention calls 77 per call (+ 6 with G > 1 head buckets
-# per call: their weights' concatenated copies, three passes) + 4 per head bucket (its weight broadcasts and
-# grad reduce) + 74; with one call over all D buckets (each weight tensor gathered whole) 153 at every D; plus
-# 27 per MLP ring step or 26 for the gathered MLP. Every count exact. They scale TSP_HOST_SECONDS, fitted with
-# one bucket per call and the ring, to other schedules (tsp_host_steps); without recompute the ratio of G = 8
-# to G = 1 (ring, D = 8) is within 4% of it. Counted, not timed on a GPU. (G = 1's count at D = 8 was 1455
-# when TSP_HOST_SECONDS was measured; RoPE's cos/sin made once per angle table, sums started by their first
-# term, each GEMM after it adding into the sum, the gated activation's grad written without a concatenation,
-# and q and k rotated in one RoPE call with the sign in the table took it to 938, which the model does not
-# credit until a GPU measures it.)
-_OPS_PER_CALL, _OPS_PER_CALL_CONCATENATED, _OPS_PER_BUCKET, _OPS_PER_LAYER = 77, 6, 4, 74
-_OPS_ONE_CALL_LAYER, _OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 153, 27, 26
+# both MLP schedules, rank 0 and rank D-1; CPU, 2026-11-29), on every rank but the first: with several
+# attention calls 97 per call (+ 6 with G > 1 head buckets per call: their weights' concatenated copies, three
+# passes) + 4 per head bucket (its weight broadcasts and grad reduce) + 74; with one call over all D buckets
+# (each weight tensor gathered whole) 173 at every D; plus 27 per MLP ring step or 26 for the gathered MLP;
+# rank 0 20 fewer per call (its first query chunk has no prefix part: one attention part call, LSE merge and
+# their grads fewer per pass). Every count exact. They scale TSP_HOST_SECONDS, fitted on rank 0 with one
+# bucket per call and the ring, to other schedules and to the busiest rank (tsp_host_steps); without
+# recompute the ratio of G = 8 to G = 1 (ring, D = 8) is within 5% of it on either rank. Counted, not timed on
+# a GPU. (Rank 0's G = 1 count at D = 8 was 1455 when TSP_HOST_SECONDS was measured; RoPE's cos/sin made once
+# per angle table, sums started by their first term, each GEMM after it adding into the sum, the gated
+# activation's grad written without a concatenation, and q and k rotated in one RoPE call with the sign in
+# the table took it to 938, which the model does not credit until a GPU measures it.)
+_OPS_PER_CALL, _OPS_PER_CALL_CONCATENATED, _OPS_PER_BUCKET, _OPS_PER_LAYER = 97, 6, 4, 74
+_OPS_ONE_CALL_LAYER, _OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 173, 27, 26
+_OPS_FIRST_RANK_FEWER_PER_CALL = 20
 
 
 @dataclass(frozen=True)
@@ -311,6 +314,9 @@ class Workload:
     # --tsp-output-layer: TSP's output layer and loss by the vocabulary ring (output.py; True, the default)
     # or Megatron's output layer over gathered hidden states (False).
     tsp_vocab_ring: bool = True
+    # The TSP rank costed: the busiest (False: every rank but the first, which a step waits for) or rank 0
+    # (True: what a one-GPU benchmark of rank 0 measures; its attention runs fewer part calls).
+    tsp_first_rank: bool = False
 
     def __post_init__(self) -> None:
         if self.recompute_chunk < 1 or (self.recompute_chunk > 1 and self.recompute_layers is not None):
@@ -494,23 +500,28 @@ def tsp_attention_calls(work: Workload, d: int) -> int:
     return d // work.tsp_buckets_per_call
 
 
-def tsp_layer_operators(work: Workload, d: int) -> int:
+def tsp_layer_operators(work: Workload, d: int, *, first_rank: bool = False) -> int:
     """Operators a TSP layer of degree D dispatches in a training step under full recompute (the ``_OPS_*``
-    fit of scripts/count_step_ops.py's counts) with the workload's attention calls and MLP schedule."""
+    fit of scripts/count_step_ops.py's counts) with the workload's attention calls and MLP schedule, on the
+    busiest rank (every rank but the first; a step waits for it), or with ``first_rank`` on rank 0, whose
+    first query chunk has no keys before it: one attention part call, its merge and its grads fewer."""
     calls = tsp_attention_calls(work, d)
     mlp = _OPS_GATHERED_MLP if work.tsp_mlp_gather else _OPS_PER_RING_STEP * d
+    first_rank_fewer = _OPS_FIRST_RANK_FEWER_PER_CALL * calls if first_rank or d == 1 else 0
     if calls == 1:
-        return _OPS_ONE_CALL_LAYER + mlp
+        return _OPS_ONE_CALL_LAYER + mlp - first_rank_fewer
     per_call = _OPS_PER_CALL + (_OPS_PER_CALL_CONCATENATED if calls < d else 0)
-    return per_call * calls + _OPS_PER_BUCKET * d + _OPS_PER_LAYER + mlp
+    return per_call * calls + _OPS_PER_BUCKET * d + _OPS_PER_LAYER + mlp - first_rank_fewer
 
 
 def tsp_host_steps(work: Workload, d: int) -> float:
-    """A TSP layer's host cost in units of :data:`TSP_HOST_SECONDS` per forward-equivalent pass: D (its head
-    buckets) with one bucket per attention call and the MLP ring, where it was fitted; otherwise scaled by
-    :func:`tsp_layer_operators` against that schedule's."""
+    """A TSP layer's host cost in units of :data:`TSP_HOST_SECONDS` per forward-equivalent pass, on its
+    busiest rank (rank 0 with ``work.tsp_first_rank``): D (its head buckets) on rank 0 with one bucket per
+    attention call and the MLP ring, where it was fitted; otherwise scaled by :func:`tsp_layer_operators`
+    against that rank and schedule's."""
     fitted = replace(work, tsp_buckets_per_call=1, tsp_mlp_gather=False)
-    return d * tsp_layer_operators(work, d) / tsp_layer_operators(fitted, d)
+    return (d * tsp_layer_operators(work, d, first_rank=work.tsp_first_rank)
+            / tsp_layer_operators(fitted, d, first_rank=True))
 
 
 def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:

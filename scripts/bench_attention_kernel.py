@@ -1,12 +1,13 @@
 """Time TSP's core attention per head bucket, forward + backward: the zigzag backend vs the dense-mask reference,
 and TSP's whole attention vs Megatron TP's.
 
-One rank's call (rank 0; zigzag gives every rank the same work): q ``[S/D, B, G*nq/D, hd]`` against the
-gathered K/V ``[S, B, G*nkv/D, hd]``, for G head buckets per call (``--buckets-per-call``, TSP's
-``--tsp-attention-buckets-per-call``). Prints the median wall time of each kernel, run round-robin (and the
-peak memory on CUDA). A TSP rank makes D/G such calls per layer; a TP rank makes one square causal call over
-the whole sequence with one bucket's heads (SDPA, default dispatch), the same FLOPs: the last line compares
-the two.
+One rank's call (``--rank``, default 0; zigzag gives every rank the same FLOPs, but rank 0's first query
+chunk has no keys before it: three part calls and one merge where the other ranks run four and two):
+q ``[S/D, B, G*nq/D, hd]`` against the gathered K/V ``[S, B, G*nkv/D, hd]``, for G head buckets per call
+(``--buckets-per-call``, TSP's ``--tsp-attention-buckets-per-call``). Prints the median wall time of each
+kernel, run round-robin (and the peak memory on CUDA). A TSP rank makes D/G such calls per layer; a TP rank
+makes one square causal call over the whole sequence with one bucket's heads (SDPA, default dispatch), the
+same FLOPs: the last line compares the two.
 
     .venv/bin/python scripts/bench_attention_kernel.py --seq-len 4096 --tsp-size 4 [--buckets-per-call 4]
 """
@@ -45,6 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--tsp-size", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=0, help="the TSP rank whose call is timed")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4, help="query heads per bucket (nq/D)")
     parser.add_argument("--kv-heads", type=int, default=4, help="kv heads per bucket (nkv/D)")
@@ -58,6 +60,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.buckets_per_call < 1 or args.tsp_size % args.buckets_per_call:
         parser.error(f"--buckets-per-call {args.buckets_per_call} must divide --tsp-size {args.tsp_size}")
+    if not 0 <= args.rank < args.tsp_size:
+        parser.error(f"--rank {args.rank} must be a rank of the group of --tsp-size {args.tsp_size}")
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     seq_len, tsp_size, g = args.seq_len, args.tsp_size, args.buckets_per_call
@@ -70,7 +74,8 @@ def main() -> None:
         random(seq_len, args.batch, 2 * g * args.kv_heads, args.head_dim)
     inputs = [t.requires_grad_() for t in (q, kv)]
     grad_out = random(q.shape[0], args.batch, g * args.heads * args.head_dim)
-    positions = (local_positions(seq_len, tsp_size, 0, device), gathered_positions(seq_len, tsp_size, device))
+    positions = (local_positions(seq_len, tsp_size, args.rank, device),
+                 gathered_positions(seq_len, tsp_size, device))
     scale = args.head_dim ** -0.5
 
     # TP's per-rank call: all S queries of one bucket's heads; positions are ignored
@@ -91,7 +96,7 @@ def main() -> None:
             lambda *a: zigzag_causal_attention(*a, part_kernel=math_part_kernel()))
     print(f"device {device} ({torch.get_num_threads()} CPU threads), {args.dtype}, S={seq_len}, D={tsp_size}, "
           f"B={args.batch}, heads {args.heads}/{args.kv_heads} per bucket, {g} bucket(s) per call, "
-          f"hd={args.head_dim}; fwd+bwd of one rank's call, median of {args.repeats}")
+          f"hd={args.head_dim}; fwd+bwd of rank {args.rank}'s call, median of {args.repeats}")
     # Round-robin over the kernels, so that load from other processes hits them alike; step 0 is warm-up.
     tp_name = "TP: one square causal SDPA call over S"
     runs: dict[str, list[tuple[float, int]]] = {name: [] for name in (*kernels, tp_name)}
@@ -113,7 +118,7 @@ def main() -> None:
     tsp_layer, tp_layer = (calls * statistics.median(s for s, _ in runs["zigzag, default part kernel"]),
                            statistics.median(s for s, _ in runs[tp_name]))
     print(f"per layer: TSP {calls} calls of {g} head bucket(s) {tsp_layer * 1e3:.1f} ms vs TP's call "
-          f"{tp_layer * 1e3:.1f} ms: {tsp_layer / tp_layer:.2f}x TP's time")
+          f"{tp_layer * 1e3:.1f} ms: {tsp_layer / tp_layer:.2f}x TP's time (rank {args.rank})")
 
 if __name__ == "__main__":
     main()

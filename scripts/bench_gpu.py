@@ -25,7 +25,7 @@ Prints one JSON line per case (on a GPU first its measured matmul rate; both lay
 TSP / TP+SP ratios per length, rewriting ``--out`` with all of them after each (a run cut short keeps what
 it measured); ``--profile`` adds a profile of each case's step on a GPU.
 The numbers of received shards are garbage under the fake group (nothing is received); shapes, memory and
-FLOPs are those of a real rank.
+FLOPs are those of a real rank, ``--rank`` (default 0; see its help: rank 0's attention runs fewer calls).
 
     python scripts/bench_gpu.py --seqs 16384,32768,65536,131072 --out $OUT/bench_gpu.json   # the paper's 7B, D=8
 """
@@ -73,9 +73,15 @@ from device_report import LAYOUTS, model_inputs  # noqa: E402  (scripts/)
 DENSE_RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 
 
+RANK_HELP = ("the rank of the fake group this process is (default 0): zigzag gives every TSP rank the same "
+             "FLOPs, but rank 0's first query chunk has no keys before it, so its attention runs three part "
+             "calls and one merge per query-chunk pair where every other rank runs four and two")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tsp", type=int, default=8, help="TSP degree D (the fake group's size)")
+    parser.add_argument("--rank", type=int, default=0, help=RANK_HELP)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=32)
@@ -101,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="on a GPU, profile one more step per case: device-busy time and top kernels")
     args = parser.parse_args(argv)
+    if not 0 <= args.rank < args.tsp:
+        parser.error(f"--rank {args.rank} must be a rank of the group of --tsp {args.tsp}")
     if args.recompute_modules is not None and args.recompute != "selective":
         parser.error("--recompute-modules needs --recompute selective")
     if args.recompute_num_layers != 1 and args.recompute != "full":
@@ -141,7 +149,8 @@ def tp_sp_block(config: TransformerConfig) -> TransformerBlockSubmodules:
 
 
 def build_model(args: argparse.Namespace, layout: str, seq: int, device: torch.device) -> DistributedDataParallel:
-    """One rank's GPT (rank 0 of the fake group) in ``layout``, wrapped in Megatron DDP with fp32 grad buffers."""
+    """One rank's GPT (``--rank`` of the fake group) in ``layout``, wrapped in Megatron DDP with fp32 grad
+    buffers."""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     config = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
@@ -239,7 +248,7 @@ def run_record(args: argparse.Namespace, layout: str, seq: int) -> dict:
               "dtype": args.dtype, "recompute": recompute}
     if layout == "tsp":
         record.update(output_layer=args.output_layer, keep_weight_shards=args.keep_weight_shards,
-                      buckets_per_call=args.buckets_per_call, mlp_schedule=args.mlp_schedule)
+                      buckets_per_call=args.buckets_per_call, mlp_schedule=args.mlp_schedule, rank=args.rank)
     return record
 
 
@@ -282,7 +291,7 @@ def main() -> None:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("fake", rank=0, world_size=args.tsp, store=FakeStore())
+    dist.init_process_group("fake", rank=args.rank, world_size=args.tsp, store=FakeStore())
     initialize_model_parallel(tsp_size=args.tsp, create_gloo_process_groups=False)
     results = []
     if device.type == "cuda":

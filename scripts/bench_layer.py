@@ -82,6 +82,8 @@ def _peak_mib(run: Callable[[], Tensor], device: torch.device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tsp", type=int, default=4, help="TSP degree D (the fake group's size)")
+    parser.add_argument("--rank", type=int, default=0,
+                        help="the fake group's rank this process is (rank 0's attention runs fewer part calls)")
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)
@@ -100,7 +102,7 @@ def main() -> None:
     d, h, seq, heads = args.tsp, args.hidden, args.seq, args.heads
     kv_groups = args.kv_groups or heads
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    dist.init_process_group("fake", rank=0, world_size=d, store=FakeStore())
+    dist.init_process_group("fake", rank=args.rank, world_size=d, store=FakeStore())
     group = dist.group.WORLD
     gen = torch.Generator(device).manual_seed(0)
 
@@ -111,7 +113,7 @@ def main() -> None:
     head_dim = h // heads
     qkv, proj = weight((heads + 2 * kv_groups) * head_dim // d, h), weight(h, h // d)
     fc1, fc2 = weight(2 * args.ffn // d, h), weight(h, args.ffn // d)
-    positions = local_positions(seq, d, 0, device), gathered_positions(seq, d, device)
+    positions = local_positions(seq, d, args.rank, device), gathered_positions(seq, d, device)
     def attention(buckets_per_call: int) -> Callable[[], Tensor]:
         return lambda: tsp_attention(x, qkv, None, proj, *positions, group, heads, kv_groups,
                                      buckets_per_call=buckets_per_call)
@@ -121,8 +123,8 @@ def main() -> None:
         return lambda: tsp_mlp(x, fc1, None, fc2, group, schedule=schedule)
 
     schedules |= {f"mlp {schedule}": mlp(schedule) for schedule in args.mlp_schedules.split(",")}
-    print(f"TSP rank 0 of {d}, S {seq}, h {h}, {heads} heads / {kv_groups} kv groups, ffn {args.ffn} gated, "
-          f"{args.dtype} on {device}")
+    print(f"TSP rank {args.rank} of {d}, S {seq}, h {h}, {heads} heads / {kv_groups} kv groups, ffn {args.ffn} "
+          f"gated, {args.dtype} on {device}")
     for name, run in schedules.items():
         forward, backward = _seconds(run, device, args.repeats)
         outputs = []

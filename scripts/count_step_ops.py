@@ -73,6 +73,7 @@ def median_seconds(steps: list[Step], repeats: int, device: torch.device) -> lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tsp", type=int, default=8, help="degree D (the fake group's size)")
+    parser.add_argument("--rank", type=int, default=0, help=bench_gpu.RANK_HELP)
     parser.add_argument("--buckets-per-call", default="1", help="comma-separated G values, each dividing D")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--hidden", type=int, help="default 32 x D")
@@ -85,13 +86,13 @@ def main() -> None:
     parser.add_argument("--time-steps", type=int, default=0, help="also time this many steps (median)")
     options = parser.parse_args()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    dist.init_process_group("fake", rank=0, world_size=options.tsp, store=FakeStore())
+    dist.init_process_group("fake", rank=options.rank, world_size=options.tsp, store=FakeStore())
     initialize_model_parallel(tsp_size=options.tsp, create_gloo_process_groups=False)
     runs = [("tp_sp", 1)] + [("tsp", int(g)) for g in options.buckets_per_call.split(",")]
     d = options.tsp
     hidden, heads, ffn = options.hidden or 32 * d, options.heads or 4 * d, options.ffn or 64 * d
-    print(f"degree {d}, S {options.seq}, h {hidden}, {heads} heads, ffn {ffn}, {options.dtype}, recompute "
-          f"{options.recompute}, TSP MLP {options.mlp_schedule}, on {device}")
+    print(f"degree {d} (rank {options.rank}), S {options.seq}, h {hidden}, {heads} heads, ffn {ffn}, "
+          f"{options.dtype}, recompute {options.recompute}, TSP MLP {options.mlp_schedule}, on {device}")
     labels = ["TP+SP" if layout == "tp_sp" else f"TSP G={g}" for layout, g in runs]
     with cuda_to_cpu() if device.type == "cpu" else contextlib.nullcontext():
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
@@ -99,7 +100,8 @@ def main() -> None:
         for (layout, g), label in zip(runs, labels, strict=True):
             tallies = []
             for layers in (1, 2):
-                args = bench_gpu.parse_args(["--dtype", options.dtype, "--tsp", str(d), "--layers", str(layers),
+                args = bench_gpu.parse_args(["--dtype", options.dtype, "--tsp", str(d), "--rank",
+                                             str(options.rank), "--layers", str(layers),
                                              "--hidden", str(hidden), "--heads", str(heads), "--ffn", str(ffn),
                                              "--vocab", str(64 * d), "--recompute", options.recompute,
                                              "--buckets-per-call", str(g), "--mlp-schedule", options.mlp_schedule])

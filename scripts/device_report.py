@@ -34,7 +34,7 @@ SWEEPS = ("bench_gpu", "bench_gpu_fast", "bench_gpu_selective", "bench_gpu_none"
 MEMORY_TARGET_SEQ, MEMORY_TARGET, TIME_TARGET, KERNEL_TARGET = 131072, 0.9, 1.05, 1.0
 # bench_attention_kernel.py's last line; "TSP 8 bucket calls" before it took --buckets-per-call
 _KERNEL_LINE = re.compile(r"per layer: TSP (\d+) (?:bucket calls|calls of (\d+) head bucket\(s\)) ([0-9.]+) ms "
-                          r"vs TP's call ([0-9.]+) ms")
+                          r"vs TP's call ([0-9.]+) ms[^\n]*?(?:\(rank (\d+)\))?$", re.MULTILINE)
 
 
 def model_inputs(record: dict) -> tuple[cost.ModelShape, cost.Workload, cost.Layout]:
@@ -49,7 +49,8 @@ def model_inputs(record: dict) -> tuple[cost.ModelShape, cost.Workload, cost.Lay
                          tsp_keep_weights=record.get("keep_weight_shards", False),
                          tsp_buckets_per_call=record.get("buckets_per_call", 1),  # records before G: 1, the ring
                          tsp_mlp_gather=record.get("mlp_schedule", "ring") == "gather",
-                         tsp_vocab_ring=record.get("output_layer", "vocab-ring") == "vocab-ring")
+                         tsp_vocab_ring=record.get("output_layer", "vocab-ring") == "vocab-ring",
+                         tsp_first_rank=record.get("rank", 0) == 0)  # records before --rank: rank 0
     return model, work, cost.Layout(LAYOUTS[record["layout"]], tensor=record["D"])
 
 
@@ -120,7 +121,9 @@ def _length(seq: int) -> str:
 
 
 def _schedule(record: dict) -> str:
-    return f"G={record.get('buckets_per_call', 1)} {record.get('mlp_schedule', 'ring')}"
+    rank = record.get("rank", 0)  # records before --rank: rank 0
+    schedule = f"G={record.get('buckets_per_call', 1)} {record.get('mlp_schedule', 'ring')}"
+    return f"{schedule} rank {rank}" if rank else schedule
 
 
 def sweep_tables(results: Results) -> list[str]:
@@ -160,10 +163,11 @@ def targets(results: Results) -> list[str]:
         times = ", ".join(f"{_length(seq)} {time:.2f}" for seq, (_, time) in sorted(best.items()))
         met = all(time <= TIME_TARGET for _, time in best.values())
         lines.append(f"| step time <= {TIME_TARGET}x at every length | {times} | {_met(met)} |")
-    for calls, buckets, tsp_ms, tp_ms in _KERNEL_LINE.findall(results.log):
+    for calls, buckets, tsp_ms, tp_ms, rank in _KERNEL_LINE.findall(results.log):
         ratio = float(tsp_ms) / float(tp_ms)
         lines.append(f"| attention kernel <= {KERNEL_TARGET}x TP's | {ratio:.2f} ({calls} calls of "
-                     f"{buckets or 1} bucket(s): {tsp_ms} vs {tp_ms} ms) | {_met(ratio <= KERNEL_TARGET)} |")
+                     f"{buckets or 1} bucket(s), rank {rank or 0}: {tsp_ms} vs {tp_ms} ms) | "
+                     f"{_met(ratio <= KERNEL_TARGET)} |")
     return lines
 
 

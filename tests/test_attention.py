@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import partial
 
 import pytest
 import torch
@@ -282,7 +283,10 @@ def test_apply_rotary_matches_megatron() -> None:
             assert torch.equal(apply_rotary_cos_sin(t, rotary_cos_sin(angles, dtype)), expected), (dtype, rot_dim)
             expected = _apply_rotary_pos_emb_bshd(grouped.flatten(2, 3), angles).view(grouped.shape)
             assert torch.equal(apply_rotary_cos_sin(grouped, rotary_cos_sin(angles, dtype)), expected)
-            assert torch.equal(per_head_rotary(_apply_rotary_pos_emb_bshd)(grouped, angles), expected)
+            for interleaved in (False, True):  # each head rotated on its own, as the wrapped function would
+                megatron_rope = partial(_apply_rotary_pos_emb_bshd, rotary_interleaved=interleaved)
+                per_head = torch.stack([megatron_rope(grouped[:, :, :, j], angles) for j in range(2)], dim=3)
+                assert torch.equal(per_head_rotary(megatron_rope)(grouped, angles), per_head), interleaved
 
 
 def test_causal_attention_by_position_any_order() -> None:

@@ -30,6 +30,7 @@ from megatron_tsp.cost import (
     step_cost,
     tsp_attention_comm,
     tsp_host_steps,
+    tsp_layer_operators,
     tsp_mlp_comm,
 )
 from megatron_tsp.mlp import tsp_mlp
@@ -237,10 +238,11 @@ _MEASURED_H100_STEP_S = [  # kind, recompute, seq, seconds, the residual bound c
 
 @pytest.mark.parametrize("kind,recompute,seq,seconds,bound", _MEASURED_H100_STEP_S)
 def test_tsp_compute_time_on_h100(kind: str, recompute: str, seq: int, seconds: float, bound: float) -> None:
-    """TSP's layers: TSP_DEVICE_FACTOR times the FLOP time, no less than the host's launch time."""
+    """TSP's layers: TSP_DEVICE_FACTOR times the FLOP time, no less than the host's launch time (on rank 0,
+    which the H100 measured)."""
     modules = {"recompute_modules": ("layernorm", "mlp")} if recompute == "selective" else {}
-    cost = step_cost(_SEVEN_B, Workload(1, seq, recompute=recompute, **modules), Layout(kind, tensor=8),
-                     plan.GPUS["h100"], microbatches=1)
+    work = Workload(1, seq, recompute=recompute, tsp_first_rank=True, **modules)
+    cost = step_cost(_SEVEN_B, work, Layout(kind, tensor=8), plan.GPUS["h100"], microbatches=1)
     assert abs(cost.compute_s / seconds - 1) <= bound
 
 
@@ -324,7 +326,10 @@ def test_attention_calls_keep_bytes_and_trade_operators_for_memory() -> None:
             assert backward == {**kv, **fetch, "dK/dV": ("reduce_scatter", 2 * d // g, True),
                                 "attention weight grads": ("reduce", d, True)}, g
     host = [tsp_host_steps(work, d) for work in works.values()]
-    assert host[0] == d and host == sorted(host, reverse=True) and host[-1] < d / 2
+    assert host == sorted(host, reverse=True) and host[-1] < d / 2
+    # fitted on rank 0 at G = 1; the busiest rank dispatches its extra attention part calls on top
+    assert tsp_host_steps(replace(works[1], tsp_first_rank=True), d) == d < host[0]
+    assert host[0] == d * tsp_layer_operators(works[1], d) / tsp_layer_operators(works[1], d, first_rank=True)
     peaks = [memory(_SEVEN_B, work, layout).working for work in works.values()]
     assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
     with pytest.raises(ValueError, match="--tsp-attention-buckets-per-call 3 must divide the TSP size 8"):
@@ -346,7 +351,7 @@ def test_gathered_mlp_moves_the_ring_bytes_in_fewer_messages() -> None:
     assert bytes_by_op(ring.backward) == {"ring_send": weights * (2 + 4)}
     messages = {phase: sum(t.messages for t in getattr(gathered, phase)) for phase in ("forward", "backward")}
     assert messages == {"forward": 3, "backward": 5}  # fc1, its bias, fc2; backward: no bias, then 3 grads
-    assert tsp_host_steps(gather_work, d) < tsp_host_steps(ring_work, d) == d
+    assert tsp_host_steps(gather_work, d) < tsp_host_steps(replace(ring_work, tsp_first_rank=True), d) == d
     layout = Layout("TSP", tensor=d)
     assert memory(model, gather_work, layout).working > memory(model, ring_work, layout).working
 

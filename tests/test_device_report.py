@@ -30,8 +30,10 @@ def test_h100_ratios_and_targets_as_documented() -> None:
     assert "| memory <= 0.9x TP+SP at 128K | 0.817 | yes |" in text
     assert "| memory <= 1.0x at every length | at most 0.976 | yes |" in text
     assert "| step time <= 1.05x at every length | 16K 5.33, 32K 2.44, 64K 1.45, 128K 1.26 | **no** |" in text
-    assert "| attention kernel <= 1.0x TP's | 1.21 (8 calls of 1 bucket(s): 140.2 vs 115.7 ms) | **no** |" in text
-    assert "| attention kernel <= 1.0x TP's | 1.18 (8 calls of 1 bucket(s): 132.6 vs 112.7 ms) | **no** |" in text
+    assert "| attention kernel <= 1.0x TP's | 1.21 (8 calls of 1 bucket(s), rank 0: 140.2 vs 115.7 ms) | **no** |" \
+        in text
+    assert "| attention kernel <= 1.0x TP's | 1.18 (8 calls of 1 bucket(s), rank 0: 132.6 vs 112.7 ms) | **no** |" \
+        in text
 
 
 def test_model_rows_are_the_cost_models_compute_time() -> None:
@@ -58,26 +60,32 @@ def test_fit_gives_back_the_calibration_that_made_the_steps(factor: float, host_
     assert fitted.tsp_host_seconds == pytest.approx(host_s, abs=5e-6)
 
 
-def test_kernel_lines_of_either_format() -> None:
-    """bench_attention_kernel.py's per-layer line, with several head buckets per call and as it was before."""
-    log = ("per layer: TSP 1 calls of 8 head bucket(s) 122.2 ms vs TP's call 112.4 ms: 1.09x TP's time\n"
+def test_kernel_lines_of_every_format() -> None:
+    """bench_attention_kernel.py's per-layer line: with the rank timed, with several head buckets per call, and
+    as it was before either (rank 0)."""
+    log = ("per layer: TSP 1 calls of 8 head bucket(s) 130.1 ms vs TP's call 112.4 ms: 1.16x TP's time (rank 7)\n"
+           "per layer: TSP 1 calls of 8 head bucket(s) 122.2 ms vs TP's call 112.4 ms: 1.09x TP's time\n"
            "per layer: TSP 8 bucket calls 140.2 ms vs TP's call 115.7 ms: 1.21x TP's time\n")
     lines = device_report.targets(replace(H100, log=log))
-    assert "| attention kernel <= 1.0x TP's | 1.09 (1 calls of 8 bucket(s): 122.2 vs 112.4 ms) | **no** |" in lines
-    assert "| attention kernel <= 1.0x TP's | 1.21 (8 calls of 1 bucket(s): 140.2 vs 115.7 ms) | **no** |" in lines
+    assert "| attention kernel <= 1.0x TP's | 1.16 (1 calls of 8 bucket(s), rank 7: 130.1 vs 112.4 ms) | **no** |" \
+        in lines
+    assert "| attention kernel <= 1.0x TP's | 1.09 (1 calls of 8 bucket(s), rank 0: 122.2 vs 112.4 ms) | **no** |" \
+        in lines
+    assert "| attention kernel <= 1.0x TP's | 1.21 (8 calls of 1 bucket(s), rank 0: 140.2 vs 115.7 ms) | **no** |" \
+        in lines
 
 
-@pytest.mark.parametrize("buckets", [1, 2])
-def test_kernel_benchmark_line_is_read(buckets: int) -> None:
-    """scripts/bench_attention_kernel.py's last line (one or all of D = 2 head buckets per call, on CPU) is
-    what the report reads, with the number of calls per layer."""
+@pytest.mark.parametrize("buckets,rank", [(1, 0), (2, 1)])
+def test_kernel_benchmark_line_is_read(buckets: int, rank: int) -> None:
+    """scripts/bench_attention_kernel.py's last line (one or all of D = 2 head buckets per call, on CPU, for
+    either rank) is what the report reads, with the number of calls per layer and the rank."""
     done = subprocess.run([sys.executable, "scripts/bench_attention_kernel.py", "--seq-len", "256", "--tsp-size",
-                           "2", "--buckets-per-call", str(buckets), "--heads", "2", "--kv-heads", "1",
-                           "--head-dim", "16", "--repeats", "1"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+                           "2", "--buckets-per-call", str(buckets), "--rank", str(rank), "--heads", "2",
+                           "--kv-heads", "1", "--head-dim", "16", "--repeats", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = device_report.targets(replace(H100, log=done.stdout))
-    assert any(f"({2 // buckets} calls of {buckets} bucket(s): " in line for line in lines), done.stdout
+    assert any(f"({2 // buckets} calls of {buckets} bucket(s), rank {rank}: " in line for line in lines), done.stdout
 
 
 def test_records_read_back_as_the_run(tmp_path: Path) -> None:
