@@ -501,14 +501,14 @@ def tsp_attention_calls(work: Workload, d: int) -> int:
     return d // work.tsp_buckets_per_call
 
 
-def tsp_layer_operators(work: Workload, d: int, *, first_rank: bool = False) -> int:
+def tsp_layer_operators(work: Workload, d: int) -> int:
     """Operators a TSP layer of degree D dispatches in a training step under full recompute (the ``_OPS_*``
     fit of scripts/count_step_ops.py's counts) with the workload's attention calls and MLP schedule, on the
-    busiest rank (every rank but the first; a step waits for it), or with ``first_rank`` on rank 0, whose
-    first query chunk has no keys before it: one attention part call, its merge and its grads fewer."""
+    busiest rank (every rank but the first; a step waits for it), or with ``work.tsp_first_rank`` on rank 0,
+    whose first query chunk has no keys before it: one attention part call, its merge and its grads fewer."""
     calls = tsp_attention_calls(work, d)
     mlp = _OPS_GATHERED_MLP if work.tsp_mlp_gather else _OPS_PER_RING_STEP * d
-    first_rank_fewer = _OPS_FIRST_RANK_FEWER_PER_CALL * calls if first_rank or d == 1 else 0
+    first_rank_fewer = _OPS_FIRST_RANK_FEWER_PER_CALL * calls if work.tsp_first_rank or d == 1 else 0
     if calls == 1:
         return _OPS_ONE_CALL_LAYER + mlp - first_rank_fewer
     per_call = _OPS_PER_CALL + (_OPS_PER_CALL_CONCATENATED if calls < d else 0)
@@ -520,9 +520,8 @@ def tsp_host_steps(work: Workload, d: int) -> float:
     busiest rank (rank 0 with ``work.tsp_first_rank``): D (its head buckets) on rank 0 with one bucket per
     attention call and the MLP ring, where it was fitted; otherwise scaled by :func:`tsp_layer_operators`
     against that rank and schedule's."""
-    fitted = replace(work, tsp_buckets_per_call=1, tsp_mlp_gather=False)
-    return (d * tsp_layer_operators(work, d, first_rank=work.tsp_first_rank)
-            / tsp_layer_operators(fitted, d, first_rank=True))
+    fitted = replace(work, tsp_buckets_per_call=1, tsp_mlp_gather=False, tsp_first_rank=True)
+    return d * tsp_layer_operators(work, d) / tsp_layer_operators(fitted, d)
 
 
 def tsp_attention_comm(model: ModelShape, work: Workload, d: int) -> LayerComm:

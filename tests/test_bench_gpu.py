@@ -119,8 +119,9 @@ def test_count_step_ops_on_cpu(mlp_schedule: str, rank: int) -> None:
     assert timed == ["TP+SP", "TSP G=1", "TSP G=2"], done.stdout
     assert int(counts["TP+SP"]) < int(counts["TSP G=2"]) < int(counts["TSP G=1"]), done.stdout
     for g in (1, 2):
-        work = Workload(micro_batch=1, seq_len=64, tsp_buckets_per_call=g, tsp_mlp_gather=mlp_schedule == "gather")
-        assert int(counts[f"TSP G={g}"]) == tsp_layer_operators(work, 2, first_rank=rank == 0), done.stdout
+        work = Workload(micro_batch=1, seq_len=64, tsp_buckets_per_call=g, tsp_mlp_gather=mlp_schedule == "gather",
+                        tsp_first_rank=rank == 0)
+        assert int(counts[f"TSP G={g}"]) == tsp_layer_operators(work, 2), done.stdout
 
 
 def test_tally_work_counts_operators_and_memory_bound_bytes() -> None:

@@ -329,7 +329,8 @@ def test_attention_calls_keep_bytes_and_trade_operators_for_memory() -> None:
     assert host == sorted(host, reverse=True) and host[-1] < d / 2
     # fitted on rank 0 at G = 1; the busiest rank dispatches its extra attention part calls on top
     assert tsp_host_steps(replace(works[1], tsp_first_rank=True), d) == d < host[0]
-    assert host[0] == d * tsp_layer_operators(works[1], d) / tsp_layer_operators(works[1], d, first_rank=True)
+    assert host[0] == d * tsp_layer_operators(works[1], d) / tsp_layer_operators(
+        replace(works[1], tsp_first_rank=True), d)
     peaks = [memory(_SEVEN_B, work, layout).working for work in works.values()]
     assert peaks == sorted(peaks) and peaks[0] < peaks[-1]
     with pytest.raises(ValueError, match="--tsp-attention-buckets-per-call 3 must divide the TSP size 8"):
