@@ -90,7 +90,6 @@ from megatron_tsp.comm import (
 )
 from megatron_tsp.grads import (
     add_linear_,
-    linear_backward,
     linear_weight_grads,
     needs_backward,
     weight_grad_for_autograd,
@@ -349,7 +348,11 @@ def _attention_backward(restarted: tuple, weights: _CallWeights, kept_attention:
     gathered K/V, the attention-output grad) are freed when it returns."""
     leaf_projection, leaf_norm, qkv, kv_gather = restarted
     attn = kept_attention[0]  # [S/D, B, nq*hd]
-    grad_attn, grad_proj = linear_backward(grad_out, attn, weights.proj())  # out = attn @ proj_weight^T
+    grad_attn = grad_out @ weights.proj()  # out = attn @ proj_weight^T
+    if spec.calls == 1:  # transposed, [nq*hd, h]: the layout its reduce-scatter sends
+        grad_proj = linear_weight_grads(attn, grad_out, dtype=_call_grads_dtype(attn.dtype, spec))
+    else:
+        grad_proj = linear_weight_grads(grad_out, attn)
     full_k, full_v = kv_gather.wait().chunk(2, dim=2)
     grad_q, grad_full_k, grad_full_v = spec.core_attention.backward(
         grad_attn, qkv[0], full_k, full_v, *kept_attention, q_positions, k_positions, spec.softmax_scale)
@@ -362,14 +365,23 @@ def _finish_call_backward(x: Tensor, attention_grads: tuple,
     """The second half of a call's grads, once its dK/dV have arrived: through the q/k norms and RoPE to the
     qkv projection, and its GEMM's weight grads. Returns the projection's grad ``[S/D, B, (nq + 2*nkv)*hd]``
     (the input grad's GEMM is the caller's, so that the weight grads' reduce can run during it), the call's
-    q/k-norm param grads (None where there is no such param) and weight grads in pack order."""
+    q/k-norm param grads (None where there is no such param) and weight grads in pack order (their dtype and
+    proj's layout: :func:`_call_grads_dtype`)."""
     leaf_projection, leaf_norm, (q, k, v), grad_q, dkv_scatter, grad_proj = attention_grads
     grad_k, grad_v = dkv_scatter.wait().chunk(2, dim=2)
     local_leaves = [leaf_projection] + leaf_norm
     local_grads = iter(torch.autograd.grad([q, k, v], [t for t in local_leaves if t is not None],
                                            [grad_q, grad_k, grad_v]))
     grad_projection, *grad_norm = [None if t is None else next(local_grads) for t in local_leaves]
-    return grad_projection, grad_norm, [*linear_weight_grads(grad_projection, x, spec.has_qkv_bias), *grad_proj]
+    weight_grads = linear_weight_grads(grad_projection, x, spec.has_qkv_bias, _call_grads_dtype(x.dtype, spec))
+    return grad_projection, grad_norm, [*weight_grads, *grad_proj]
+
+
+def _call_grads_dtype(dtype: torch.dtype, spec: _CallSpec) -> torch.dtype:
+    """The dtype of a call's weight grads for weights of ``dtype``: with one call, that of their sum over the
+    ranks (>= fp32), as the GEMMs can write it and the reduce-scatter sends it; with several, ``dtype``, as
+    :func:`_reduce_call_grads` packs them into its >= fp32 buffer with one casting copy anyway."""
+    return torch.promote_types(dtype, torch.float32) if spec.calls == 1 else dtype
 
 
 def _accumulate(total: Tensor | None, part: Tensor, parts: int) -> Tensor:
@@ -399,17 +411,13 @@ def _reduce_call_grads(call: int, call_grads: list[Tensor], layout: ShardLayout,
     ``acc_dtype``; the returned function waits and gives this rank's own summed grads in pack order if it
     owns one of the call's buckets, else [].
 
-    One call: each tensor is reduce-scattered from its full layout (proj's transposed), the transpose of
-    :func:`_fetch_call`'s gathers. Otherwise the grads are copied into one buffer of the call's G packed
+    One call: each tensor is reduce-scattered from its full layout as the GEMMs wrote it (in ``acc_dtype``,
+    proj's transposed: :func:`_call_grads_dtype`), the transpose of :func:`_fetch_call`'s gathers. Otherwise the grads are copied into one buffer of the call's G packed
     shards (a strided, casting copy per tensor) and reduced part by part to their owners, and the owner copies
     its part out, so that the buffer is freed once the function has run.
     """
     if spec.calls == 1:
-        qkv_weight, qkv_bias, proj_weight = _qkv_bias_proj(call_grads, spec)
-        rows = [g.to(acc_dtype) for g in (qkv_weight, qkv_bias) if g is not None]
-        # one copy: the cast lays it out row-major, or without a cast reduce_scatter_seq's contiguous() does
-        rows.append(proj_weight.t().to(acc_dtype, memory_format=torch.contiguous_format))
-        scatters = [reduce_scatter_seq(g, spec.tsp_group) for g in rows]
+        scatters = [reduce_scatter_seq(g, spec.tsp_group) for g in _qkv_bias_proj(call_grads, spec) if g is not None]
 
         def own_scattered() -> list[Tensor]:
             *qkv, proj_transposed = (pending.wait() for pending in scatters)

@@ -185,22 +185,21 @@ COMPUTE_EFFICIENCY = 0.73
 TSP_DEVICE_FACTOR = 1.26
 TSP_HOST_SECONDS = 1.85e-3
 # Operators (each at least one kernel launch on a GPU) a TSP layer dispatches in a training step under full
-# recompute, norms, RoPE, attention, MLP and grads included (scripts/count_step_ops.py, D = 2, 4, 8, every G,
-# both MLP schedules, rank 0 and rank D-1; CPU, 2026-11-29), on every rank but the first: with several
-# attention calls 89 per call (+ 6 with G > 1 head buckets per call: their weights' concatenated copies, three
-# passes) + 4 per head bucket (its weight broadcasts and grad reduce) + 74; with one call over all D buckets
-# (each weight tensor gathered whole) 165 at every D; plus 27 per MLP ring step or 26 for the gathered MLP;
-# rank 0 16 fewer per call (its first query chunk has no prefix part: one attention part call, LSE merge and
-# their grads fewer per pass). Every count exact. They scale TSP_HOST_SECONDS, fitted on rank 0 with one
-# bucket per call and the ring, to other schedules and to the busiest rank (tsp_host_steps); without
-# recompute the ratio of G = 8 to G = 1 (ring, D = 8) is within 4% of it on either rank. Counted, not timed on
-# a GPU. (Rank 0's G = 1 count at D = 8 was 1455 when TSP_HOST_SECONDS was measured; RoPE's cos/sin made once
-# per angle table, sums started by their first term, each GEMM after it adding into the sum, the gated
-# activation's grad written without a concatenation, q and k rotated in one RoPE call with the sign in the
-# table, and the LSE merge in six kernels took it to 906, which the model does not credit until a GPU
-# measures it.)
+# recompute, norms, RoPE, attention, MLP and grads included (scripts/count_step_ops.py, D = 2, 4, 8, every G, both
+# MLP schedules, rank 0 and rank D-1; CPU, 2026-11-29), on every rank but the first: with several attention calls
+# 89 per call (+ 6 with G > 1 head buckets per call: their weights' concatenated copies, three passes) + 4 per head
+# bucket (its weight broadcasts and grad reduce) + 74; with one call over all D buckets (each weight tensor
+# gathered whole, its grads reduce-scattered as the GEMMs write them) 164 at every D; plus 27 per MLP ring step or
+# 26 for the gathered MLP; rank 0 16 fewer per call (its first query chunk has no prefix part: one attention part
+# call, LSE merge and their grads fewer per pass). Every count exact. They scale TSP_HOST_SECONDS, fitted on rank 0
+# with one bucket per call and the ring, to other schedules and to the busiest rank (tsp_host_steps); without
+# recompute the ratio of G = 8 to G = 1 (ring, D = 8) is within 4% of it on either rank. Counted, not timed on a
+# GPU. (Rank 0's G = 1 count at D = 8 was 1455 when TSP_HOST_SECONDS was measured; RoPE's cos/sin made once per
+# angle table, sums started by their first term, each GEMM after it adding into the sum, the gated activation's
+# grad written without a concatenation, q and k rotated in one RoPE call with the sign in the table, and the LSE
+# merge in six kernels took it to 906, which the model does not credit until a GPU measures it.)
 _OPS_PER_CALL, _OPS_PER_CALL_CONCATENATED, _OPS_PER_BUCKET, _OPS_PER_LAYER = 89, 6, 4, 74
-_OPS_ONE_CALL_LAYER, _OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 165, 27, 26
+_OPS_ONE_CALL_LAYER, _OPS_PER_RING_STEP, _OPS_GATHERED_MLP = 164, 27, 26
 _OPS_FIRST_RANK_FEWER_PER_CALL = 16
 
 

@@ -10,7 +10,8 @@ mark when it zeroes the grad buffer).
 
 Also here: :func:`needs_backward`, which decides whether a schedule keeps its activations for backward,
 :func:`linear_backward` / :func:`linear_weight_grads`, the grads of a linear layer that the schedules
-differentiate by hand, and :func:`add_linear_`, the GEMM that adds a bucket's or shard's partial into a sum.
+differentiate by hand, :func:`linear_in`, a product straight out of the GEMM in fp32 where the backend can,
+and :func:`add_linear_`, the GEMM that adds a bucket's or shard's partial into a sum.
 """
 
 from __future__ import annotations
@@ -50,35 +51,58 @@ def linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor,
     return grad_out @ weight, linear_weight_grads(grad_out, x, bias)
 
 
-def linear_weight_grads(grad_out: Tensor, x: Tensor, bias: bool = False) -> list[Tensor]:
+def linear_weight_grads(grad_out: Tensor, x: Tensor, bias: bool = False,
+                        dtype: torch.dtype | None = None) -> list[Tensor]:
     """[the weight's grad ``[out, in]``, the bias's ``[out]`` if ``bias``] of ``out = x @ weight^T (+ bias)``,
-    summed over every leading (token) dim."""
-    rows = grad_out.flatten(0, -2)
-    return [rows.t() @ x.flatten(0, -2), *([rows.sum(0)] if bias else [])]
+    summed over every leading (token) dim, in ``dtype`` (default grad_out's; the schedules ask for fp32, the
+    dtype they sum 16-bit weights' grads over ranks in: :func:`linear_in`)."""
+    rows, inputs = grad_out.flatten(0, -2), x.flatten(0, -2)
+    dtype = dtype or rows.dtype
+    return [linear_in(rows.t(), inputs.t(), dtype), *([rows.sum(0, dtype=dtype)] if bias else [])]
+
+
+def linear_in(x: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x @ weight^T`` ``[..., out]`` in ``dtype``, x ``[..., in]``, weight ``[out, in]``. 16-bit products
+    asked for in fp32 come straight out of the GEMM in fp32 where the backend can (``mm``'s ``out_dtype`` on
+    CUDA): no 16-bit result rounded and no casting pass over it."""
+    if dtype == x.dtype:
+        return F.linear(x, weight)
+    if _fused_into_fp32(dtype, x):
+        rows = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=dtype)
+        return rows.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight).to(dtype)
 
 
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
-_FUSED_WORKS: dict[tuple[torch.device, torch.dtype], bool] = {}  # checked once per device and input dtype
+# per (device, input dtype): whether its GEMMs give fp32 results of 16-bit products (asked once)
+_FUSED_WORKS: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
-def _fused_into_fp32(total: Tensor, x: Tensor) -> bool:
-    """Whether ``addmm`` with ``out_dtype`` adds ``x.dtype`` products into an fp32 ``total`` on its device:
-    CUDA builds of torch >= 2.8 for 16-bit inputs, checked once on a small exact problem (a build without it
-    gets the unfused path and one warning, not a failed step)."""
-    if not (total.is_cuda and total.dtype == torch.float32 and x.dtype in _FUSED_DTYPES):
+def _fused_into_fp32(out_dtype: torch.dtype, x: Tensor) -> bool:
+    """Whether ``mm`` and ``addmm`` with ``out_dtype`` give fp32 results of ``x.dtype`` products on x's device:
+    CUDA builds of torch >= 2.8 for 16-bit inputs (CPU builds have no such kernels)."""
+    if not (out_dtype == torch.float32 and x.dtype in _FUSED_DTYPES):
         return False
-    key = (total.device, x.dtype)
+    key = (x.device, x.dtype)
     if key not in _FUSED_WORKS:
-        sums = torch.ones(2, 2, device=total.device)
-        try:
-            ones = torch.ones(2, 3, dtype=x.dtype, device=x.device)
-            torch.addmm(sums, ones, ones.t(), out_dtype=torch.float32, out=sums)
-            _FUSED_WORKS[key] = bool(torch.equal(sums, torch.full_like(sums, 4.0)))
-        except (RuntimeError, TypeError) as error:
-            warnings.warn(f"addmm with out_dtype=float32 for {x.dtype} inputs is not available on {total.device} "
-                          f"(torch {torch.__version__}: {error}); TSP sums partial products unfused")
-            _FUSED_WORKS[key] = False
+        _FUSED_WORKS[key] = x.is_cuda and _gives_fp32_products(x.device, x.dtype)
     return _FUSED_WORKS[key]
+
+
+def _gives_fp32_products(device: torch.device, dtype: torch.dtype) -> bool:
+    """Checked on a small exact problem; a build without the kernels gets the unfused path and one warning, not
+    a failed step."""
+    sums = torch.ones(2, 2, device=device)
+    try:
+        ones = torch.ones(2, 3, dtype=dtype, device=device)
+        torch.addmm(sums, ones, ones.t(), out_dtype=torch.float32, out=sums)
+        products = torch.mm(ones.t(), ones, out_dtype=torch.float32)  # a weight grad's transposed operand
+    except (RuntimeError, TypeError) as error:
+        warnings.warn(f"mm/addmm with out_dtype=float32 for {dtype} inputs is not available on {device} (torch "
+                      f"{torch.__version__}: {error}); TSP computes its 16-bit products unfused")
+        return False
+    return bool(torch.equal(sums, torch.full_like(sums, 4.0)) and products.dtype == torch.float32
+                and torch.equal(products, torch.full((3, 3), 2.0, device=device)))
 
 
 def add_linear_(total: Tensor, x: Tensor, weight: Tensor) -> Tensor:
@@ -94,7 +118,7 @@ def add_linear_(total: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     rows, sums = x.reshape(-1, x.shape[-1]), total.view(-1, total.shape[-1])
     if total.dtype == x.dtype:
         torch.addmm(sums, rows, weight.t(), out=sums)
-    elif _fused_into_fp32(total, x):
+    elif _fused_into_fp32(total.dtype, x):
         torch.addmm(sums, rows, weight.t(), out_dtype=torch.float32, out=sums)
     else:
         total.add_(F.linear(x, weight))

@@ -36,8 +36,8 @@ class _GatheredLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         full = all_gather_seq(weight, ctx.group)  # in flight during the weight grad's GEMM
-        (grad_full,) = linear_weight_grads(grad_out, x)
-        own_grad = reduce_scatter_seq(grad_full.to(torch.promote_types(weight.dtype, torch.float32)), ctx.group)
+        (grad_full,) = linear_weight_grads(grad_out, x, dtype=torch.promote_types(weight.dtype, torch.float32))
+        own_grad = reduce_scatter_seq(grad_full, ctx.group)
         grad_x = grad_out @ full.wait()  # the reduce in flight meanwhile
         return grad_x, weight_grad_for_autograd(weight, own_grad.wait()), None
 

@@ -284,16 +284,15 @@ class TSPGatheredMLPFunction(torch.autograd.Function):
         fc1_slices = _slices(fc1_out, tsp_size)
         hidden, activated_gate = _activate_keeping_gate(fc1_slices, spec)
         hidden = hidden.flatten(-2)  # [..., ffn] in slice order
-        grad_out_rows = grad_out.flatten(0, -2)
-        grad_fc2_t = reduce_scatter_seq((hidden.flatten(0, -2).t() @ grad_out_rows).to(acc_dtype),
-                                        spec.tsp_group)  # [ffn, h] -> this rank's [ffn/D, h], in flight
+        (fc2_t_grad,) = linear_weight_grads(hidden, grad_out, dtype=acc_dtype)  # [ffn, h], fc2's transposed
+        grad_fc2_t = reduce_scatter_seq(fc2_t_grad, spec.tsp_group)  # -> this rank's [ffn/D, h], in flight
         del hidden
         grad_hidden = F.linear(grad_out, fc2_t.wait())  # grad_out @ fc2
         grad_fc1_out = _activate_backward(fc1_slices, activated_gate, _slices(grad_hidden, tsp_size), spec)
         grad_fc1_out = grad_fc1_out.flatten(-2)
         del activated_gate, grad_hidden, fc1_out, fc1_slices
-        own = [reduce_scatter_seq(g.to(acc_dtype), spec.tsp_group)  # in flight during the input grad's GEMM
-               for g in linear_weight_grads(grad_fc1_out, x, spec.has_fc1_bias)]
+        own = [reduce_scatter_seq(g, spec.tsp_group)  # in flight during the input grad's GEMM
+               for g in linear_weight_grads(grad_fc1_out, x, spec.has_fc1_bias, acc_dtype)]
         grad_x = grad_fc1_out @ fc1.wait()
         own_grads = [pending.wait() for pending in own] + [grad_fc2_t.wait().t()]
         params = [t for t in (fc1_weight, fc1_bias, fc2_weight) if t is not None]

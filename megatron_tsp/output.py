@@ -25,11 +25,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_tsp.comm import all_gather_seq, group_rank, group_size
-from megatron_tsp.grads import add_linear_, linear_weight_grads, weight_grad_for_autograd
+from megatron_tsp.grads import add_linear_, linear_in, linear_weight_grads, weight_grad_for_autograd
 from megatron_tsp.weight_ring import gather_shard_grads, visit_shards
 
 __all__ = ["TSPVocabLossFunction", "tsp_vocab_parallel_loss", "tsp_vocab_parallel_loss_and_predictions"]
@@ -55,14 +54,15 @@ def _loss_dtype(hidden: Tensor) -> torch.dtype:
 
 def _shard_logits(hidden: Tensor, weight: Tensor) -> Tensor:
     """Logits of the local tokens for one vocabulary shard: ``[S/D, B, h]`` x ``[V/D, h]`` -> ``[S/D, B, V/D]``."""
-    return F.linear(hidden, weight).to(_loss_dtype(hidden))
+    return linear_in(hidden, weight, _loss_dtype(hidden))
 
 
-def _targets_in_shard(labels: Tensor, owner: int, spec: _VocabSpec) -> tuple[Tensor, Tensor]:
-    """(mask of the tokens whose label falls in owner's shard, their row in it, 0 elsewhere), ``[S/D, B]``."""
-    rows = labels - owner * spec.shard_rows
-    inside = (rows >= 0) & (rows < spec.shard_rows)
-    return inside, torch.where(inside, rows, 0)
+def _locate_targets(labels: Tensor, spec: _VocabSpec) -> tuple[Tensor, Tensor]:
+    """Once per pass: (the rank whose vocabulary shard holds each token's label ``[S/D, B]``, the label's row in
+    that shard ``[S/D, B, 1]``, for gathering from and scattering into a shard's logits), so that a shard's
+    targets are one comparison away. A label outside the vocabulary (negative) has no owner in the group."""
+    return (torch.div(labels, spec.shard_rows, rounding_mode="floor"),
+            torch.remainder(labels, spec.shard_rows).unsqueeze(-1))
 
 
 class TSPVocabLossFunction(torch.autograd.Function):
@@ -82,10 +82,12 @@ class TSPVocabLossFunction(torch.autograd.Function):
         target_logit = torch.zeros(labels.shape, dtype=dtype, device=hidden.device)
         predicted = torch.empty(labels.shape if spec.predict else (0,), dtype=torch.int64, device=hidden.device)
 
+        target_owner, target_row = _locate_targets(labels, spec)
+
         def fold_shard(shard: list[Tensor], owner: int) -> None:
             logits = _shard_logits(hidden, shard[0])
-            inside, rows = _targets_in_shard(labels, owner, spec)
-            target_logit.add_(torch.where(inside, logits.gather(-1, rows.unsqueeze(-1)).squeeze(-1), 0.0))
+            torch.where(target_owner == owner, logits.gather(-1, target_row).squeeze(-1), target_logit,
+                        out=target_logit)
             if spec.predict:  # owners come in ring order: on a tie the smaller id wins
                 shard_max, shard_best = logits.max(dim=-1)
                 shard_best.add_(owner * spec.shard_rows)
@@ -108,13 +110,16 @@ class TSPVocabLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
         spec: _VocabSpec = ctx.spec
         hidden, labels, weight, log_sum_exp = ctx.saved_tensors
-        grad_hidden = torch.zeros(hidden.shape, dtype=_loss_dtype(hidden), device=hidden.device)
+        dtype = _loss_dtype(hidden)
+        grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
+        target_owner, target_row = _locate_targets(labels, spec)
+        minus_one = torch.full((), -1, dtype=dtype, device=hidden.device)
 
         def shard_grads(shard: list[Tensor], owner: int) -> list[Tensor]:
             shard_weight = shard[0]
             grad_logits = torch.exp(_shard_logits(hidden, shard_weight) - log_sum_exp.unsqueeze(-1))  # softmax
-            inside, rows = _targets_in_shard(labels, owner, spec)
-            grad_logits.scatter_add_(-1, rows.unsqueeze(-1), -inside.unsqueeze(-1).to(grad_logits.dtype))  # - one-hot
+            minus_one_hot = torch.where(target_owner == owner, minus_one, 0.0).unsqueeze(-1)
+            grad_logits.scatter_add_(-1, target_row, minus_one_hot)
             grad_logits = (grad_logits * grad_loss.unsqueeze(-1)).to(hidden.dtype)
             add_linear_(grad_hidden, grad_logits, shard_weight.t())  # += grad_logits @ shard_weight
             return linear_weight_grads(grad_logits, hidden)

@@ -11,6 +11,9 @@ does not. bench_gpu.py's model is built with one and with two layers; the differ
 is one layer's (norms, attention, MLP, recompute and grads included). The cost model's host-time scaling
 with G (``cost.tsp_host_steps``) is fitted to the operator counts.
 
+``--cuda-gemms`` counts what a CUDA device dispatches where CPU torch has no kernel: 16-bit GEMMs with fp32
+results (``device_profile.cuda_fp32_gemms_on_cpu``; the fp32 weight grads and sums of ``--dtype bf16``).
+
 ``--time-steps N`` also times N steps of each model (median) and prints the difference per layer: at tiny
 shapes (the defaults) that is the eager schedule's own time per layer and step (Python, dispatch and
 near-empty kernels, on CPU also the CUDA-to-CPU adapter's hook on every torch call), the host's side of a
@@ -19,6 +22,8 @@ GPU step, which is what sets a short sequence's pace on a GPU.
     .venv/bin/python scripts/count_step_ops.py --tsp 8 --buckets-per-call 1,2,4,8
     .venv/bin/python scripts/count_step_ops.py --tsp 8 --buckets-per-call 8 --mlp-schedule gather --time-steps 30
     .venv/bin/python scripts/count_step_ops.py --tsp 8 --hidden 512 --heads 32 --ffn 2048 --seq 16384 --dtype bf16
+    .venv/bin/python scripts/count_step_ops.py --tsp 8 --rank 7 --buckets-per-call 8 --mlp-schedule gather \
+        --hidden 1024 --heads 8 --ffn 4096 --seq 4096 --dtype bf16 --cuda-gemms
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from megatron_tsp.megatron_compat import cuda_to_cpu
 from megatron_tsp.mesh import initialize_model_parallel
 from megatron_tsp.mlp import MLP_SCHEDULES
 
-from device_profile import tally_work  # scripts/
+from device_profile import cuda_fp32_gemms_on_cpu, tally_work  # scripts/
 
 
 Step = Callable[[], None]
@@ -84,6 +89,8 @@ def main() -> None:
     parser.add_argument("--mlp-schedule", choices=MLP_SCHEDULES, default=MLP_SCHEDULES[0],
                         help="the TSP MLP's (--tsp-mlp-schedule)")
     parser.add_argument("--time-steps", type=int, default=0, help="also time this many steps (median)")
+    parser.add_argument("--cuda-gemms", action="store_true",
+                        help="on CPU, dispatch the 16-bit GEMMs with fp32 results a CUDA device runs (emulated)")
     options = parser.parse_args()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dist.init_process_group("fake", rank=options.rank, world_size=options.tsp, store=FakeStore())
@@ -92,9 +99,12 @@ def main() -> None:
     d = options.tsp
     hidden, heads, ffn = options.hidden or 32 * d, options.heads or 4 * d, options.ffn or 64 * d
     print(f"degree {d} (rank {options.rank}), S {options.seq}, h {hidden}, {heads} heads, ffn {ffn}, "
-          f"{options.dtype}, recompute {options.recompute}, TSP MLP {options.mlp_schedule}, on {device}")
+          f"{options.dtype}, recompute {options.recompute}, TSP MLP {options.mlp_schedule}, on {device}"
+          f"{' with CUDA fp32-result GEMMs emulated' if options.cuda_gemms and device.type == 'cpu' else ''}")
     labels = ["TP+SP" if layout == "tp_sp" else f"TSP G={g}" for layout, g in runs]
-    with cuda_to_cpu() if device.type == "cpu" else contextlib.nullcontext():
+    on_cpu = device.type == "cpu"
+    emulated = cuda_fp32_gemms_on_cpu() if options.cuda_gemms and on_cpu else contextlib.nullcontext()
+    with cuda_to_cpu() if on_cpu else contextlib.nullcontext(), emulated:
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         steps = []  # per run, its one- and two-layer model's step
         for (layout, g), label in zip(runs, labels, strict=True):

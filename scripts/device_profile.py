@@ -7,19 +7,24 @@ less than the wall time is waiting for the host (launch overhead, syncs); otherw
 which kernels to speed up. The operator count and the memory-bound bytes (:func:`tally_work`) are what a CPU
 can measure too: each such operator is at least one kernel launch on a GPU (the host's cost where a step is
 launch-bound), and the bytes the non-GEMM operators read and write set their time where the GPU is busy.
+:func:`cuda_fp32_gemms_on_cpu` has a CPU run dispatch the GEMMs with fp32 results of 16-bit inputs that a
+CUDA device runs (and CPU torch lacks), so that its tally is the GPU's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from megatron_tsp import grads
 
 # aten operators that allocate or alias without touching data (no kernel on a GPU); ``_unsafe_view`` is the
 # reshape of a fresh result (e.g. a matmul's) that autograd does not track as a view
@@ -87,3 +92,31 @@ def print_device_profile(label: str, fn: Callable[[], object], rows: int = 12) -
           f"({busy / wall:.0%}), {launches} kernels")
     for event in sorted(kernels, key=lambda e: -e.self_device_time_total)[:rows]:
         print(f"  {event.self_device_time_total / 1e3:9.2f} ms {event.count:6d}x  {event.key[:110]}")
+
+
+@contextlib.contextmanager
+def cuda_fp32_gemms_on_cpu() -> Iterator[None]:
+    """Within: CPU kernels for aten's ``mm`` and ``addmm`` with ``out_dtype`` (CUDA-only in torch), computed in
+    the out dtype, so that the TSP schedules take the path they take on a GPU, where a weight grad or a
+    partial sum of 16-bit inputs comes out of its GEMM in fp32 (``megatron_tsp.grads``); a tally then counts
+    the operators and memory-bound bytes a GPU step dispatches. Numerically an emulation, for counting only."""
+    def mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return a.to(out_dtype) @ b.to(out_dtype)
+
+    def mm_out(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, *, out: torch.Tensor) -> torch.Tensor:
+        return torch.mm(a.to(out_dtype), b.to(out_dtype), out=out)
+
+    def addmm_out(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, *, beta: float = 1,
+                  alpha: float = 1, out: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(total, a.to(out_dtype), b.to(out_dtype), beta=beta, alpha=alpha, out=out)
+
+    library = torch.library.Library("aten", "IMPL")
+    for overload, kernel in (("mm.dtype", mm), ("mm.dtype_out", mm_out), ("addmm.dtype_out", addmm_out)):
+        library.impl(overload, kernel, "CPU")
+    # grads asks each device once, and a CPU never: answered for the CPU here, and forgotten after
+    grads._FUSED_WORKS.update({(torch.device("cpu"), dtype): True for dtype in grads._FUSED_DTYPES})
+    try:
+        yield
+    finally:
+        library._destroy()  # the registrations go with the library object; destroyed now, not at its GC
+        grads._FUSED_WORKS.clear()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_tsp.zigzag import inverse_zigzag_permutation
 
@@ -32,14 +36,49 @@ def assert_gathered_close(local: Tensor, expected: Tensor, group, tol: float, wh
 
 
 @contextmanager
-def gemm_flops() -> Iterator[dict[str, int]]:
-    """Count the FLOPs of the matrix products (aten mm, addmm, bmm: a linear layer on a strided input runs as
-    bmm) run inside the block; on CPU the fused attention kernel is none of them. The dict's ``"flops"`` is
-    set when the block ends."""
-    from torch.utils.flop_counter import FlopCounterMode
+def cuda_fp32_gemms_on_cpu() -> Iterator[None]:
+    """Within: scripts/device_profile.py's CPU kernels for the 16-bit GEMMs with fp32 results that CUDA runs,
+    so that the schedules take their GPU path (``megatron_tsp.grads``) on CPU."""
+    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    from device_profile import cuda_fp32_gemms_on_cpu as emulated
 
+    with emulated():
+        yield
+
+
+class _Dispatched(TorchDispatchMode):
+    """Counts the aten operator overloads dispatched and the FLOPs of the matrix products (mm, addmm, bmm: a
+    linear layer on a strided input runs as bmm; any overload, ``out_dtype`` ones included, which torch's
+    FlopCounterMode rejects with ``out=``) among them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.overloads: Counter[str] = Counter()
+        self.gemm_flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        self.overloads[str(func)] += 1
+        name = func.__name__.split(".")[0]
+        if func.namespace == "aten" and name in ("mm", "bmm", "addmm"):
+            a, b = args[1:3] if name == "addmm" else args[:2]  # [(batch,) m, k] @ [(batch,) k, n]
+            self.gemm_flops += 2 * a.numel() * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def dispatched_overloads() -> Iterator[Counter[str]]:
+    """Count the aten operator overloads (``"aten.mm.dtype"``) dispatched inside the block."""
+    with _Dispatched() as mode:
+        yield mode.overloads
+
+
+@contextmanager
+def gemm_flops() -> Iterator[dict[str, int]]:
+    """Count the FLOPs of the matrix products run inside the block (on CPU the fused attention kernel is none
+    of them). The dict's ``"flops"`` is set when the block ends."""
     result = {"flops": 0}
-    with FlopCounterMode(display=False) as counter:
+    with _Dispatched() as mode:
         yield result
-    counts = counter.get_flop_counts()["Global"]
-    result["flops"] = sum(counts.get(op, 0) for op in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm))
+    result["flops"] = mode.gemm_flops

@@ -36,7 +36,8 @@ from megatron_tsp.zigzag import (
     local_positions,
 )
 from tests.multiprocess import run_on_ranks
-from tests.numerics import TOLERANCE, assert_gathered_close, assert_rel_close, gemm_flops
+from tests.numerics import (TOLERANCE, assert_gathered_close, assert_rel_close, cuda_fp32_gemms_on_cpu,
+                            dispatched_overloads, gemm_flops)
 
 @dataclass(frozen=True)
 class Case:
@@ -182,9 +183,11 @@ def _counting(backend: AttentionBackend, calls: Counter) -> AttentionBackend:
     return AttentionBackend(forward, backward)
 
 
-def _run_cases(rank: int, tsp_size: int) -> None:
+def _run_cases(rank: int, tsp_size: int, dtype: torch.dtype | None = None) -> None:
     group = dist.group.WORLD
     for case in _cases(tsp_size):
+        if dtype is not None and case.dtype != dtype:
+            continue
         w = _full_weights(case)
         ref_out, ref_grads = _dense_reference(case, w)
         positions = local_positions(case.seq_len, tsp_size, rank)
@@ -265,6 +268,21 @@ def _run_cases(rank: int, tsp_size: int) -> None:
 @pytest.mark.parametrize("tsp_size", [1, 2, 4])
 def test_attention_matches_dense(tsp_size: int) -> None:
     run_on_ranks(_run_cases, tsp_size)
+
+
+def _run_bf16_cases_as_on_cuda(rank: int, tsp_size: int) -> None:
+    with cuda_fp32_gemms_on_cpu(), dispatched_overloads() as dispatched:
+        _run_cases(rank, tsp_size, torch.bfloat16)
+    # one call's weight grads, and (D > 1) the later calls' terms GEMM-added into the fp32 sums
+    assert dispatched["aten.mm.dtype"] and (tsp_size == 1 or dispatched["aten.addmm.dtype_out"]), dispatched
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("tsp_size", [1, 2, 4])
+def test_attention_matches_dense_with_cudas_fp32_gemms(tsp_size: int) -> None:
+    """The bf16 cases on the path a GPU takes: weight grads out of their GEMMs in fp32 (one call), each later
+    bucket's projection and input grad added into the fp32 sum by its GEMM (several calls)."""
+    run_on_ranks(_run_bf16_cases_as_on_cuda, tsp_size)
 
 
 def test_apply_rotary_matches_megatron() -> None:

@@ -17,7 +17,8 @@ from megatron_tsp.comm import comm_bytes, track_shard_residency
 from megatron_tsp.mlp import prefetch_gathered_fc1, tsp_expert_mlps, tsp_mlp
 from megatron_tsp.zigzag import local_positions
 from tests.multiprocess import run_on_ranks
-from tests.numerics import TOLERANCE, assert_gathered_close, assert_rel_close, gemm_flops
+from tests.numerics import (TOLERANCE, assert_gathered_close, assert_rel_close, cuda_fp32_gemms_on_cpu,
+                            dispatched_overloads, gemm_flops)
 
 @dataclass(frozen=True)
 class Case:
@@ -113,9 +114,11 @@ def _expected_bytes(case: Case, tsp_size: int) -> tuple[dict[str, Fraction], dic
             {"ring_send": weights * (refetched * elem + max(elem, 4)) * share})
 
 
-def _run_cases(rank: int, tsp_size: int) -> None:
+def _run_cases(rank: int, tsp_size: int, dtype: torch.dtype | None = None) -> None:
     group = dist.group.WORLD
     for case in CASES:
+        if dtype is not None and case.dtype != dtype:
+            continue
         w = _full_weights(case)
         ref_out, ref_grads = _dense_reference(case, w)
         positions = local_positions(case.seq_len, tsp_size, rank)
@@ -166,6 +169,20 @@ def _run_cases(rank: int, tsp_size: int) -> None:
 @pytest.mark.parametrize("tsp_size", [1, 2, 4])
 def test_mlp_matches_dense(tsp_size: int) -> None:
     run_on_ranks(_run_cases, tsp_size)
+
+
+def _run_bf16_cases_as_on_cuda(rank: int, tsp_size: int) -> None:
+    with cuda_fp32_gemms_on_cpu(), dispatched_overloads() as dispatched:
+        _run_cases(rank, tsp_size, torch.bfloat16)
+    assert dispatched["aten.mm.dtype"] and dispatched["aten.addmm.dtype_out"], dispatched
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("tsp_size", [1, 2, 4])
+def test_mlp_matches_dense_with_cudas_fp32_gemms(tsp_size: int) -> None:
+    """The bf16 cases (ring and gathered) on the path a GPU takes: the gathered schedule's weight grads out of
+    their GEMMs in fp32, each ring step's output and input grad added into the fp32 sum by its GEMM."""
+    run_on_ranks(_run_bf16_cases_as_on_cuda, tsp_size)
 
 
 def _run_prefetched(rank: int, tsp_size: int) -> None:

@@ -12,18 +12,21 @@ import torch.nn.functional as F
 from megatron_tsp.comm import comm_bytes, track_shard_residency
 from megatron_tsp.output import tsp_vocab_parallel_loss, tsp_vocab_parallel_loss_and_predictions
 from tests.multiprocess import run_on_ranks
-from tests.numerics import TOLERANCE, assert_rel_close
+from tests.numerics import TOLERANCE, assert_rel_close, cuda_fp32_gemms_on_cpu, dispatched_overloads
 
 CASES = [  # (batch, seq_len, hidden, vocab, dtype)
     (2, 16, 32, 64, torch.float32),
     (3, 24, 16, 96, torch.float64),
     (1, 8, 32, 128, torch.float32),
+    (2, 16, 32, 64, torch.bfloat16),
 ]
 
 
-def _run_cases(rank: int, tsp_size: int) -> None:
+def _run_cases(rank: int, tsp_size: int, only_dtype: torch.dtype | None = None) -> None:
     group = dist.group.WORLD
     for batch, seq_len, h, vocab, dtype in CASES:
+        if only_dtype is not None and dtype != only_dtype:
+            continue
         gen = torch.Generator().manual_seed(7)
         hidden = torch.randn(seq_len, batch, h, generator=gen, dtype=torch.float64)
         weight = torch.randn(vocab, h, generator=gen, dtype=torch.float64) * h ** -0.5
@@ -66,6 +69,20 @@ def _run_cases(rank: int, tsp_size: int) -> None:
 @pytest.mark.parametrize("tsp_size", [1, 2, 4])
 def test_vocab_ring_loss_matches_cross_entropy(tsp_size: int) -> None:
     run_on_ranks(_run_cases, tsp_size)
+
+
+def _run_bf16_cases_as_on_cuda(rank: int, tsp_size: int) -> None:
+    with cuda_fp32_gemms_on_cpu(), dispatched_overloads() as dispatched:
+        _run_cases(rank, tsp_size, torch.bfloat16)
+    assert dispatched["aten.mm.dtype"], dispatched  # each shard's fp32 logits out of their GEMM
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("tsp_size", [1, 2, 4])
+def test_vocab_ring_loss_matches_cross_entropy_with_cudas_fp32_gemms(tsp_size: int) -> None:
+    """The bf16 case on the path a GPU takes: each shard's logits straight out of their GEMM in fp32, the input
+    grad's terms GEMM-added into its fp32 sum."""
+    run_on_ranks(_run_bf16_cases_as_on_cuda, tsp_size)
 
 
 def _run_predictions(rank: int, tsp_size: int) -> None:
