@@ -412,9 +412,10 @@ def _reduce_call_grads(call: int, call_grads: list[Tensor], layout: ShardLayout,
     owns one of the call's buckets, else [].
 
     One call: each tensor is reduce-scattered from its full layout as the GEMMs wrote it (in ``acc_dtype``,
-    proj's transposed: :func:`_call_grads_dtype`), the transpose of :func:`_fetch_call`'s gathers. Otherwise the grads are copied into one buffer of the call's G packed
-    shards (a strided, casting copy per tensor) and reduced part by part to their owners, and the owner copies
-    its part out, so that the buffer is freed once the function has run.
+    proj's transposed: :func:`_call_grads_dtype`), the transpose of :func:`_fetch_call`'s gathers. Otherwise
+    the grads are copied into one buffer of the call's G packed shards (a strided, casting copy per tensor)
+    and reduced part by part to their owners, and the owner copies its part out, so that the buffer is freed
+    once the function has run.
     """
     if spec.calls == 1:
         scatters = [reduce_scatter_seq(g, spec.tsp_group) for g in _qkv_bias_proj(call_grads, spec) if g is not None]

@@ -98,11 +98,11 @@ def main() -> None:
     runs = [("tp_sp", 1)] + [("tsp", int(g)) for g in options.buckets_per_call.split(",")]
     d = options.tsp
     hidden, heads, ffn = options.hidden or 32 * d, options.heads or 4 * d, options.ffn or 64 * d
+    on_cpu = device.type == "cpu"
     print(f"degree {d} (rank {options.rank}), S {options.seq}, h {hidden}, {heads} heads, ffn {ffn}, "
           f"{options.dtype}, recompute {options.recompute}, TSP MLP {options.mlp_schedule}, on {device}"
-          f"{' with CUDA fp32-result GEMMs emulated' if options.cuda_gemms and device.type == 'cpu' else ''}")
+          f"{' with CUDA fp32-result GEMMs emulated' if options.cuda_gemms and on_cpu else ''}")
     labels = ["TP+SP" if layout == "tp_sp" else f"TSP G={g}" for layout, g in runs]
-    on_cpu = device.type == "cpu"
     emulated = cuda_fp32_gemms_on_cpu() if options.cuda_gemms and on_cpu else contextlib.nullcontext()
     with cuda_to_cpu() if on_cpu else contextlib.nullcontext(), emulated:
         tensor_parallel.model_parallel_cuda_manual_seed(1234)

@@ -79,11 +79,13 @@ def test_add_linear_fuses_16_bit_products_into_fp32_on_cuda(dtype: torch.dtype) 
     assert error <= unfused_error and error < 1e-4 * exact.abs().max().item(), (error, unfused_error)
 
 
-def _weight_grads_case(dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _weight_grads_case(dtype: torch.dtype,
+                       device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad_out ``[6, 2, 40]`` and x ``[6, 2, 24]`` in ``dtype`` and the exact (fp64) weight ``[40, 24]`` and bias
     ``[40]`` grads of ``x @ weight^T + bias``, summed over the 12 tokens."""
     gen = torch.Generator().manual_seed(11)
-    grad_out, x = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype) for shape in ((6, 2, 40), (6, 2, 24)))
+    grad_out, x = (torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+                   for shape in ((6, 2, 40), (6, 2, 24)))
     exact_weight = torch.einsum("sbo,sbi->oi", grad_out.double(), x.double())
     return grad_out.to(device), x.to(device), exact_weight, grad_out.double().sum((0, 1))
 
