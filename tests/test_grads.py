@@ -103,11 +103,17 @@ def test_linear_weight_grads_in_the_accumulation_dtype(dtype: torch.dtype) -> No
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (mm's out_dtype)")
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_linear_weight_grads_of_16_bit_inputs_come_out_of_the_gemm_in_fp32_on_cuda(dtype: torch.dtype) -> None:
+def test_linear_weight_grads_of_16_bit_inputs_come_out_of_the_gemm_in_fp32_on_cuda(dtype: torch.dtype,
+                                                                                  strided: bool) -> None:
     """On CUDA the fp32 weight grad of 16-bit inputs is the GEMM's own fp32 result: far closer to the exact one
-    than a 16-bit product cast to fp32 (whose rounding the bound excludes)."""
+    than a 16-bit product cast to fp32 (whose rounding the bound excludes); also for inputs that are strided
+    views (``strided``: both as the token-minor transposes of ``[out, S, B]`` / ``[in, S, B]`` tensors)."""
     grad_out, x, exact_weight, _ = _weight_grads_case(dtype, "cuda")
+    if strided:
+        grad_out, x = (t.permute(2, 0, 1).contiguous().permute(1, 2, 0) for t in (grad_out, x))
+        assert not grad_out.is_contiguous() and not x.is_contiguous()
     (weight,) = linear_weight_grads(grad_out, x, dtype=torch.float32)
     (rounded,) = linear_weight_grads(grad_out, x)
     error, rounded_error = ((t.double().cpu() - exact_weight).abs().max().item() for t in (weight, rounded))
