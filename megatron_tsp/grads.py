@@ -74,35 +74,40 @@ def linear_in(x: Tensor, weight: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 _FUSED_DTYPES = (torch.bfloat16, torch.float16)
-# per (device, input dtype): whether its GEMMs give fp32 results of 16-bit products (asked once)
-_FUSED_WORKS: dict[tuple[torch.device, torch.dtype], bool] = {}
+# (device, input dtype, into a sum) -> whether its GEMMs give fp32 results of 16-bit products (asked once)
+_FUSED_WORKS: dict[tuple[torch.device, torch.dtype, bool], bool] = {}
 
 
-def _fused_into_fp32(out_dtype: torch.dtype, x: Tensor) -> bool:
-    """Whether ``mm`` and ``addmm`` with ``out_dtype`` give fp32 results of ``x.dtype`` products on x's device:
-    CUDA builds of torch >= 2.8 for 16-bit inputs (CPU builds have no such kernels)."""
+def _fused_into_fp32(out_dtype: torch.dtype, x: Tensor, into_sum: bool = False) -> bool:
+    """Whether ``mm`` (``addmm`` into an fp32 sum with ``into_sum``) with ``out_dtype`` gives fp32 results of
+    ``x.dtype`` products on x's device: CUDA builds of torch >= 2.8 for 16-bit inputs (CPU builds have no such
+    kernels)."""
     if not (out_dtype == torch.float32 and x.dtype in _FUSED_DTYPES):
         return False
-    key = (x.device, x.dtype)
+    key = (x.device, x.dtype, into_sum)
     if key not in _FUSED_WORKS:
-        _FUSED_WORKS[key] = x.is_cuda and _gives_fp32_products(x.device, x.dtype)
+        _FUSED_WORKS[key] = x.is_cuda and _gives_fp32_products(x.device, x.dtype, into_sum)
     return _FUSED_WORKS[key]
 
 
-def _gives_fp32_products(device: torch.device, dtype: torch.dtype) -> bool:
-    """Checked on a small exact problem; a build without the kernels gets the unfused path and one warning, not
-    a failed step."""
-    sums = torch.ones(2, 2, device=device)
+def _gives_fp32_products(device: torch.device, dtype: torch.dtype, into_sum: bool) -> bool:
+    """Checked on a small exact problem, with a transposed operand as the schedules pass them; a build without
+    the kernel gets the unfused path and one warning, not a failed step."""
+    ones = torch.ones(2, 3, dtype=dtype, device=device)
     try:
-        ones = torch.ones(2, 3, dtype=dtype, device=device)
-        torch.addmm(sums, ones, ones.t(), out_dtype=torch.float32, out=sums)
-        products = torch.mm(ones.t(), ones, out_dtype=torch.float32)  # a weight grad's transposed operand
+        if into_sum:  # 1 + 3: [2, 2]
+            result = torch.ones(2, 2, device=device)
+            torch.addmm(result, ones, ones.t(), out_dtype=torch.float32, out=result)
+            expected = 4.0
+        else:  # a weight grad's transposed first operand: [3, 3] of 2
+            result, expected = torch.mm(ones.t(), ones, out_dtype=torch.float32), 2.0
     except (RuntimeError, TypeError) as error:
-        warnings.warn(f"mm/addmm with out_dtype=float32 for {dtype} inputs is not available on {device} (torch "
-                      f"{torch.__version__}: {error}); TSP computes its 16-bit products unfused")
+        op = "addmm into an fp32 sum" if into_sum else "mm"
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__  # torch's lists backends after
+        warnings.warn(f"{op} with out_dtype=float32 for {dtype} inputs is not available on {device} (torch "
+                      f"{torch.__version__}: {reason}); TSP computes these 16-bit products unfused")
         return False
-    return bool(torch.equal(sums, torch.full_like(sums, 4.0)) and products.dtype == torch.float32
-                and torch.equal(products, torch.full((3, 3), 2.0, device=device)))
+    return result.dtype == torch.float32 and bool(torch.equal(result, torch.full_like(result, expected)))
 
 
 def add_linear_(total: Tensor, x: Tensor, weight: Tensor) -> Tensor:
@@ -118,7 +123,7 @@ def add_linear_(total: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     rows, sums = x.reshape(-1, x.shape[-1]), total.view(-1, total.shape[-1])
     if total.dtype == x.dtype:
         torch.addmm(sums, rows, weight.t(), out=sums)
-    elif _fused_into_fp32(total.dtype, x):
+    elif _fused_into_fp32(total.dtype, x, into_sum=True):
         torch.addmm(sums, rows, weight.t(), out_dtype=torch.float32, out=sums)
     else:
         total.add_(F.linear(x, weight))

@@ -114,7 +114,8 @@ def cuda_fp32_gemms_on_cpu() -> Iterator[None]:
     for overload, kernel in (("mm.dtype", mm), ("mm.dtype_out", mm_out), ("addmm.dtype_out", addmm_out)):
         library.impl(overload, kernel, "CPU")
     # grads asks each device once, and a CPU never: answered for the CPU here, and forgotten after
-    grads._FUSED_WORKS.update({(torch.device("cpu"), dtype): True for dtype in grads._FUSED_DTYPES})
+    grads._FUSED_WORKS.update({(torch.device("cpu"), dtype, into_sum): True
+                               for dtype in grads._FUSED_DTYPES for into_sum in (False, True)})
     try:
         yield
     finally:

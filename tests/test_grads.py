@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_tsp import grads
 from megatron_tsp.grads import add_linear_, linear_weight_grads, weight_grad_for_autograd
 from tests.numerics import TOLERANCE, assert_rel_close, cuda_fp32_gemms_on_cpu, dispatched_overloads
 
@@ -137,3 +138,14 @@ def test_16_bit_products_come_out_of_one_gemm_in_fp32_where_the_backend_can() ->
                                 (total, exact_sum, "sum")):
         assert result.dtype == torch.float32
         assert_rel_close(result, exact, TOLERANCE[torch.float32], what)
+
+
+@pytest.mark.parametrize("into_sum", [False, True], ids=["mm", "addmm"])
+def test_the_fp32_result_check_asks_the_kernel(into_sum: bool) -> None:
+    """The one-time check of a device's 16-bit GEMMs with fp32 results: no kernel (CPU torch) gives False and a
+    warning naming the way out, a kernel (CUDA's, emulated) True."""
+    cpu = torch.device("cpu")
+    with pytest.warns(UserWarning, match="not available on cpu .* unfused"):
+        assert not grads._gives_fp32_products(cpu, torch.bfloat16, into_sum)
+    with cuda_fp32_gemms_on_cpu():
+        assert grads._gives_fp32_products(cpu, torch.bfloat16, into_sum)
