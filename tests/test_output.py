@@ -74,7 +74,8 @@ def test_vocab_ring_loss_matches_cross_entropy(tsp_size: int) -> None:
 def _run_bf16_cases_as_on_cuda(rank: int, tsp_size: int) -> None:
     with cuda_fp32_gemms_on_cpu(), dispatched_overloads() as dispatched:
         _run_cases(rank, tsp_size, torch.bfloat16)
-    assert dispatched["aten.mm.dtype"], dispatched  # each shard's fp32 logits out of their GEMM
+    # each shard's fp32 logits out of their GEMM, its input-grad term added into the fp32 sum by its GEMM
+    assert dispatched["aten.mm.dtype"] and dispatched["aten.addmm.dtype_out"], dispatched
 
 
 @pytest.mark.multiprocess
