@@ -36,8 +36,8 @@ from megatron_tsp.zigzag import (
     local_positions,
 )
 from tests.multiprocess import run_on_ranks
-from tests.numerics import (TOLERANCE, assert_gathered_close, assert_rel_close, cuda_fp32_gemms_on_cpu,
-                            dispatched_overloads, gemm_flops)
+from tests.numerics import (TOLERANCE, assert_gathered_close, assert_rel_close, gemm_flops,
+                            overloads_on_cudas_gemm_path)
 
 @dataclass(frozen=True)
 class Case:
@@ -271,8 +271,7 @@ def test_attention_matches_dense(tsp_size: int) -> None:
 
 
 def _run_bf16_cases_as_on_cuda(rank: int, tsp_size: int) -> None:
-    with cuda_fp32_gemms_on_cpu(), dispatched_overloads() as dispatched:
-        _run_cases(rank, tsp_size, torch.bfloat16)
+    dispatched = overloads_on_cudas_gemm_path(_run_cases, rank, tsp_size)
     # one call's weight grads, and (D > 1) the later calls' terms GEMM-added into the fp32 sums
     assert dispatched["aten.mm.dtype"] and (tsp_size == 1 or dispatched["aten.addmm.dtype_out"]), dispatched
 

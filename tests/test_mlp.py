@@ -17,8 +17,8 @@ from megatron_tsp.comm import comm_bytes, track_shard_residency
 from megatron_tsp.mlp import prefetch_gathered_fc1, tsp_expert_mlps, tsp_mlp
 from megatron_tsp.zigzag import local_positions
 from tests.multiprocess import run_on_ranks
-from tests.numerics import (TOLERANCE, assert_gathered_close, assert_rel_close, cuda_fp32_gemms_on_cpu,
-                            dispatched_overloads, gemm_flops)
+from tests.numerics import (TOLERANCE, assert_gathered_close, assert_rel_close, gemm_flops,
+                            overloads_on_cudas_gemm_path)
 
 @dataclass(frozen=True)
 class Case:
@@ -172,8 +172,7 @@ def test_mlp_matches_dense(tsp_size: int) -> None:
 
 
 def _run_bf16_cases_as_on_cuda(rank: int, tsp_size: int) -> None:
-    with cuda_fp32_gemms_on_cpu(), dispatched_overloads() as dispatched:
-        _run_cases(rank, tsp_size, torch.bfloat16)
+    dispatched = overloads_on_cudas_gemm_path(_run_cases, rank, tsp_size)
     assert dispatched["aten.mm.dtype"] and dispatched["aten.addmm.dtype_out"], dispatched
 
 
