@@ -217,6 +217,14 @@ def validate_tsp_args(args: argparse.Namespace, world_size: int) -> None:
            f"--tsp-size {d}: the TSP attention kernels compute the plain softmax; use --softmax-type vanilla")
     _check(getattr(args, "window_size", None) is None,
            f"--window-size (sliding-window attention) is not supported with --tsp-size {d}; remove it")
+    # CUDA graphs capture a layer's kernels once and replay them without its Python. TSP layers have never
+    # been captured (no GPU run of it), and their schedules do host-side work every step (prefetch hand-overs,
+    # handing weight grads to DDP through main_grad), so a replay is not known to be the same training.
+    graph_flags = {f"--cuda-graph-impl {args.cuda_graph_impl}": args.cuda_graph_impl != "none",
+                   "--enable-cuda-graph": args.enable_cuda_graph, "--external-cuda-graph": args.external_cuda_graph}
+    for flag, used in graph_flags.items():
+        _check(not used, f"{flag} is not supported with --tsp-size {d}: TSP layers have not been validated under "
+                         f"CUDA graph capture; remove it or run with --tsp-size 1")
 
 
 def _validate_auto_schedules(args: argparse.Namespace) -> None:
