@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,14 +48,14 @@ def cuda_fp32_gemms_on_cpu() -> Iterator[None]:
         yield
 
 
-def overloads_on_cudas_gemm_path(run_cases: Callable[[int, int, torch.dtype], None], rank: int,
-                                 tsp_size: int) -> Counter[str]:
+def run_on_cudas_gemm_path(run_cases: Callable[[int, int, torch.dtype], None], rank: int, tsp_size: int,
+                           taken: Sequence[str]) -> None:
     """Run ``run_cases(rank, tsp_size, torch.bfloat16)`` (a test's 16-bit cases) with CUDA's fp32-result GEMMs
-    emulated (:func:`cuda_fp32_gemms_on_cpu`) and return the aten overloads it dispatched, for the test to
-    check that the schedules took that path."""
+    emulated (:func:`cuda_fp32_gemms_on_cpu`), and assert that the schedules took that path: each aten
+    overload in ``taken`` was dispatched."""
     with cuda_fp32_gemms_on_cpu(), dispatched_overloads() as dispatched:
         run_cases(rank, tsp_size, torch.bfloat16)
-    return dispatched
+    assert all(dispatched[overload] for overload in taken), (taken, dispatched)
 
 
 class _Dispatched(TorchDispatchMode):

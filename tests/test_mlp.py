@@ -18,7 +18,7 @@ from megatron_tsp.mlp import prefetch_gathered_fc1, tsp_expert_mlps, tsp_mlp
 from megatron_tsp.zigzag import local_positions
 from tests.multiprocess import run_on_ranks
 from tests.numerics import (TOLERANCE, assert_gathered_close, assert_rel_close, gemm_flops,
-                            overloads_on_cudas_gemm_path)
+                            run_on_cudas_gemm_path)
 
 @dataclass(frozen=True)
 class Case:
@@ -172,8 +172,7 @@ def test_mlp_matches_dense(tsp_size: int) -> None:
 
 
 def _run_bf16_cases_as_on_cuda(rank: int, tsp_size: int) -> None:
-    dispatched = overloads_on_cudas_gemm_path(_run_cases, rank, tsp_size)
-    assert dispatched["aten.mm.dtype"] and dispatched["aten.addmm.dtype_out"], dispatched
+    run_on_cudas_gemm_path(_run_cases, rank, tsp_size, ("aten.mm.dtype", "aten.addmm.dtype_out"))
 
 
 @pytest.mark.multiprocess
